@@ -1,0 +1,37 @@
+# Two commands: `make run` (set up + default suite) and `make test` (set up + whole test suite).
+# `make install` is the set-up alone; it is idempotent and fast when nothing changed.
+PY      ?= $(shell command -v python3.11 || command -v python3)
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.vlab-installed
+SOURCES := $(shell find native vlab experiments -type f \( -name '*.c' -o -name '*.h' -o -name '*.S' -o -name '*.ld' -o -name '*.py' -o -name '*.toml' \) -not -name '_native.c' 2>/dev/null) pyproject.toml setup.py
+
+.PHONY: install run test sysdeps clean bench
+
+install: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+
+# System packages (Debian's bcc, kernel headers, chromium) only when missing and only as root.
+sysdeps:
+	@bash scripts/sysdeps.sh
+
+$(STAMP): $(VENV)/bin/python $(SOURCES)
+	@bash scripts/sysdeps.sh
+	$(VPY) -m pip install -q -e '.[test]'
+	@bash scripts/bcc_shim.sh $(VENV)
+	@touch $(STAMP)
+
+run: install
+	$(VENV)/bin/vlab run
+
+test: install
+	$(VPY) -m pytest -q
+
+bench: install
+	$(VPY) -m vlab.benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info vlab/_native*.so vlab/_native.c native/guest/out native/bench/out

@@ -1,0 +1,31 @@
+"""vlab: a virtualization performance lab for x86 Linux/KVM hosts.
+
+The public surface is small: the VMM objects (`Kvm`, `Vm`, `Vcpu`, `MemorySlot`, `Machine`),
+the errors, and the submodules `vlab.results`, `vlab.analysis`, `vlab.trace`, `vlab.dirty`.
+The native binding is imported lazily so that reading results works without /dev/kvm.
+"""
+from __future__ import annotations
+
+from ._errors import (GuestFailure, GuestFault, GuestTimeout, KvmError, MissingCapability,
+                      UsageError, VlabError)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Kvm": "._kvm", "Vm": "._kvm", "Vcpu": "._kvm", "MemorySlot": "._kvm",
+    "Machine": "._machine", "Payload": "._guest", "load_payload": "._guest",
+}
+
+__all__ = ["GuestFailure", "GuestFault", "GuestTimeout", "KvmError", "MissingCapability",
+           "UsageError", "VlabError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'vlab' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(mod, __name__), name)
+    globals()[name] = value
+    return value
