@@ -1,0 +1,142 @@
+/*
+ * micro: a table of named micro-operations, each timed as a tight loop between rdtsc brackets.
+ *
+ * Parameters (ARG(i)):
+ *   0 op         one of enum op
+ *   1 iters      operations per sample (0 measures the empty bracket)
+ *   2 samples    recorded samples
+ *   3 a0         op argument (cpuid leaf, port, address, MSR index, hypercall nr, ...)
+ *   4 a1         second argument (value written, length)
+ *   5 flags      F_MARK: ucall MARK after every sample (host timestamps each batch)
+ *                F_SYNC: ucall SYNC(1) before the first sample (host snapshots counters)
+ *   6 warmup     samples run first and not recorded
+ * Each vCPU records into its own results area; all vCPUs run the same loop.
+ */
+#include "rt.h"
+
+enum op {
+    OP_NOP = 0, OP_CPUID, OP_OUT, OP_IN, OP_MMIO_WRITE, OP_MMIO_READ, OP_VMCALL, OP_VMMCALL,
+    OP_HLT, OP_RDMSR, OP_WRMSR, OP_CR3_WRITE, OP_INVLPG, OP_SYSCALL, OP_RDTSC, OP_RDTSCP,
+    OP_PAUSE,
+    /* not timed loops: behaviour probes used by tests */
+    OP_SPIN = 100, OP_TRIPLE_FAULT, OP_ASSERT_FAIL, OP_PRINT, OP_TOUCH, OP_WRITE_WORD,
+    OP_READ_WORD, OP_UD2, OP_WAIT_WORD,
+};
+
+#define F_MARK 1
+#define F_SYNC 2
+
+#define LOOP(name, ...)                                                      \
+    static void __attribute__((noinline)) loop_##name(u64 n, u64 a0, u64 a1) \
+    {                                                                        \
+        (void)a0; (void)a1;                                                  \
+        for (u64 i = 0; i < n; i++) {                                        \
+            __VA_ARGS__;                                                          \
+        }                                                                    \
+    }
+
+LOOP(nop, __asm__ volatile("nop"))
+LOOP(cpuid, { u32 a = (u32)a0, b, c = 0, d; __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d)); })
+LOOP(out, __asm__ volatile("outb %%al, %%dx" :: "a"((u8)a1), "d"((u16)a0)))
+LOOP(in, { u8 v; __asm__ volatile("inb %%dx, %%al" : "=a"(v) : "d"((u16)a0)); })
+LOOP(mmio_write, *(volatile u32 *)a0 = (u32)a1)
+LOOP(mmio_read, (void)*(volatile u32 *)a0)
+LOOP(vmcall, { u64 r = a0; __asm__ volatile("vmcall" : "+a"(r) :: "rbx", "rcx", "rdx", "rsi", "memory"); })
+LOOP(vmmcall, { u64 r = a0; __asm__ volatile("vmmcall" : "+a"(r) :: "rbx", "rcx", "rdx", "rsi", "memory"); })
+LOOP(hlt, __asm__ volatile("hlt"))
+LOOP(rdmsr, { u32 lo, hi; __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"((u32)a0)); })
+LOOP(wrmsr, __asm__ volatile("wrmsr" :: "c"((u32)a0), "a"((u32)a1), "d"((u32)(a1 >> 32)) : "memory"))
+LOOP(cr3_write, __asm__ volatile("mov %0, %%cr3" :: "r"(a1) : "memory"))
+LOOP(invlpg, __asm__ volatile("invlpg (%0)" :: "r"(a0) : "memory"))
+LOOP(syscall, { u64 r = 0; __asm__ volatile("syscall" : "+a"(r) :: "rcx", "r11", "memory"); })
+LOOP(rdtsc, { u32 lo, hi; __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); })
+LOOP(rdtscp, { u32 lo, hi, c; __asm__ volatile("rdtscp" : "=a"(lo), "=d"(hi), "=c"(c)); })
+LOOP(pause, __asm__ volatile("pause"))
+
+typedef void (*loop_fn)(u64, u64, u64);
+static const loop_fn loops[] = {
+    [OP_NOP] = loop_nop, [OP_CPUID] = loop_cpuid, [OP_OUT] = loop_out, [OP_IN] = loop_in,
+    [OP_MMIO_WRITE] = loop_mmio_write, [OP_MMIO_READ] = loop_mmio_read,
+    [OP_VMCALL] = loop_vmcall, [OP_VMMCALL] = loop_vmmcall, [OP_HLT] = loop_hlt,
+    [OP_RDMSR] = loop_rdmsr, [OP_WRMSR] = loop_wrmsr, [OP_CR3_WRITE] = loop_cr3_write,
+    [OP_INVLPG] = loop_invlpg, [OP_SYSCALL] = loop_syscall, [OP_RDTSC] = loop_rdtsc,
+    [OP_RDTSCP] = loop_rdtscp, [OP_PAUSE] = loop_pause,
+};
+
+static void timed(u64 id, loop_fn fn, u64 a0, u64 a1)
+{
+    u64 iters = ARG(1), samples = ARG(2), flags = ARG(5), warmup = ARG(6);
+
+    if (flags & F_SYNC)
+        ucall_sync(1);
+    for (u64 s = 0; s < warmup + samples; s++) {
+        u64 t0 = tsc_begin();
+        fn(iters, a0, a1);
+        u64 t1 = tsc_end();
+        if (s >= warmup)
+            result_push(id, t1 - t0);
+        if (flags & F_MARK)
+            ucall_mark();
+    }
+}
+
+/* Touch every 4 KiB page of [base, base+len): write a tag derived from the address, then read it
+ * all back and report a checksum, so the host can check each page was really reached. */
+static void touch(u64 id, u64 base, u64 len)
+{
+    u64 sum = 0;
+
+    for (u64 off = 0; off < len; off += 4096)
+        *(volatile u64 *)(base + off) = (base + off) ^ 0x5a5a5a5a5a5a5a5aUL;
+    for (u64 off = 0; off < len; off += 4096)
+        sum += *(volatile u64 *)(base + off);
+    result_push(id, sum);
+}
+
+void payload_main(u64 id)
+{
+    u64 op = ARG(0), a0 = ARG(3), a1 = ARG(4);
+
+    if (op == OP_CR3_WRITE)
+        a1 = read_cr3();        /* write back the same value */
+    if (op < sizeof(loops) / sizeof(loops[0]) && loops[op]) {
+        timed(id, loops[op], a0, a1);
+        return;
+    }
+    switch (op) {
+    case OP_SPIN:
+        for (;;)
+            __asm__ volatile("" ::: "memory");
+    case OP_TRIPLE_FAULT:
+        /* wipe the IDT (it is user-writable here) and fault: #UD -> #NP -> #DF -> shutdown */
+        memset((void *)0x2000UL, 0, 4096);
+        __asm__ volatile("ud2");
+        break;
+    case OP_UD2:
+        __asm__ volatile("ud2");
+        break;
+    case OP_ASSERT_FAIL:
+        GUEST_ASSERT(a0 == a1);
+        break;
+    case OP_PRINT:
+        vlab_print("hello from the guest");
+        break;
+    case OP_TOUCH:
+        touch(id, a0, a1);
+        break;
+    case OP_WRITE_WORD:
+        *(volatile u64 *)a0 = a1;
+        break;
+    case OP_READ_WORD:
+        result_push(id, *(volatile u64 *)a0);
+        break;
+    case OP_WAIT_WORD:
+        /* spin until the word at a0 equals a1 (another VM writes it through shared memory) */
+        while (*(volatile u64 *)a0 != a1)
+            __asm__ volatile("pause");
+        result_push(id, a1);
+        break;
+    default:
+        vlab_fail(op, "unknown micro op");
+    }
+}

@@ -1,0 +1,93 @@
+/* Internal structures of the vlab VMM; not seen by cffi. */
+#ifndef VLAB_INTERNAL_H
+#define VLAB_INTERNAL_H
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <time.h>
+#include <linux/kvm.h>
+#include "vlab.h"
+
+#define VLAB_MAX_SLOTS 32
+#define VLAB_PAGE 4096ULL
+
+struct vlab_kvm {
+    int fd;
+    int api_version;
+    int run_size;
+    struct kvm_cpuid2 *cpuid;   /* KVM_GET_SUPPORTED_CPUID, fetched once */
+};
+
+struct vlab_slot {
+    int id;
+    int in_use;
+    int backing;
+    uint32_t flags;             /* VLAB_SLOT_* */
+    uint64_t gpa, size;
+    void *hva;                  /* aligned guest memory */
+    void *map;                  /* what mmap returned (for munmap) */
+    size_t map_len;
+    int fd;                     /* memfd, or -1 */
+};
+
+enum vlab_handler_kind { VLAB_H_PIO_SINK = 1, VLAB_H_MMIO_SINK = 2 };
+
+struct vlab_handler {
+    int kind;
+    uint64_t base, len;
+    uint64_t value;
+    _Atomic uint64_t hits;
+};
+
+struct vlab_vm {
+    struct vlab_kvm *kvm;
+    int fd;
+    int run_size;
+    struct vlab_slot slots[VLAB_MAX_SLOTS];
+    struct vlab_handler handlers[VLAB_MAX_HANDLERS];
+    int nr_handlers;
+    int eventfds[64];
+    int nr_eventfds;
+    int user_msr;
+    uint64_t msr_read_value;
+    uint32_t dirty_ring_bytes;
+    struct vlab_image_header image;
+    int image_loaded;
+    uint64_t pt_base, pt_size, pt_used;  /* page-table pool (GPA range) */
+    int stats_fd;
+    struct vlab_vcpu *vcpus[VLAB_MAX_VCPUS];
+    int dead;
+};
+
+struct vlab_vcpu {
+    struct vlab_vm *vm;
+    int id;
+    int fd;
+    struct kvm_run *run;
+    struct kvm_dirty_gfn *ring;
+    uint32_t ring_entries;
+    uint32_t ring_next;         /* next ring index to harvest */
+    uint32_t run_flags;
+    uint64_t *marks; uint64_t marks_cap, marks_n;
+    uint64_t *trips; uint64_t trips_cap, trips_n;
+    struct vlab_vcpu_counters c;
+    timer_t timer;
+    pid_t timer_tid;
+    int timer_ok;
+    int stats_fd;
+    int cpl;
+};
+
+/* error.c */
+int vlab_fail(int err, const char *op, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+int vlab_fail_errno(const char *op, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void vlab_mark_dead(void);
+
+/* helpers */
+uint64_t vlab_now_ns(void);
+struct vlab_slot *vlab_vm_slot_for(struct vlab_vm *vm, uint64_t gpa, uint64_t len);
+
+#endif

@@ -1,0 +1,67 @@
+"""Guest payloads compiled into the native library, and the parameter/results conventions.
+
+A payload is a flat image with a `vlab_image_header` at its start, loaded at VLAB_GPA_IMAGE.
+The host passes parameters in a page of u64 slots (0-15 the runtime's, 16+ the payload's) and
+reads each vCPU's samples from its results area ([count][capacity][samples...]).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ._native import ffi, lib
+
+PARAM_MAGIC = 0x564C4142504152   # "VLABPAR"
+
+# parameter slots owned by the runtime (mirrors native/guest/rt/rt.h)
+P_MAGIC, P_NR_VCPUS, P_RESULTS_BASE, P_RESULTS_STRIDE, P_DATA_BASE, P_DATA_SIZE = range(6)
+P_MMIO_BASE, P_TSC_KHZ, P_CR3, P_CR3_ALT, P_SHARED_BASE, P_SHARED_SIZE = range(6, 12)
+P_ARG0 = 16
+P_VCPU0 = 128        # per-vCPU blocks of 64 slots
+P_VCPU_STRIDE = 64
+
+# micro payload operations (mirrors enum op in native/guest/payloads/micro.c)
+MICRO_OPS = {
+    "nop": 0, "cpuid": 1, "out": 2, "in": 3, "mmio_write": 4, "mmio_read": 5, "vmcall": 6,
+    "vmmcall": 7, "hlt": 8, "rdmsr": 9, "wrmsr": 10, "cr3_write": 11, "invlpg": 12,
+    "syscall": 13, "rdtsc": 14, "rdtscp": 15, "pause": 16,
+    "spin": 100, "triple_fault": 101, "assert_fail": 102, "print": 103, "touch": 104,
+    "write_word": 105, "read_word": 106, "ud2": 107, "wait_word": 108,
+}
+MICRO_F_MARK = 1
+MICRO_F_SYNC = 2
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A guest image and what its header says."""
+    name: str
+    image: bytes
+    entry: int
+    image_end: int
+
+    @property
+    def version(self) -> str:
+        """Short hash of the image: results from another build of the payload don't compare."""
+        return hashlib.sha256(self.image).hexdigest()[:12]
+
+
+def payload_names() -> list[str]:
+    out, i = [], 0
+    while (p := lib.vlab_guest_image_name(i)) != ffi.NULL:
+        out.append(ffi.string(p).decode())
+        i += 1
+    return out
+
+
+@lru_cache(maxsize=None)
+def load_payload(name: str) -> Payload:
+    """The named payload compiled into this build of vlab."""
+    size = ffi.new("uint64_t *")
+    p = lib.vlab_guest_image(name.encode(), size)
+    if p == ffi.NULL:
+        raise ValueError(f"no guest payload {name!r}; built: {', '.join(payload_names())}")
+    image = bytes(ffi.buffer(p, size[0]))
+    hdr = ffi.cast("struct vlab_image_header *", ffi.from_buffer(image))
+    return Payload(name, image, hdr.entry, hdr.image_end)
