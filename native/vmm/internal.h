@@ -79,6 +79,7 @@ struct vlab_vcpu {
     int timer_ok;
     int stats_fd;
     int cpl;
+    int cpuid_set;
 };
 
 /* error.c */

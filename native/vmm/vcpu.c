@@ -220,9 +220,13 @@ int vlab_vcpu_setup(struct vlab_vcpu *v, int cpl, uint64_t cr3, uint64_t entry, 
         return vlab_fail(EINVAL, "vlab_vcpu_setup", "cpl must be 0 or 3, not %d", cpl);
     if (!cpuid)
         return -vlab_last_error()->err;
-    /* CPUID must be set before EFER.LME or KVM refuses the sregs. */
-    if (ioctl(v->fd, KVM_SET_CPUID2, cpuid) < 0)
-        return vlab_fail_errno("KVM_SET_CPUID2", NULL);
+    /* CPUID must be set before EFER.LME or KVM refuses the sregs; KVM refuses to change it
+     * after the first KVM_RUN, so a re-entered vCPU keeps the CPUID it has. */
+    if (!v->cpuid_set) {
+        if (ioctl(v->fd, KVM_SET_CPUID2, cpuid) < 0)
+            return vlab_fail_errno("KVM_SET_CPUID2", NULL);
+        v->cpuid_set = 1;
+    }
     if (ioctl(v->fd, KVM_GET_SREGS, &sr) < 0)
         return vlab_fail_errno("KVM_GET_SREGS", NULL);
     seg(&sr.cs, cs, 11, cpl, 1);
@@ -774,8 +778,11 @@ int vlab_vcpu_load_state(struct vlab_vcpu *v, const uint8_t *buf, uint64_t size)
                              s->msrs[i].index);
     if (!cpuid)
         return -vlab_last_error()->err;
-    if (ioctl(v->fd, KVM_SET_CPUID2, cpuid) < 0)
-        return vlab_fail_errno("KVM_SET_CPUID2", NULL);
+    if (!v->cpuid_set) {
+        if (ioctl(v->fd, KVM_SET_CPUID2, cpuid) < 0)
+            return vlab_fail_errno("KVM_SET_CPUID2", NULL);
+        v->cpuid_set = 1;
+    }
     if (ioctl(v->fd, KVM_SET_SREGS, &s->sregs) < 0)
         return vlab_fail_errno("KVM_SET_SREGS", "restoring state");
     if (ioctl(v->fd, KVM_SET_REGS, &s->regs) < 0)
