@@ -21,7 +21,7 @@ GUEST_CFLAGS = [
     "-O2", "-ffreestanding", "-fno-pic", "-fno-pie", "-mno-red-zone", "-mgeneral-regs-only",
     "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-fcf-protection=none",
     "-fno-builtin", "-nostdlib", "-Wall", "-Werror",
-    f"-fmacro-prefix-map={NATIVE}/=",      # guest assertion messages name native/..., not the build dir
+    f"-fmacro-prefix-map={ROOT}/=",      # guest assertion messages name native/..., not the build dir
 ]
 TOOLS = {"gcc": "gcc", "ld": "binutils", "objcopy": "binutils"}
 

@@ -301,8 +301,9 @@ class Vm:
         nr = cap_number(cap)
         return 0 if nr < 0 else _check(lib.vlab_vm_check_cap(self._h, nr))
 
-    def enable_cap(self, cap: str, arg0: int = 0) -> None:
-        _check(lib.vlab_vm_enable_cap(self._h, cap_number(cap), arg0))
+    def enable_cap(self, cap: str | int, arg0: int = 0) -> None:
+        """KVM_ENABLE_CAP on the VM, by name (\"DIRTY_LOG_RING\") or number."""
+        _check(lib.vlab_vm_enable_cap(self._h, cap_number(cap) if isinstance(cap, str) else cap, arg0))
 
     def stats(self) -> dict:
         """KVM's binary statistics for this VM, names from the descriptors."""

@@ -134,6 +134,15 @@ class Machine:
         return self._results[base + 2:base + 2 + n].copy()
 
     # ---- running ----
+    def restart(self, vcpu: int | None = None, cpl: int | None = None) -> None:
+        """Put vCPU(s) back at the payload entry (same memory), to run the payload again."""
+        if cpl is not None:
+            self.cpl = cpl
+        for i in ([vcpu] if vcpu is not None else range(len(self.vcpus))):
+            self.vcpus[i].setup(cpl=self.cpl, cr3=self.cr3, entry=self.payload.entry,
+                                stack_top=lib.VLAB_GPA_USTACKS + (i + 1) * lib.VLAB_USTACK_SIZE)
+        self.reset_results()
+
     def run(self, vcpu: int = 0, timeout: float = 10.0) -> Stop:
         return self.vcpus[vcpu].run(timeout)
 
