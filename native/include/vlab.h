@@ -107,6 +107,8 @@ struct vlab_image_header {
     uint64_t image_end;     /* end of image incl. bss */
     uint64_t load_addr;     /* where the linker placed it (must be VLAB_GPA_IMAGE) */
     char name[16];
+    uint64_t gate_null;     /* IDT vector 3 (int3, DPL3): enter CPL0 and iretq straight back */
+    uint64_t gate_call;     /* IDT vector 4 (int $4, DPL3): call rax(rdi, rsi) at CPL0, iretq */
 };
 
 struct vlab_stop {

@@ -33,7 +33,8 @@ int vlab_vm_load_image(struct vlab_vm *vm, const uint8_t *image, uint64_t size,
                          "load %#llx)", h.magic, h.version, (unsigned long long)h.load_addr);
     if (h.entry < lo || h.entry >= lo + size || h.exc_stubs < lo || h.exc_stubs + 32 * 16 > lo + size ||
         h.syscall_entry < lo || h.syscall_entry >= lo + size || h.image_end < lo + size ||
-        h.image_end > hi)
+        h.image_end > hi || h.gate_null < lo || h.gate_null >= lo + size || h.gate_call < lo ||
+        h.gate_call >= lo + size)
         return vlab_fail(EINVAL, "vlab_vm_load_image", "image header addresses out of range");
     dst = vlab_vm_gpa_to_hva(vm, VLAB_GPA_IMAGE, h.image_end - VLAB_GPA_IMAGE);
     if (!dst)
@@ -109,8 +110,16 @@ int vlab_vm_setup_tables(struct vlab_vm *vm, uint64_t pool_gpa, uint64_t pool_si
         gdt_tss(gdt, 7 + 2 * i, VLAB_GPA_TSS + VLAB_TSS_STRIDE * i);   /* selector 0x38 + 16*i */
     }
     memset(idt, 0, VLAB_PAGE);
+    /*
+     * Vectors 0-31 report the exception to the host, except the two software gates that CPL3
+     * code may use to reach CPL0 and come back (DPL3): int3 (a null round trip) and int $4
+     * (call a function at CPL0). They are the portable way up: on some backends (PVM) a guest
+     * `syscall` does not change CPL, and vectors >= 32 cannot be raised by `int`.
+     */
     for (int v = 0; v < 32; v++)
-        idt_gate(idt, v, vm->image.exc_stubs + 16 * v, (v == 3 || v == 4) ? 3 : 0, v == 8 ? 1 : 0);
+        idt_gate(idt, v, vm->image.exc_stubs + 16 * v, 0, v == 8 ? 1 : 0);
+    idt_gate(idt, 3, vm->image.gate_null, 3, 0);
+    idt_gate(idt, 4, vm->image.gate_call, 3, 0);
     vm->pt_base = pool_gpa;
     vm->pt_size = pool_size;
     vm->pt_used = 0;

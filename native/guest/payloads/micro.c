@@ -7,7 +7,8 @@
  *   2 samples    recorded samples
  *   3 a0         op argument (cpuid leaf, port, address, MSR index, hypercall nr, ...)
  *   4 a1         second argument (value written, length)
- *   5 flags      F_MARK: ucall MARK after every sample (host timestamps each batch)
+ *   5 flags      F_MARK: ucall MARK before the first and after every sample (host
+ *                timestamps each batch)
  *                F_SYNC: ucall SYNC(1) before the first sample (host snapshots counters)
  *   6 warmup     samples run first and not recorded
  * Each vCPU records into its own results area; all vCPUs run the same loop.
@@ -17,10 +18,10 @@
 enum op {
     OP_NOP = 0, OP_CPUID, OP_OUT, OP_IN, OP_MMIO_WRITE, OP_MMIO_READ, OP_VMCALL, OP_VMMCALL,
     OP_HLT, OP_RDMSR, OP_WRMSR, OP_CR3_WRITE, OP_INVLPG, OP_SYSCALL, OP_RDTSC, OP_RDTSCP,
-    OP_PAUSE,
+    OP_PAUSE, OP_EMPTY, OP_INT3,
     /* not timed loops: behaviour probes used by tests */
     OP_SPIN = 100, OP_TRIPLE_FAULT, OP_ASSERT_FAIL, OP_PRINT, OP_TOUCH, OP_WRITE_WORD,
-    OP_READ_WORD, OP_UD2, OP_WAIT_WORD,
+    OP_READ_WORD, OP_UD2, OP_WAIT_WORD, OP_SYSCALL_CS, OP_CPL0_CR3,
 };
 
 #define F_MARK 1
@@ -48,10 +49,12 @@ LOOP(rdmsr, { u32 lo, hi; __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"((u
 LOOP(wrmsr, __asm__ volatile("wrmsr" :: "c"((u32)a0), "a"((u32)a1), "d"((u32)(a1 >> 32)) : "memory"))
 LOOP(cr3_write, __asm__ volatile("mov %0, %%cr3" :: "r"(a1) : "memory"))
 LOOP(invlpg, __asm__ volatile("invlpg (%0)" :: "r"(a0) : "memory"))
-LOOP(syscall, { u64 r = 0; __asm__ volatile("syscall" : "+a"(r) :: "rcx", "r11", "memory"); })
+LOOP(syscall, { u64 r = 0; __asm__ volatile("syscall" : "+a"(r) :: "rcx", "r11", "r10", "memory"); })
+LOOP(int3, __asm__ volatile("int3" ::: "memory"))
 LOOP(rdtsc, { u32 lo, hi; __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); })
 LOOP(rdtscp, { u32 lo, hi, c; __asm__ volatile("rdtscp" : "=a"(lo), "=d"(hi), "=c"(c)); })
 LOOP(pause, __asm__ volatile("pause"))
+LOOP(empty, __asm__ volatile("" ::: "memory"))
 
 typedef void (*loop_fn)(u64, u64, u64);
 static const loop_fn loops[] = {
@@ -60,7 +63,8 @@ static const loop_fn loops[] = {
     [OP_VMCALL] = loop_vmcall, [OP_VMMCALL] = loop_vmmcall, [OP_HLT] = loop_hlt,
     [OP_RDMSR] = loop_rdmsr, [OP_WRMSR] = loop_wrmsr, [OP_CR3_WRITE] = loop_cr3_write,
     [OP_INVLPG] = loop_invlpg, [OP_SYSCALL] = loop_syscall, [OP_RDTSC] = loop_rdtsc,
-    [OP_RDTSCP] = loop_rdtscp, [OP_PAUSE] = loop_pause,
+    [OP_RDTSCP] = loop_rdtscp, [OP_PAUSE] = loop_pause, [OP_EMPTY] = loop_empty,
+    [OP_INT3] = loop_int3,
 };
 
 static void timed(u64 id, loop_fn fn, u64 a0, u64 a1)
@@ -69,6 +73,8 @@ static void timed(u64 id, loop_fn fn, u64 a0, u64 a1)
 
     if (flags & F_SYNC)
         ucall_sync(1);
+    if (flags & F_MARK)
+        ucall_mark();           /* host timestamps bracket every sample: n samples, n+1 marks */
     for (u64 s = 0; s < warmup + samples; s++) {
         u64 t0 = tsc_begin();
         fn(iters, a0, a1);
@@ -91,6 +97,12 @@ static void touch(u64 id, u64 base, u64 len)
     for (u64 off = 0; off < len; off += 4096)
         sum += *(volatile u64 *)(base + off);
     result_push(id, sum);
+}
+
+static u64 cpl0_read_cr3(u64 a, u64 b)
+{
+    (void)a; (void)b;
+    return read_cr3() | ((read_cs() & 3) << 60);   /* also report the CPL it ran at */
 }
 
 void payload_main(u64 id)
@@ -129,6 +141,18 @@ void payload_main(u64 id)
         break;
     case OP_READ_WORD:
         result_push(id, *(volatile u64 *)a0);
+        break;
+    case OP_SYSCALL_CS: {
+        /* which CS the syscall handler ran with: tells whether syscall reached CPL0 */
+        u64 r = 0;
+        __asm__ volatile("syscall" : "+a"(r) :: "rcx", "r11", "r10", "memory");
+        result_push(id, r);
+        break;
+    }
+    case OP_CPL0_CR3:
+        /* from CPL3, read CR3 at CPL0 through the call gate */
+        result_push(id, cpl0_call(cpl0_read_cr3, 0, 0));
+        result_push(id, read_cs());
         break;
     case OP_WAIT_WORD:
         /* spin until the word at a0 equals a1 (another VM writes it through shared memory) */

@@ -17,6 +17,8 @@ vlab_header:
     .quad __image_end
     .quad __image_start
     .ascii "vlab-guest\0\0\0\0\0\0"
+    .quad vlab_gate_null
+    .quad vlab_gate_call
 
     .section .text.entry, "ax"
     .globl _start
@@ -54,19 +56,47 @@ exc_common:
     outb %al, $EXC_PORT
 2:  jmp 2b
 
-/* syscall: rax = 0 -> plain round trip; otherwise call rax(rdi, rsi) at CPL0 and return. */
+/*
+ * syscall: rax = 0 is a plain round trip that returns the handler's CS in rax, so the caller
+ * can tell which privilege level the handler really ran at. On VMX/SVM it runs at CPL0 and
+ * returns with sysretq; on PVM a guest syscall lands here still at CPL3, where sysretq would
+ * #GP, so it returns like a user-mode trampoline (restore RFLAGS from r11, jump to rcx).
+ * Clobbers rcx, r11 (as syscall does) and r10.
+ */
     .globl vlab_syscall_entry
 vlab_syscall_entry:
-    test %rax, %rax
-    jz 3f
+    mov %cs, %eax
+    test $3, %eax
+    jnz 4f
+    sysretq
+4:  push %r11
+    popfq
+    jmp *%rcx
+
+/* int3 from CPL3: the cheapest real CPL3 -> CPL0 -> CPL3 round trip. */
+    .globl vlab_gate_null
+vlab_gate_null:
+    iretq
+
+/* int $4: call rax(rdi, rsi) at CPL0 and return its result in rax. */
+    .globl vlab_gate_call
+vlab_gate_call:
     push %rbp
     mov %rsp, %rbp
     and $-16, %rsp
     push %rcx
+    push %rdx
+    push %r8
+    push %r9
+    push %r10
     push %r11
     call *%rax
     pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rdx
     pop %rcx
     mov %rbp, %rsp
     pop %rbp
-3:  sysretq
+    iretq

@@ -69,17 +69,14 @@ static inline u64 read_cs(void)
     return v;
 }
 
-/* Call fn(a, b) at CPL0 through syscall (works from CPL3 or CPL0 alike). */
+/* Call fn(a, b) at CPL0 through the int $4 gate (works from CPL3 or CPL0 alike). */
 static inline u64 cpl0_call(u64 (*fn)(u64, u64), u64 a, u64 b)
 {
     u64 ret;
 
     if ((read_cs() & 3) == 0)
         return fn(a, b);
-    __asm__ volatile("syscall"
-                     : "=a"(ret), "+D"(a), "+S"(b)
-                     : "a"(fn)
-                     : "rcx", "r11", "rdx", "r8", "r9", "r10", "memory");
+    __asm__ volatile("int $4" : "=a"(ret), "+D"(a), "+S"(b) : "a"(fn) : "memory");
     return ret;
 }
 
