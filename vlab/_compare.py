@@ -1,0 +1,351 @@
+"""`vlab compare`: what changed between runs, and what it did to each metric.
+
+Two questions, answered together because one explains the other:
+
+* which host keys differ (THP, paging mode, kernel, kvm params ...), flattened to dotted paths
+  and with volatile keys (free memory, free huge pages, timestamps, calibration measurements)
+  left out so that the list shows configuration, not noise;
+* per case (experiment, params, metric) present in both files: the ratio B/A with a bootstrap
+  confidence interval and a verdict from `vlab.analysis.stats.compare_samples`, which flags a
+  change only when it is significant *and* bigger than `min_effect` (Firecracker's A/B rule).
+
+A case whose `exp_version` differs between the files measured different code: comparing it
+would be meaningless, so it is listed as incomparable (or, with `strict`, the whole comparison is
+refused), as asv does. With more than two files every file is compared to the first.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from . import results
+from ._errors import UsageError
+
+COMPARE_SCHEMA = "vlab.compare/1"
+
+# Host keys that change from one run to the next without anyone changing the host. Matched
+# against each component of a dotted key path.
+_VOLATILE_PARTS = re.compile(
+    r"^(mem_available(_kb)?|mem_free(_kb)?|memfree|memavailable|free(_kb|_pages)?|surplus"
+    r"|surplus_pages|available|uptime(_s)?|boot_time|loadavg|load_avg|load|timestamp|time"
+    r"|date|now|pid|ppid|hostname_seen_at|calibration)$|(_free|_free_kb|_free_pages|_at"
+    r"|_timestamp|_time_s)$|^(free|nr_free)_")
+# Top-level run keys worth showing next to host keys (a new vlab version can explain a change).
+_RUN_KEYS = ("vlab_version", "suite")
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, Mapping) and value:
+        for k in value:
+            _flatten(value[k], f"{prefix}.{k}" if prefix else str(k), out)
+    else:
+        out[prefix] = value
+
+
+def flatten_host(host: Mapping[str, Any]) -> dict[str, Any]:
+    """The host record as {dotted.key: value}, nested dicts flattened, lists kept whole."""
+    out: dict[str, Any] = {}
+    _flatten(host, "", out)
+    return out
+
+
+def is_volatile(key: str) -> bool:
+    """True for host keys that vary between runs of an unchanged host (not configuration)."""
+    return any(_VOLATILE_PARTS.search(part) for part in key.split("."))
+
+
+def host_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Keys (dotted, host plus `run.vlab_version`/`run.suite`) whose values differ, volatile
+    keys and the derived `host_id` left out. A key missing on one side shows as None there."""
+    fa = flatten_host(a.get("host", {}))
+    fb = flatten_host(b.get("host", {}))
+    for key in _RUN_KEYS:
+        fa[f"run.{key}"] = a.get(key)
+        fb[f"run.{key}"] = b.get(key)
+    keys = list(fa) + [k for k in fb if k not in fa]
+    out = []
+    for key in keys:
+        # host_id is a hash of other host keys: when it differs, those keys are listed.
+        if key == "host_id" or is_volatile(key):
+            continue
+        va, vb = fa.get(key), fb.get(key)
+        if va != vb:
+            out.append({"key": key, "a": va, "b": vb})
+    return out
+
+
+def _label(doc: Mapping[str, Any], name: str | None, index: int) -> dict[str, Any]:
+    host = doc.get("host", {})
+    return {"name": name or f"file {index + 1}", "run_id": doc.get("run_id"),
+            "host_id": host.get("host_id"), "started_at": doc.get("started_at")}
+
+
+def _case(row: Mapping[str, Any]) -> tuple[str, str, str]:
+    return (row["experiment"], results.params_key(row["params"]), row["metric"])
+
+
+def _index(doc: Mapping[str, Any]) -> tuple[dict[tuple[str, str, str], dict], list[str]]:
+    """Rows by case; a case repeated in one file keeps its first row and is reported."""
+    rows: dict[tuple[str, str, str], dict] = {}
+    dupes: list[str] = []
+    for row in doc["rows"]:
+        key = _case(row)
+        if key in rows:
+            dupes.append(" ".join(k for k in key if k))
+            continue
+        rows[key] = row
+    return rows, dupes
+
+
+def _side(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {"status": row["status"], "reason": row["reason"], "n": row["n"],
+            "median": row["median"], "mean": row["mean"], "stdev": row["stdev"],
+            "p99": row["p99"], "exp_version": row.get("exp_version")}
+
+
+def _direction(ratio: float | None, significant: bool, higher_is_better: bool,
+               min_effect: float) -> str:
+    """'worse', 'better' or 'same' -- what a plot colours by. A significant change smaller
+    than `min_effect` is 'same', as in the verdict."""
+    if not significant or ratio is None or abs(ratio - 1.0) < min_effect:
+        return "same"
+    up = ratio > 1
+    return "better" if up == higher_is_better else "worse"
+
+
+def _compare_pair(a: Mapping[str, Any], b: Mapping[str, Any], *, min_effect: float,
+                  ia: int, ib: int, names: Sequence[str | None]) -> dict[str, Any]:
+    from .analysis.stats import compare_samples  # lazily: analysis may pull in numba
+
+    rows_a, dupes_a = _index(a)
+    rows_b, dupes_b = _index(b)
+    out: dict[str, Any] = {
+        "a": _label(a, names[ia], ia), "b": _label(b, names[ib], ib),
+        "host_diff": host_diff(a, b), "rows": [], "only_in_a": [], "only_in_b": [],
+        "incomparable": [], "not_compared": [], "warnings": []}
+    for which, dupes in (("a", dupes_a), ("b", dupes_b)):
+        for d in dupes:
+            out["warnings"].append(f"{out[which]['name']}: case {d} appears more than once; "
+                                   "the first row is used")
+    for key, ra in rows_a.items():
+        experiment, pkey, metric = key
+        base = {"experiment": experiment, "params": dict(ra["params"]), "params_str": pkey,
+                "metric": metric, "unit": ra["unit"]}
+        rb = rows_b.get(key)
+        if rb is None:
+            out["only_in_a"].append({**base, "status": ra["status"]})
+            continue
+        va, vb = ra.get("exp_version"), rb.get("exp_version")
+        if va is not None and vb is not None and va != vb:
+            out["incomparable"].append({**base, "reason": "experiment version differs "
+                                        f"({va} vs {vb})", "a": _side(ra), "b": _side(rb)})
+            continue
+        if ra["status"] != "ok" or rb["status"] != "ok":
+            why = []
+            for side, r in (("A", ra), ("B", rb)):
+                if r["status"] != "ok":
+                    why.append(f"{side} {r['status']}: {r['reason']}")
+            out["not_compared"].append({**base, "reason": "; ".join(why),
+                                        "a": _side(ra), "b": _side(rb)})
+            continue
+        flags = {**(rb.get("flags") or {}), **(ra.get("flags") or {})}
+        hib = bool(flags.get("higher_is_better", False))
+        entry = {**base, "higher_is_better": hib, "a": _side(ra), "b": _side(rb),
+                 "flags": {k: v for k, v in flags.items() if k != "higher_is_better"}}
+        if not ra["samples"] or not rb["samples"]:
+            # A row may carry its statistics without the raw samples; there is nothing to
+            # test then, so say so rather than pretend to a significance we cannot compute.
+            ratio = (rb["median"] / ra["median"]) if ra["median"] else None
+            entry.update(ratio=ratio, ci_low=None, ci_high=None, p_value=None,
+                         significant=False, verdict="no samples to test")
+        else:
+            res = compare_samples(ra["samples"], rb["samples"], min_effect=min_effect,
+                                  higher_is_better=hib)
+            entry.update({k: v for k, v in res.items() if k not in entry})
+            for k in ("ratio", "ci_low", "ci_high", "p_value"):
+                v = res.get(k)
+                entry[k] = None if v is None or not math.isfinite(v) else float(v)
+            entry["significant"] = bool(res.get("significant"))
+            entry["verdict"] = str(res.get("verdict"))
+        entry["direction"] = _direction(entry["ratio"], entry["significant"], hib, min_effect)
+        out["rows"].append(entry)
+    for key, rb in rows_b.items():
+        if key not in rows_a:
+            experiment, pkey, metric = key
+            out["only_in_b"].append({"experiment": experiment, "params": dict(rb["params"]),
+                                     "params_str": pkey, "metric": metric, "unit": rb["unit"],
+                                     "status": rb["status"]})
+    return out
+
+
+def compare(docs: Sequence[Mapping[str, Any]], *, min_effect: float = 0.02,
+            strict: bool = False, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Compare results documents: each one after the first against the first.
+
+    Returns ``{"schema": "vlab.compare/1", "min_effect", "files": [...], "comparisons": [...]}``
+    where each comparison holds `a`, `b` (file labels), `host_diff`, `rows` (ratio, CI, p-value,
+    significant, verdict, direction per case), `only_in_a`, `only_in_b`, `incomparable`
+    (experiment version differs), `not_compared` (skipped or failed on a side) and `warnings`.
+
+    Raises `UsageError` when fewer than two documents are given, when their schemas differ,
+    when one is not a valid results document, or (with `strict`) when any case is
+    incomparable. `names` label the files (e.g. their paths) in the output.
+    """
+    docs = list(docs)
+    if len(docs) < 2:
+        raise UsageError(f"compare needs at least two results files, got {len(docs)}")
+    names_list: list[str | None] = list(names) if names is not None else [None] * len(docs)
+    if len(names_list) != len(docs):
+        raise UsageError(f"compare got {len(docs)} documents but {len(names_list)} names")
+    schemas = [d.get("schema") if isinstance(d, Mapping) else None for d in docs]
+    if len(set(map(str, schemas))) > 1:
+        shown = ", ".join(f"{names_list[i] or f'file {i + 1}'}: {s!r}"
+                          for i, s in enumerate(schemas))
+        raise UsageError(f"cannot compare results with different schema versions ({shown})")
+    for i, d in enumerate(docs):
+        try:
+            results.validate(d)
+        except UsageError as e:
+            raise UsageError(f"{names_list[i] or f'file {i + 1}'}: {e}") from None
+    if not (0 <= min_effect < 1):
+        raise UsageError(f"min_effect must be in [0, 1), got {min_effect}")
+    comparisons = [_compare_pair(docs[0], docs[i], min_effect=min_effect, ia=0, ib=i,
+                                 names=names_list) for i in range(1, len(docs))]
+    if strict:
+        bad = [(c["b"]["name"], r) for c in comparisons for r in c["incomparable"]]
+        if bad:
+            name, r = bad[0]
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise UsageError(f"refusing to compare (--strict): {r['experiment']} "
+                             f"{r['params_str']} {r['metric']} in {name}: {r['reason']}{more}")
+    return {"schema": COMPARE_SCHEMA, "min_effect": min_effect,
+            "files": [_label(d, names_list[i], i) for i, d in enumerate(docs)],
+            "comparisons": comparisons}
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt_ratio(r: Mapping[str, Any]) -> str:
+    if r.get("ratio") is None:
+        return "-"
+    return f"{r['ratio']:.3f}"
+
+
+def _fmt_ci(r: Mapping[str, Any]) -> str:
+    if r.get("ci_low") is None or r.get("ci_high") is None:
+        return "-"
+    return f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+
+
+def _fmt_p(r: Mapping[str, Any]) -> str:
+    p = r.get("p_value")
+    if p is None:
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, sort_keys=True)
+    if v is None:
+        return "(absent)"
+    return str(v)
+
+
+def _case_text(r: Mapping[str, Any]) -> str:
+    return " ".join(x for x in (r["experiment"], r.get("params_str") or "", r["metric"]) if x)
+
+
+def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(widths[i]) if i in right else c.ljust(widths[i])
+                         for i, c in enumerate(cells)).rstrip()
+
+    return [line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _md_table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    out = ["| " + " | ".join(headers) + " |",
+           "|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|"]
+    out += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def format_compare(result: Mapping[str, Any], fmt: str = "text") -> str:
+    """Render a `compare` result as plain text (terminal), Markdown (`md`) or JSON (`json`)."""
+    if fmt == "json":
+        return json.dumps(result, indent=1, sort_keys=False) + "\n"
+    if fmt not in ("text", "md"):
+        raise UsageError(f"unknown compare format {fmt!r} (expected text, md or json)")
+    md = fmt == "md"
+    table = _md_table if md else _table
+    out: list[str] = []
+
+    def heading(text: str, level: int = 2) -> None:
+        if md:
+            out.extend(["#" * level + " " + text, ""])
+        else:
+            out.extend([text, "=" * len(text) if level <= 2 else "-" * len(text)])
+
+    for c in result["comparisons"]:
+        a, b = c["a"], c["b"]
+        heading(f"{b['name']} vs {a['name']} (B/A; min effect "
+                f"{result['min_effect'] * 100:g}%)")
+        if not md:
+            out.append(f"A: {a['name']}  host {a['host_id']}  run {a['run_id']}")
+            out.append(f"B: {b['name']}  host {b['host_id']}  run {b['run_id']}")
+            out.append("")
+        else:
+            out.extend([f"- A: `{a['name']}` host `{a['host_id']}` run `{a['run_id']}`",
+                        f"- B: `{b['name']}` host `{b['host_id']}` run `{b['run_id']}`", ""])
+        heading("What changed on the host", 3)
+        if c["host_diff"]:
+            out.extend(table(["key", "A", "B"],
+                             [[d["key"], _fmt_value(d["a"]), _fmt_value(d["b"])]
+                              for d in c["host_diff"]], set()))
+        else:
+            out.append("no host key differs (volatile keys ignored)")
+        out.append("")
+        heading("Metrics", 3)
+        if c["rows"]:
+            rows = []
+            for r in c["rows"]:
+                rows.append([r["experiment"], r["params_str"] or "-", r["metric"],
+                             results.format_number(r["a"]["median"]),
+                             results.format_number(r["b"]["median"]), r["unit"],
+                             _fmt_ratio(r), _fmt_ci(r), _fmt_p(r), r["verdict"]])
+            out.extend(table(["experiment", "params", "metric", "A median", "B median", "unit",
+                              "B/A", "95% CI", "p", "verdict"], rows, {3, 4, 6, 8}))
+        else:
+            out.append("no case was measured in both files")
+        out.append("")
+        sections = (("Only in A", c["only_in_a"], lambda r: r["status"]),
+                    ("Only in B", c["only_in_b"], lambda r: r["status"]),
+                    ("Incomparable: experiment version differs", c["incomparable"],
+                     lambda r: r["reason"]),
+                    ("Not compared (skipped or failed)", c["not_compared"],
+                     lambda r: r["reason"]))
+        for title, items, why in sections:
+            if not items:
+                continue
+            heading(f"{title} ({len(items)})", 3)
+            for r in items:
+                text = f"{_case_text(r)}: {why(r)}"
+                out.append(f"- {_md_escape(text)}" if md else f"  {text}")
+            out.append("")
+        if c["warnings"]:
+            heading("Warnings", 3)
+            out.extend(f"- {w}" if md else f"  {w}" for w in c["warnings"])
+            out.append("")
+    return "\n".join(out).rstrip() + "\n"

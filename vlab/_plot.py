@@ -1,0 +1,715 @@
+"""Figures of results files (`vlab plot`) and of comparisons, with matplotlib.
+
+One figure per area that has ok rows (exits, paging, io, migration), plus a ratio figure per
+comparison. Design choices, and why:
+
+* Figures are built on `matplotlib.figure.Figure` directly, never through pyplot, so nothing
+  depends on (or changes) the process's interactive backend; PNGs are rendered by Agg.
+* Colours come from the Okabe-Ito palette, which stays distinguishable under the common forms
+  of colour blindness; line style and hatching carry meaning too (native dashed, model dotted,
+  emulated CPL0 hatched) so a grey-scale print still reads.
+* Every axis names its quantity and unit, and every title carries the host id, CPU, KVM flavor
+  and paging mode: a figure copied out of its report must still say where it was measured.
+* Skip/error rows are not drawn (there is nothing to draw) and an area with no ok rows gets no
+  figure at all -- never an empty placeholder. The report lists skips and errors instead.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import results
+from ._errors import UsageError
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+#: Okabe & Ito (2008), ordered so the first colours have the most contrast on white.
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#56B4E9", "#CC79A7", "#000000",
+             "#F0E442")
+#: Areas in the order a report presents them, with their titles.
+AREAS = {"exits": "VM exits: cost per operation",
+         "paging": "Guest paging: cost per memory access",
+         "io": "I/O paths: throughput and exits",
+         "migration": "Migration: dirty pages"}
+FORMATS = ("png", "svg")
+
+_RC = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
+       "xtick.labelsize": 8, "ytick.labelsize": 8, "figure.dpi": 100, "savefig.dpi": 110,
+       "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
+       "axes.spines.right": False, "svg.fonttype": "path", "hatch.linewidth": 0.8}
+
+_METRIC_LABELS = {"guest_cycles": "guest cycles per operation",
+                  "host_ns": "host ns per KVM_RUN trip",
+                  "cycles_per_access": "cycles per access",
+                  "cycles_per_op": "cycles per operation",
+                  "gbit_per_s": "throughput", "exits_per_msg": "exits per message",
+                  "msgs_per_s": "messages per second", "rtt_ns": "round-trip time"}
+
+
+def area_of(experiment: str) -> str:
+    """The area an experiment belongs to, from its name prefix (`native.*` goes with exits,
+    whose baselines they are); anything unknown is 'other'."""
+    prefix = experiment.split(".", 1)[0]
+    if prefix == "native":
+        return "exits"
+    return prefix if prefix in AREAS else "other"
+
+
+def host_caption(doc: Mapping[str, Any]) -> str:
+    """'host X · CPU · kvm pvm, shadow paging' -- the provenance line of every figure."""
+    host = doc.get("host", {})
+    kvm = host.get("kvm") or {}
+    bits = [f"host {host.get('host_id', '?')}"]
+    if host.get("cpu_model"):
+        bits.append(str(host["cpu_model"]))
+    flavor = kvm.get("flavor")
+    paging = host.get("paging")
+    if flavor or paging:
+        bits.append(", ".join(x for x in (f"kvm {flavor}" if flavor else "",
+                                          f"{paging} paging" if paging else "") if x))
+    thp = host.get("thp")
+    if isinstance(thp, dict):  # the fingerprint records {"enabled": ..., "defrag": ...}
+        thp = thp.get("enabled")
+    if thp is not None:
+        bits.append(f"THP {thp}")
+    return " · ".join(bits)
+
+
+def _new_figure(width: float, height: float) -> "Figure":
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _suptitle(fig: "Figure", title: str, doc: Mapping[str, Any]) -> None:
+    fig.suptitle(f"{title}\n{host_caption(doc)}", fontsize=10)
+
+
+def _ok_rows(doc: Mapping[str, Any], area: str) -> list[dict[str, Any]]:
+    return [r for r in doc["rows"] if r["status"] == "ok" and area_of(r["experiment"]) == area]
+
+
+def _unit_label(metric: str, unit: str) -> str:
+    name = _METRIC_LABELS.get(metric, metric.replace("_", " "))
+    if not unit or name.split()[0] == unit:  # "cycles per access", not "... (cycles)"
+        return name
+    return f"{name} ({unit})"
+
+
+def _short(experiment: str) -> str:
+    return experiment.split(".", 1)[1] if "." in experiment else experiment
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: Any) -> float | None:
+    """Bytes from 4096, "4K", "64KiB", "1G" ...; None when it is not a size."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if not isinstance(value, str):
+        return None
+    m = _SIZE_RE.match(value)
+    if not m:
+        return None
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return float(m.group(1)) * scale
+
+
+def format_bytes(v: float) -> str:
+    """4096 -> '4K', 1073741824 -> '1G' (binary units, as page sizes are written)."""
+    for suffix, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if v >= scale:
+            q = v / scale
+            return f"{q:g}{suffix}" if q == int(q) else f"{q:.3g}{suffix}"
+    return f"{v:g}"
+
+
+def _bytes_axis(ax: "Axes", values: Iterable[float], axis: str = "x") -> None:
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+    vals = sorted(set(v for v in values if v and v > 0))
+    getattr(ax, f"set_{axis}scale")("log", base=2)
+    if not vals:
+        return
+    target = getattr(ax, f"{axis}axis")
+    # Tick at the measured sizes (thinned to at most 10) so the labels are the sweep's points.
+    step = max(1, math.ceil(len(vals) / 10))
+    ticks = vals[::step]
+    target.set_major_locator(FixedLocator(ticks))
+    target.set_major_formatter(_FuncFmt(format_bytes))
+    target.set_minor_locator(NullLocator())
+    target.set_minor_formatter(NullFormatter())
+
+
+def _FuncFmt(fn):  # noqa: N802 -- reads like the class it builds
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda v, _pos: fn(v))
+
+
+def _value_scale(ax: "Axes", values: Sequence[float], axis: str = "y") -> None:
+    """Log scale when the values span more than ~20x (exit costs do: 60 to 35,000 cycles).
+
+    With zeros among them (a polled path makes no exits) the scale is symmetric-log, linear
+    below the smallest positive value, so that zero stays on the axis instead of vanishing.
+    """
+    vals = [v for v in values if v is not None]
+    pos = [v for v in vals if v > 0]
+    if not pos or max(pos) / min(pos) <= 20 or any(v < 0 for v in vals):
+        return
+    if len(pos) == len(vals):
+        getattr(ax, f"set_{axis}scale")("log")
+    else:
+        getattr(ax, f"set_{axis}scale")("symlog", linthresh=min(pos))
+
+
+def _vary(rows: Sequence[Mapping[str, Any]], exclude: Iterable[str]) -> list[str]:
+    """Parameter keys whose value differs between rows (the ones worth naming in a legend)."""
+    exclude = set(exclude)
+    keys: list[str] = []
+    for r in rows:
+        for k in r["params"]:
+            if k not in exclude and k not in keys:
+                keys.append(k)
+    return [k for k in keys if len({repr(r["params"].get(k)) for r in rows}) > 1]
+
+
+_SIZE_KEYS = ("wss", "msg_bytes", "size", "slot", "bytes", "buffer")
+
+
+def _pvalue(key: str, value: Any) -> str:
+    """A parameter value for a label: byte sizes as 4K/1G (the canonical string keeps raw
+    numbers; a figure wants to be read)."""
+    if key in _SIZE_KEYS and isinstance(value, int) and not isinstance(value, bool) \
+            and value >= 1024:
+        return format_bytes(value)
+    return results.params_key({key: value}).split("=", 1)[1]
+
+
+def _pstr(params: Mapping[str, Any], keys: Iterable[str]) -> str:
+    return " ".join(f"{k}={_pvalue(k, params[k])}" for k in keys if k in params)
+
+
+def case_label(experiment: str, params: Mapping[str, Any], metric: str | None = None) -> str:
+    """'paging.random_read backing=4K wss=1G cycles_per_access': a case, short enough for an
+    axis label."""
+    text = " ".join(x for x in (experiment, _pstr(params, sorted(params))) if x)
+    return f"{text} · {metric}" if metric else text
+
+
+# --------------------------------------------------------------------------------------------
+# Areas
+
+
+def _exits_figure(doc: Mapping[str, Any]) -> "Figure | None":
+    from matplotlib.patches import Patch
+
+    rows = [r for r in _ok_rows(doc, "exits") if r["metric"] in ("guest_cycles", "host_ns")]
+    if not rows:
+        return None
+    cases: list[tuple[str, str]] = []
+    for r in rows:
+        key = (r["experiment"], results.params_key(r["params"]))
+        if key not in cases:
+            cases.append(key)
+    by = {(r["experiment"], results.params_key(r["params"]), r["metric"]): r for r in rows}
+    metrics = [m for m in ("guest_cycles", "host_ns") if any(r["metric"] == m for r in rows)]
+    labels = []
+    for exp, pkey in cases:
+        params = next(r["params"] for r in rows
+                      if r["experiment"] == exp and results.params_key(r["params"]) == pkey)
+        rest = ", ".join(f"{k}={v}" for k, v in params.items() if k != "cpl")
+        label = _short(exp) if not exp.startswith("native.") else exp
+        if "cpl" in params:
+            label += f" @CPL{params['cpl']}"
+        if rest:
+            label += f" ({rest})"
+        labels.append(label)
+    height = max(2.8, 0.32 * len(cases) + 1.6)
+    fig = _new_figure(5.2 * len(metrics) + 1.6, height)
+    axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+    any_emulated = False
+    cpl_levels: list[Any] = []
+    for ax, metric in zip(axes, metrics):
+        unit = ""
+        values = []
+        for i, (exp, pkey) in enumerate(cases):
+            r = by.get((exp, pkey, metric))
+            if r is None:
+                continue
+            unit = r["unit"]
+            flags = r.get("flags") or {}
+            cpl = r["params"].get("cpl")
+            if cpl not in cpl_levels:
+                cpl_levels.append(cpl)
+            emulated = bool(flags.get("emulated_cpl0"))
+            any_emulated |= emulated
+            colour = OKABE_ITO[1] if cpl == 0 else OKABE_ITO[0] if cpl is not None \
+                else OKABE_ITO[2]
+            med, p99 = r["median"], r["p99"]
+            ax.barh(i, med, height=0.65, color=colour, alpha=0.85 if not emulated else 0.45,
+                    edgecolor=colour if not emulated else "#333333",
+                    hatch="///" if emulated else None, linewidth=0.6)
+            if p99 is not None and p99 > med:
+                ax.errorbar(med, i, xerr=[[0], [p99 - med]], fmt="none", ecolor="#222222",
+                            elinewidth=0.9, capsize=3)
+            ax.annotate(results.format_number(med), (max(med, p99 or med), i),
+                        xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
+            values += [med, p99 or med]
+        _value_scale(ax, values, "x")
+        if ax.get_xscale() == "log" and values:
+            ax.set_xlim(min(values) / 2, max(values) * 4)
+        elif values:
+            ax.set_xlim(0, max(values) * 1.25)
+        ax.set_xlabel(_unit_label(metric, unit) + " — bar p50, whisker p99")
+        ax.set_title({"guest_cycles": "guest side (rdtsc around the operation)",
+                      "host_ns": "host side (per KVM_RUN round trip)"}.get(metric, metric))
+        ax.grid(axis="y", visible=False)
+    axes[0].set_yticks(range(len(cases)), labels)
+    axes[0].invert_yaxis()
+    handles = []
+    if any(c not in (0, None) for c in cpl_levels):
+        handles.append(Patch(facecolor=OKABE_ITO[0], alpha=0.85,
+                             label="CPL3 (guest code runs natively)"))
+    if None in cpl_levels:
+        handles.append(Patch(facecolor=OKABE_ITO[2], alpha=0.85,
+                             label="host-side baseline (no guest code)"))
+    if 0 in cpl_levels:
+        if any_emulated:
+            handles.append(Patch(facecolor=OKABE_ITO[1], alpha=0.45, edgecolor="#333333",
+                                 hatch="///", label="emulated CPL0 (includes KVM's "
+                                 "instruction emulator)"))
+        else:
+            handles.append(Patch(facecolor=OKABE_ITO[1], alpha=0.85, label="CPL0"))
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+    _suptitle(fig, AREAS["exits"], doc)
+    return fig
+
+
+def _series_style(i: int, native: bool, model: bool) -> dict[str, Any]:
+    markers = "osD^v<>ph*"
+    return {"color": OKABE_ITO[i % len(OKABE_ITO)], "marker": markers[i % len(markers)],
+            "linestyle": ":" if model else ("--" if native else "-"), "markersize": 4,
+            "linewidth": 1.4}
+
+
+def _is_native(params: Mapping[str, Any]) -> bool:
+    return params.get("where") == "native"
+
+
+def _paging_figure(doc: Mapping[str, Any]) -> "Figure | None":
+    rows = _ok_rows(doc, "paging")
+    sweep = [r for r in rows if parse_size(r["params"].get("wss")) is not None]
+    single = [r for r in rows if r not in sweep]
+    experiments: list[tuple[str, str]] = []
+    for r in sweep:
+        if (r["experiment"], r["metric"]) not in experiments:
+            experiments.append((r["experiment"], r["metric"]))
+    if not experiments and not single:
+        return None
+    cols = max(1, min(len(experiments), 3))
+    sweep_rows = math.ceil(len(experiments) / cols) if experiments else 0
+    bar_height = 0.45 * len(single) + 1.2 if single else 0
+    fig = _new_figure(5.6 * cols + 0.8, 4.3 * sweep_rows + bar_height + 0.6)
+    heights = [4.3] * sweep_rows + ([bar_height] if single else [])
+    grid = fig.add_gridspec(len(heights), cols, height_ratios=heights)
+    axes = [fig.add_subplot(grid[i // cols, i % cols]) for i in range(len(experiments))]
+    # Colour = host backing, line style = where it ran (solid guest, dashed native, dotted
+    # model), marker = guest page size: three independent cues that survive grey-scale.
+    backings: list[Any] = []
+    for r in sweep:
+        if r["params"].get("backing") not in backings:
+            backings.append(r["params"].get("backing"))
+    pages: list[Any] = []
+    for ax, (exp, metric) in zip(axes, experiments):
+        group = [r for r in sweep if r["experiment"] == exp and r["metric"] == metric]
+        name_keys = [k for k in ("guest_page", "backing") if any(k in r["params"] for r in group)]
+        extra = _vary(group, exclude={"wss", "where", *name_keys})
+        lines: dict[tuple, list[dict]] = {}
+        for r in group:
+            p = r["params"]
+            native = _is_native(p)
+            model = bool((r.get("flags") or {}).get("model"))
+            gp = None if native else p.get("guest_page")
+            key = (native, model, gp, p.get("backing"), *(repr(p.get(k)) for k in extra))
+            lines.setdefault(key, []).append(r)
+        xs_all = []
+        for key, members in lines.items():
+            native, model, gp, backing = key[:4]
+            members.sort(key=lambda r: parse_size(r["params"]["wss"]))
+            xs = [parse_size(r["params"]["wss"]) for r in members]
+            ys = [r["median"] for r in members]
+            up = [max(0.0, (r["p99"] or r["median"]) - r["median"]) for r in members]
+            xs_all += xs
+            p = members[0]["params"]
+            if native:
+                label = f"native, {backing if backing is not None else '?'} pages"
+            else:
+                label = " on ".join(x for x in (f"guest {gp}" if gp is not None else "",
+                                                f"{backing} backing" if backing is not None
+                                                else "") if x) or "guest"
+            detail = _pstr(p, extra)
+            if detail:
+                label += f" ({detail})"
+            if model:
+                label += " — model"
+            page_key = "native" if native else gp
+            if page_key not in pages:
+                pages.append(page_key)
+            style = _series_style(0, native, model)
+            style["color"] = OKABE_ITO[backings.index(backing) % len(OKABE_ITO)]
+            style["marker"] = "osD^v<>ph*"[pages.index(page_key) % 10]
+            if model:
+                style["color"] = OKABE_ITO[5]
+            ax.plot(xs, ys, label=label, **style)
+            if not model and any(up):
+                ax.errorbar(xs, ys, yerr=[[0] * len(up), up], fmt="none",
+                            ecolor=style["color"], elinewidth=0.7, capsize=2, alpha=0.7)
+        _bytes_axis(ax, xs_all)
+        ax.set_xlabel("working-set size (bytes, log scale)")
+        ax.set_ylabel(_unit_label(metric, group[0]["unit"]) + " — p50, whisker p99")
+        ax.set_title(_short(exp))
+        ax.set_ylim(bottom=0)
+        ax.legend(frameon=False)
+    if single:
+        ax = fig.add_subplot(grid[len(heights) - 1, :])
+        single.sort(key=lambda r: (r["experiment"], results.params_key(r["params"])))
+        labels, values = [], []
+        for i, r in enumerate(single):
+            model = bool((r.get("flags") or {}).get("model"))
+            emulated = bool((r.get("flags") or {}).get("emulated_cpl0"))
+            colour = OKABE_ITO[5] if model else OKABE_ITO[1] if emulated else OKABE_ITO[2]
+            ax.barh(i, r["median"], color=colour, alpha=0.4 if model or emulated else 0.85,
+                    hatch="..." if model else "///" if emulated else None,
+                    edgecolor="#333333" if model or emulated else colour, height=0.6)
+            if r["p99"] and r["p99"] > r["median"]:
+                ax.errorbar(r["median"], i, xerr=[[0], [r["p99"] - r["median"]]], fmt="none",
+                            ecolor="#222222", elinewidth=0.9, capsize=3)
+            ax.annotate(f"{results.format_number(r['median'])} {r['unit']}",
+                        (max(r["median"], r["p99"] or 0), i), xytext=(4, 0),
+                        textcoords="offset points", va="center", fontsize=7)
+            note = " (model)" if model else " (emulated CPL0)" if emulated else ""
+            labels.append(f"{_short(r['experiment'])} "
+                          f"{_pstr(r['params'], sorted(r['params']))}{note}")
+            values += [r["median"], r["p99"] or r["median"]]
+        ax.set_yticks(range(len(single)), labels)
+        ax.invert_yaxis()
+        _value_scale(ax, values, "x")
+        ax.set_xlim(right=max(values) * (3 if ax.get_xscale() == "log" else 1.2))
+        metrics = sorted({r["metric"].replace("_", " ") for r in single})
+        ax.set_xlabel(f"{' / '.join(metrics)} — bar p50, whisker p99")
+        ax.set_title("fault and page-table costs")
+        ax.grid(axis="y", visible=False)
+    _suptitle(fig, AREAS["paging"], doc)
+    return fig
+
+
+def _io_figure(doc: Mapping[str, Any]) -> "Figure | None":
+    rows = [r for r in _ok_rows(doc, "io") if parse_size(r["params"].get("msg_bytes")) is not None]
+    metrics = [m for m in ("gbit_per_s", "exits_per_msg") if any(r["metric"] == m for r in rows)]
+    if not metrics:
+        return None
+    fig = _new_figure(5.6 * len(metrics) + 0.8, 4.6)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    # One colour per path+notify across both panels, so the legend of the first panel serves both.
+    all_keys: list[tuple] = []
+    group_rows = [r for r in rows if r["metric"] in metrics]
+    extra = _vary(group_rows, exclude={"msg_bytes", "notify"})
+    for r in group_rows:
+        key = (r["experiment"], r["params"].get("notify"), *(repr(r["params"].get(k))
+                                                              for k in extra))
+        if key not in all_keys:
+            all_keys.append(key)
+    for ax, metric in zip(axes, metrics):
+        group = [r for r in rows if r["metric"] == metric]
+        lines: dict[tuple, list[dict]] = {}
+        for r in group:
+            key = (r["experiment"], r["params"].get("notify"), *(repr(r["params"].get(k))
+                                                                  for k in extra))
+            lines.setdefault(key, []).append(r)
+        xs_all, ys_all = [], []
+        for key, members in lines.items():
+            members.sort(key=lambda r: parse_size(r["params"]["msg_bytes"]))
+            xs = [parse_size(r["params"]["msg_bytes"]) for r in members]
+            ys = [r["median"] for r in members]
+            xs_all += xs
+            ys_all += ys
+            p = members[0]["params"]
+            model = bool((members[0].get("flags") or {}).get("model"))
+            native = "native" in members[0]["experiment"] or "loopback" in members[0]["experiment"]
+            label = _short(members[0]["experiment"])
+            if p.get("notify") is not None:
+                label += f", notify={p['notify']}"
+            if extra:
+                label += " (" + _pstr(p, extra) + ")"
+            if model:
+                label += " — model"
+            style = _series_style(all_keys.index(key), native, model)
+            ax.plot(xs, ys, label=label, **style)
+        _bytes_axis(ax, xs_all)
+        if metric == "exits_per_msg":
+            _value_scale(ax, ys_all, "y")
+            if ax.get_yscale() != "log" and ys_all:
+                top = max(ys_all)
+                ax.set_ylim(0, top * 2 if ax.get_yscale() == "symlog" else top * 1.1 or 1)
+            ax.set_title("VM exits per message (fewer is cheaper)")
+        else:
+            ax.set_title("throughput (higher is better)")
+            _value_scale(ax, ys_all, "y")
+            if ax.get_yscale() == "linear":
+                ax.set_ylim(bottom=0)
+        ax.set_xlabel("message size (bytes, log scale)")
+        ax.set_ylabel(_unit_label(metric, group[0]["unit"]) + " — p50")
+    axes[0].legend(frameon=False)
+    _suptitle(fig, AREAS["io"], doc)
+    return fig
+
+
+# Experiments that share a panel: the pre-copy simulation (a model) is drawn over the measured
+# live migration so that the reader sees at once whether the model predicts the rounds.
+_MIGRATION_PANELS = {"migration.dirty_rate": ("dirty", "dirty pages per interval"),
+                     "migration.wws": ("wws", "writable working set (WWS) curve"),
+                     "migration.live": ("precopy", "pre-copy: pages sent per round"),
+                     "migration.precopy_sim": ("precopy", "pre-copy: pages sent per round"),
+                     "migration.harvest": ("harvest", "dirty-log harvest")}
+
+
+def _migration_figure(doc: Mapping[str, Any]) -> "Figure | None":
+    rows = [r for r in _ok_rows(doc, "migration") if r.get("series")
+            and len(r["series"].get("x", [])) > 0]
+    if not rows:
+        return None
+    panels: dict[str, tuple[str, list[dict]]] = {}
+    for r in rows:
+        key, title = _MIGRATION_PANELS.get(r["experiment"],
+                                           (r["experiment"], _short(r["experiment"])))
+        panels.setdefault(key, (title, []))[1].append(r)
+    order = ["dirty", "wws", "precopy", "harvest"]
+    keys = sorted(panels, key=lambda k: order.index(k) if k in order else len(order))
+    n = len(keys)
+    cols = min(n, 3)
+    nrows = math.ceil(n / cols)
+    fig = _new_figure(5.2 * cols + 0.6, 4.3 * nrows)
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    for ax, key in zip(axes, keys):
+        title, group = panels[key]
+        vary = _vary(group, exclude=())
+        several_exps = len({g["experiment"] for g in group}) > 1
+        several_metrics = any(len({g["metric"] for g in group if g["experiment"] == e}) > 1
+                              for e in {g["experiment"] for g in group})
+        has_model = any((g.get("flags") or {}).get("model") for g in group)
+        for i, r in enumerate(group):
+            s = r["series"]
+            model = bool((r.get("flags") or {}).get("model"))
+            bits = []
+            if several_exps:
+                bits.append(_short(r["experiment"]))
+            label = _pstr(r["params"], [k for k in vary if k in r["params"]])
+            if label:
+                bits.append(label)
+            if several_metrics:
+                bits.append(f"[{r['metric']}]")
+            label = " ".join(bits) or _pstr(r["params"], sorted(r["params"])) or r["metric"]
+            if has_model:
+                label += " — model" if model else " — measured"
+            style = _series_style(i, False, model)
+            if len(s["x"]) > 40:
+                style["marker"] = None
+            ax.plot(s["x"], s["y"], label=label, **style)
+        s0 = group[0]["series"]
+        if all(isinstance(v, int) for r in group for v in r["series"]["x"]):
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(s0.get("x_label") or "x")
+        ax.set_ylabel(s0.get("y_label") or group[0]["metric"])
+        ax.set_title(title)
+        ys = [v for r in group for v in r["series"]["y"] if v is not None]
+        if key == "wws":
+            xs = [v for r in group for v in r["series"]["x"] if v is not None]
+            if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
+                ax.set_xscale("log")
+        _value_scale(ax, ys, "y")
+        if ax.get_yscale() != "log":
+            ax.set_ylim(bottom=0)
+        ax.legend(frameon=False)
+    _suptitle(fig, AREAS["migration"], doc)
+    return fig
+
+
+_BUILDERS = {"exits": _exits_figure, "paging": _paging_figure, "io": _io_figure,
+             "migration": _migration_figure}
+
+
+def area_figure(doc: Mapping[str, Any], area: str) -> "Figure | None":
+    """The figure of one area of one results document, or None when it has no ok rows to draw."""
+    import matplotlib
+
+    if area not in _BUILDERS:
+        raise UsageError(f"no figure for area {area!r} (areas: {', '.join(_BUILDERS)})")
+    with matplotlib.rc_context(_RC):
+        return _BUILDERS[area](doc)
+
+
+# --------------------------------------------------------------------------------------------
+# Comparison figure
+
+
+def compare_figure(comparison: Mapping[str, Any], min_effect: float = 0.02) -> "Figure | None":
+    """Ratio B/A per case with its confidence interval, coloured by verdict; None if no case
+    had a ratio. The shaded band is +-min_effect: inside it a change is too small to count."""
+    import matplotlib
+    from matplotlib.patches import Patch
+
+    rows = [r for r in comparison["rows"] if r.get("ratio") is not None]
+    if not rows:
+        return None
+    colours = {"worse": OKABE_ITO[3], "better": OKABE_ITO[2], "same": "#999999"}
+    names = {"worse": "significantly worse", "better": "significantly better",
+             "same": "not significant"}
+    with matplotlib.rc_context({**_RC, "ytick.labelsize": 7.5 if len(rows) > 30 else 8}):
+        fig = _new_figure(11.0, max(3.0, 0.2 * len(rows) + 1.6))
+        ax = fig.subplots()
+        ax.margins(y=0.01)
+        labels = []
+        lo_all, hi_all = [1.0], [1.0]
+        for i, r in enumerate(rows):
+            ratio = r["ratio"]
+            colour = colours[r.get("direction", "same")]
+            ax.barh(i, ratio - 1.0, left=1.0, color=colour, height=0.65, alpha=0.85)
+            if r.get("ci_low") is not None and r.get("ci_high") is not None:
+                ax.errorbar(ratio, i, xerr=[[max(0.0, ratio - r["ci_low"])],
+                                            [max(0.0, r["ci_high"] - ratio)]],
+                            fmt="none", ecolor="#222222", elinewidth=0.9, capsize=3)
+                lo_all.append(r["ci_low"])
+                hi_all.append(r["ci_high"])
+            lo_all.append(ratio)
+            hi_all.append(ratio)
+            label = case_label(r["experiment"], r["params"], r["metric"])
+            if r.get("higher_is_better"):
+                label += " ↑"
+            labels.append(label)
+        ax.axvspan(1 - min_effect, 1 + min_effect, color="#bbbbbb", alpha=0.35, lw=0)
+        ax.axvline(1.0, color="#222222", lw=0.8)
+        ax.set_yticks(range(len(rows)), labels)
+        ax.invert_yaxis()
+        lo = min(min(lo_all), 1.0 - 2 * min_effect)
+        hi = max(max(hi_all), 1.0 + 2 * min_effect)
+        pad = (hi - lo) * 0.06
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_xlabel("ratio B/A (1 = unchanged), whisker 95% CI; ↑ = higher is better")
+        ax.grid(axis="y", visible=False)
+        a, b = comparison["a"], comparison["b"]
+        present = [d for d in ("worse", "better", "same")
+                   if any(r.get("direction", "same") == d for r in rows)]
+        handles = [Patch(color=colours[d], label=names[d]) for d in present]
+        handles.append(Patch(color="#bbbbbb", alpha=0.35,
+                             label=f"±{min_effect * 100:g}% (below minimum effect)"))
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles),
+                   frameon=False)
+        fig.suptitle(f"B = {b['name']} (host {b['host_id']}) vs A = {a['name']} "
+                     f"(host {a['host_id']})", fontsize=10)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "run"
+
+
+def _save(fig: "Figure", out_dir: Path, stem: str, formats: Sequence[str]) -> list[Path]:
+    paths = []
+    for fmt in formats:
+        path = out_dir / f"{stem}.{fmt}"
+        meta = {"Date": None} if fmt == "svg" else {"Software": None} if fmt == "png" else None
+        fig.savefig(path, format=fmt, metadata=meta)
+        paths.append(path)
+    return paths
+
+
+def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
+    formats = tuple(formats)
+    bad = [f for f in formats if f not in ("png", "svg", "pdf")]
+    if bad or not formats:
+        raise UsageError(f"unsupported figure format {', '.join(bad) or '(none)'} "
+                         "(use png, svg or pdf)")
+    return formats
+
+
+def _as_docs(docs: Any) -> list[tuple[dict[str, Any], str]]:
+    if isinstance(docs, (Mapping, str, os.PathLike)):
+        docs = [docs]
+    out = []
+    for i, d in enumerate(docs):
+        if isinstance(d, Mapping):
+            results.validate(d)
+            out.append((dict(d), d.get("run_id") or f"run{i + 1}"))
+        else:
+            out.append((results.read(d), Path(d).stem))
+    return out
+
+
+def plot(docs: Any, out_dir: str | os.PathLike[str],
+         formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Write one figure per area with ok rows, per document, in each format; return the paths.
+
+    `docs` are results documents (dicts) or paths to results files. With one document the
+    files are `exits.png`, `paging.svg` ...; with several each name is prefixed with the
+    document's host id and run (file stem) so nothing is overwritten.
+    """
+    formats = _check_formats(formats)
+    items = _as_docs(docs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    seen: set[str] = set()
+    for doc, name in items:
+        prefix = ""
+        if len(items) > 1:
+            prefix = _slug(f"{doc['host'].get('host_id')}-{name}")
+            while prefix in seen:
+                prefix += "_"
+            seen.add(prefix)
+            prefix += "-"
+        for area in _BUILDERS:
+            fig = area_figure(doc, area)
+            if fig is not None:
+                written += _save(fig, out, prefix + area, formats)
+    return written
+
+
+def plot_compare(compare_result: Mapping[str, Any], out_dir: str | os.PathLike[str],
+                 formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Write the ratio figure of each comparison in a `compare` result; return the paths.
+
+    Named `compare.<fmt>` for a single comparison, else `compare-<B>-vs-<A>.<fmt>`.
+    """
+    formats = _check_formats(formats)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    comps = compare_result["comparisons"]
+    for i, c in enumerate(comps):
+        fig = compare_figure(c, compare_result.get("min_effect", 0.02))
+        if fig is None:
+            continue
+        stem = "compare" if len(comps) == 1 else \
+            f"compare-{i + 1}-{_slug(Path(str(c['b']['name'])).stem)}-vs-" \
+            f"{_slug(Path(str(c['a']['name'])).stem)}"
+        written += _save(fig, out, stem, formats)
+    return written
