@@ -233,6 +233,7 @@ const char *vlab_guest_image_name(int index);
 /* small host helpers for timing */
 uint64_t vlab_now_ns(void);
 uint64_t vlab_rdtsc(void);
+int vlab_host_syscall_loop(uint64_t n, uint64_t *cycles, uint64_t *ns);
 
 /* cdef-end */
 

@@ -1,0 +1,279 @@
+"""Experiment declarations, the registry that discovers them, and suites.
+
+An experiment is one small declaration: name, parameter grid, requirements, metrics and units,
+privilege level, and the code that measures one case. Two kinds exist:
+
+- `LoopExperiment`: a repeated measurement driven by pyperf worker processes. `setup(params)`
+  builds the state once per worker (a Machine, usually), `measure(state, loops)` runs `loops`
+  samples and returns a `Measurement`, `teardown(state)` releases it.
+- `OneShotExperiment`: a whole case run once (a time series, a model, a migration), returning
+  rows itself.
+
+Requirements are checked against the host record before anything runs; a failing one becomes a
+`skip` row whose reason names it.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import importlib
+import inspect
+import itertools
+import os
+import pkgutil
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from ._errors import UsageError
+
+AREAS = ("exits", "paging", "io", "migration")
+
+
+@dataclass
+class Requirement:
+    """A condition on the host (and the case's parameters); `check` returns None or a reason."""
+    name: str
+    check: Callable[[dict, dict], str | None]
+
+
+def needs_kvm() -> Requirement:
+    def check(host: dict, params: dict) -> str | None:
+        kvm = host.get("kvm", {})
+        if not kvm.get("usable"):
+            return f"KVM unusable: {kvm.get('reason') or '/dev/kvm cannot be opened'}"
+        return None
+    return Requirement("kvm", check)
+
+
+def needs_cap(cap: str, why: str = "") -> Requirement:
+    """A KVM capability, named as KVM names it (without the KVM_CAP_ prefix)."""
+    def check(host: dict, params: dict) -> str | None:
+        caps = host.get("kvm", {}).get("caps", {})
+        if not caps.get(cap):
+            return f"KVM capability KVM_CAP_{cap} is missing" + (f" ({why})" if why else "")
+        return None
+    return Requirement(f"cap:{cap}", check)
+
+
+def needs_vendor(vendor: str, what: str) -> Requirement:
+    def check(host: dict, params: dict) -> str | None:
+        got = host.get("cpu_vendor")
+        if got != vendor:
+            return f"{what} needs a {vendor.upper()} CPU (this host: {got})"
+        return None
+    return Requirement(f"vendor:{vendor}", check)
+
+
+@dataclass
+class Measurement:
+    """What one `measure(state, loops)` call produced.
+
+    `seconds`: the time pyperf records for these loops (normally guest time, from rdtsc).
+    `metrics`: metric -> raw samples (per operation). `extra`: anything else worth keeping.
+    """
+    seconds: float
+    metrics: dict[str, list[float]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Experiment:
+    name: str
+    description: str
+    params: dict[str, list]
+    metrics: dict[str, str]                     # metric -> unit
+    requires: list[Requirement] = field(default_factory=list)
+    cpl: int | str | None = None                # privilege level, or a param name ("cpl")
+    handled_by: str = ""
+    quick: dict[str, list] | None = None        # a smaller grid for the quick suite
+    higher_is_better: tuple[str, ...] = ()
+    validate: Callable[[dict, dict], None] | None = None   # (params, host) -> raises UsageError
+    # (params, host, metric, samples, extras) -> (warnings, flags, extra) for that metric's row
+    annotate: Callable[..., tuple[list[str], dict, dict]] | None = None
+    payload: str | None = "micro"
+    module: str = ""
+    source_hash: str = ""
+
+    @property
+    def area(self) -> str:
+        return self.name.split(".", 1)[0]
+
+    def grid(self, quick: bool = False, overrides: dict[str, list] | None = None) -> list[dict]:
+        """Every parameter combination, with user overrides replacing whole axes."""
+        axes = dict(self.quick if (quick and self.quick) else self.params)
+        for k, v in (overrides or {}).items():
+            if k in self.params:
+                axes[k] = v
+        if not axes:
+            return [{}]
+        keys = list(axes)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(axes[k] for k in keys))]
+
+    def version(self) -> str:
+        """Hash of the experiment's source and its guest payload: results of other versions
+        are not comparable."""
+        h = hashlib.sha256(self.source_hash.encode())
+        if self.payload:
+            try:
+                from ._guest import load_payload
+
+                h.update(load_payload(self.payload).image)
+            except Exception:  # noqa: BLE001 - native part missing: source hash alone
+                pass
+        return h.hexdigest()[:12]
+
+    def check(self, host: dict, params: dict) -> str | None:
+        for req in self.requires:
+            why = req.check(host, params)
+            if why:
+                return why
+        return None
+
+
+@dataclass
+class LoopExperiment(Experiment):
+    setup: Callable[[dict, dict], Any] | None = None      # (params, host) -> state
+    measure: Callable[[Any, int], Measurement] | None = None
+    teardown: Callable[[Any], None] | None = None
+    kind: str = "loop"
+
+
+@dataclass
+class OneShotExperiment(Experiment):
+    run: Callable[..., list[dict]] | None = None          # (params, host, progress) -> rows
+    kind: str = "oneshot"
+
+
+_REGISTRY: dict[str, Experiment] = {}
+
+
+def _source_hash(fn: Callable) -> str:
+    """Hash of the module defining `fn` and of the private helper modules of the experiments
+    package it imports (e.g. experiments/_micro.py), so a change to either bumps the version."""
+    mod = inspect.getmodule(fn)
+    mods = [mod] if mod else []
+    if mod:
+        pkg = mod.__name__.rpartition(".")[0]
+        mods += sorted((m for m in vars(mod).values() if inspect.ismodule(m)
+                        and m.__name__.startswith(pkg + "._")), key=lambda m: m.__name__)
+    h = hashlib.sha256()
+    for m in mods:
+        try:
+            h.update(inspect.getsource(m).encode())
+        except (OSError, TypeError):
+            pass
+    return h.hexdigest()
+
+
+def register(exp: Experiment) -> Experiment:
+    if exp.name in _REGISTRY:
+        raise ValueError(f"experiment {exp.name} registered twice")
+    fn = getattr(exp, "measure", None) or getattr(exp, "run", None)
+    exp.module = fn.__module__ if fn else ""
+    exp.source_hash = _source_hash(fn) if fn else ""
+    _REGISTRY[exp.name] = exp
+    return exp
+
+
+def discover() -> dict[str, Experiment]:
+    """Import every module of vlab.experiments (each registers its experiments)."""
+    if not _REGISTRY:
+        from . import experiments as pkg  # vlab.experiments (the top-level experiments/ dir)
+
+        for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{pkg.__name__}.{info.name}")
+    return _REGISTRY
+
+
+def get(name: str) -> Experiment:
+    reg = discover()
+    if name not in reg:
+        raise UsageError(f"unknown experiment {name!r} (see `vlab list`)")
+    return reg[name]
+
+
+def select(selectors: Iterable[str]) -> list[Experiment]:
+    """Experiments matching names, globs (`exits.*`) or bare area names (`exits`), in
+    registry order. An unmatched selector is a usage error."""
+    reg = discover()
+    out: list[Experiment] = []
+    for sel in selectors:
+        pattern = sel if any(c in sel for c in "*?[") or "." in sel else f"{sel}.*"
+        hits = [e for n, e in reg.items() if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise UsageError(f"unknown experiment {sel!r} (see `vlab list`)")
+        out += [e for e in hits if e not in out]
+    return out
+
+
+# ---- suites ----
+
+def suite_dir() -> str:
+    from . import experiments as pkg  # vlab.experiments (the top-level experiments/ dir)
+
+    return os.path.dirname(pkg.__file__)
+
+
+def suite_names() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(suite_dir()) if f.endswith(".toml"))
+
+
+@dataclass
+class Suite:
+    name: str
+    description: str
+    quick: bool                         # use each experiment's quick grid
+    pyperf: dict[str, Any]              # processes, values, warmups, min_time
+    entries: list[tuple[str, dict[str, list]]]   # (selector, param overrides)
+
+
+def load_suite(name: str) -> Suite:
+    path = os.path.join(suite_dir(), f"{name}.toml")
+    if not os.path.exists(path):
+        raise UsageError(f"unknown suite {name!r}; suites: {', '.join(suite_names())}")
+    with open(path, "rb") as f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"suite {name}: {path} is not valid TOML: {e}") from None
+    entries = []
+    for item in data.get("experiment", []):
+        entries.append((item["select"], {k: v if isinstance(v, list) else [v]
+                                         for k, v in item.get("params", {}).items()}))
+    return Suite(name, data.get("description", ""), bool(data.get("quick", False)),
+                 dict(data.get("pyperf", {})), entries)
+
+
+def parse_param(text: str) -> tuple[str, list]:
+    """`-p KEY=VALUE[,VALUE...]` -> (key, [values]); numbers with K/M/G suffixes allowed."""
+    if "=" not in text:
+        raise UsageError(f"bad parameter {text!r}: expected KEY=VALUE")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or not raw.strip():
+        raise UsageError(f"bad parameter {text!r}: expected KEY=VALUE")
+    return key, [parse_value(v.strip()) for v in raw.split(",")]
+
+
+_SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_value(v: str) -> Any:
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(v, 0) if conv is int else conv(v)
+        except ValueError:
+            pass
+    for suffix in ("kib", "mib", "gib", "tib", "k", "m", "g", "t"):
+        if low.endswith(suffix):
+            num = low[: -len(suffix)]
+            try:
+                return int(float(num) * _SUFFIX[suffix[0]])
+            except ValueError:
+                break
+    return v

@@ -1,0 +1,297 @@
+"""The runner: plan cases, run them (pyperf worker processes for loop experiments), write rows.
+
+pyperf does what it is good at: worker processes, warmups, loop calibration and metadata. Raw
+per-operation samples travel back through side files (see vlab/_worker.py) and every one is
+kept in the results file. A case whose requirement fails is a `skip` row naming it; a case that
+fails is an `error` row with the message, and the run goes on.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import glob
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import numpy as np
+
+from . import __version__
+from . import _experiment as registry
+from ._errors import UsageError, VlabError
+from ._experiment import Experiment
+
+DEFAULT_PYPERF = {"processes": 3, "values": 3, "warmups": 1, "min_time": 0.02}
+
+
+@dataclass
+class Case:
+    id: str
+    exp: Experiment
+    params: dict
+    skip: str | None = None
+
+
+@dataclass
+class RunOptions:
+    selectors: list[str] = field(default_factory=list)
+    suite: str | None = None
+    overrides: dict[str, list] = field(default_factory=dict)
+    output: str | None = None
+    results_dir: str = "results"
+    trace: bool = False
+    argv: list[str] = field(default_factory=list)
+    progress: TextIO | None = None
+    pyperf: dict[str, Any] = field(default_factory=dict)
+
+
+def plan(opts: RunOptions, host: dict) -> tuple[list[Case], dict[str, Any], str | None]:
+    """Resolve selectors/suite into cases; bad names or parameters raise UsageError."""
+    pyperf_opts = dict(DEFAULT_PYPERF)
+    suite_name = None
+    entries: list[tuple[Experiment, dict[str, list], bool]] = []
+    if opts.selectors:
+        for exp in registry.select(opts.selectors):
+            entries.append((exp, {}, False))
+    else:
+        suite_name = opts.suite or "quick"
+        suite = registry.load_suite(suite_name)
+        pyperf_opts.update(suite.pyperf)
+        for sel, overrides in suite.entries:
+            for exp in registry.select([sel]):
+                entries.append((exp, overrides, suite.quick))
+    pyperf_opts.update(opts.pyperf)
+    known = {k for exp, _, _ in entries for k in exp.params} | {"iters"}
+    for key in opts.overrides:
+        if key not in known:
+            raise UsageError(f"unknown parameter {key!r} for the selected experiments "
+                             f"(known: {', '.join(sorted(known))})")
+    cases: list[Case] = []
+    seen: set[str] = set()
+    for exp, suite_over, quick in entries:
+        over = dict(suite_over)
+        over.update({k: v for k, v in opts.overrides.items() if k in exp.params})
+        grid = exp.grid(quick=quick, overrides=over)
+        if "iters" in opts.overrides:
+            grid = [dict(p, iters=it) for p in grid for it in opts.overrides["iters"]]
+        for params in grid:
+            if exp.validate:
+                exp.validate(params, host)
+            cid = exp.name + "".join(f",{k}={v}" for k, v in params.items())
+            if cid in seen:
+                continue
+            seen.add(cid)
+            cases.append(Case(f"c{len(cases):03d}", exp, params, exp.check(host, params)))
+    if not cases:
+        raise UsageError("nothing to run: the selection matched no experiment cases")
+    return cases, pyperf_opts, suite_name
+
+
+def _fmt_params(params: dict) -> str:
+    return " ".join(f"{k}={v:#x}" if k in ("leaf",) and isinstance(v, int) else f"{k}={v}"
+                    for k, v in params.items())
+
+
+def _progress(opts: RunOptions, text: str, end: str = "\n") -> None:
+    out = opts.progress
+    if out is not None:
+        out.write(text + end)
+        out.flush()
+
+
+def _new_runner(pyperf_opts: dict, plan_path: str):
+    import pyperf
+
+    # pyperf allows one Runner per process; a run creates its own, so let go of an old one
+    pyperf.Runner._created.clear()
+    runner = pyperf.Runner(program_args=("-m", "vlab._worker", plan_path))
+    args = ["--quiet", "--processes", str(pyperf_opts["processes"]),
+            "--values", str(pyperf_opts["values"]), "--warmups", str(pyperf_opts["warmups"]),
+            "--min-time", str(pyperf_opts["min_time"])]
+    if pyperf_opts.get("loops"):
+        args += ["--loops", str(pyperf_opts["loops"])]
+    runner.parse_args(args)
+    return runner
+
+
+def _read_side(side_dir: str, case_id: str) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for path in sorted(glob.glob(os.path.join(side_dir, f"{case_id}.*.jsonl"))):
+        pid = int(path.rsplit(".", 2)[-2])
+        with open(path) as f:
+            out[pid] = [json.loads(line) for line in f if line.strip()]
+    return out
+
+
+def _kept_records(side: dict[int, list[dict]], warmups: int, values: int) -> list[list[dict]]:
+    """Per worker process, the records of its values (not calibration, not warmups)."""
+    kept = []
+    for _pid, recs in sorted(side.items()):
+        loops = {r.get("loops") for r in recs}
+        if len(recs) == warmups + values and len(loops) == 1:
+            kept.append(recs[warmups:])
+    return kept
+
+
+def _error_text(side: dict[int, list[dict]], exc: BaseException) -> str:
+    for recs in side.values():
+        for r in recs:
+            if "error" in r:
+                return r["error"]
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _rows_for(case: Case, host: dict, per_process: list[list[dict]], bench_meta: dict) -> list[dict]:
+    from . import results
+
+    exp = case.exp
+    version = exp.version()
+    extras = [r["extra"] for proc in per_process for r in proc]
+    rows = []
+    for metric, unit in exp.metrics.items():
+        samples = [x for proc in per_process for r in proc for x in r["metrics"].get(metric, [])]
+        if not samples:
+            rows.append(results.error_row(exp.name, case.params, metric, unit,
+                                          "no samples were recorded", exp_version=version))
+            continue
+        means = [float(np.mean([x for r in proc for x in r["metrics"].get(metric, [])]))
+                 for proc in per_process]
+        extra: dict[str, Any] = {
+            "handled_by": exp.handled_by,
+            "processes": len(per_process),
+            "process_means": means,
+            "cv_between_processes": (float(np.std(means, ddof=1) / abs(np.mean(means)))
+                                     if len(means) > 1 and np.mean(means) else None),
+            "pyperf_loops": bench_meta.get("loops"),
+        }
+        if extras:
+            for k, v in extras[-1].items():
+                if k not in ("per_vcpu",):
+                    extra.setdefault(k, v)
+            if "per_vcpu" in extras[-1]:
+                extra["per_vcpu"] = extras[-1]["per_vcpu"]
+        flags: dict[str, Any] = {}
+        warnings: list[str] = []
+        if metric in exp.higher_is_better:
+            flags["higher_is_better"] = True
+        if exp.annotate:
+            w, f, e = exp.annotate(case.params, host, metric, samples, extras)
+            warnings += w
+            flags.update(f)
+            extra.update(e)
+        rows.append(results.make_row(exp.name, case.params, metric, unit, samples,
+                                     exp_version=version, warnings=warnings, flags=flags,
+                                     extra=extra))
+    return rows
+
+
+def _skip_rows(case: Case, reason: str, status: str = "skip") -> list[dict]:
+    from . import results
+
+    make = results.skip_row if status == "skip" else results.error_row
+    return [make(case.exp.name, case.params, m, u, reason, exp_version=case.exp.version())
+            for m, u in case.exp.metrics.items()]
+
+
+def execute(opts: RunOptions) -> tuple[dict, int]:
+    """Run what `opts` selects on this host; return the results document and an exit code."""
+    from ._calibrate import calibrate, collect_host
+
+    started = _dt.datetime.now(_dt.timezone.utc)
+    t_start = time.monotonic()
+    host = collect_host()
+    cases, pyperf_opts, suite = plan(opts, host)
+    if host.get("kvm", {}).get("usable"):
+        _progress(opts, "calibrating ...", end=" ")
+        cal = calibrate()
+        host["calibration"] = cal
+        if "emulated_cpl0" in cal:
+            host["emulated_cpl0"] = cal["emulated_cpl0"]
+        _progress(opts, f"CPL3 nop {cal.get('cpl3_nop_cycles_per_iter', 0):.1f} cycles, "
+                        f"CPL0 nop {cal.get('cpl0_nop_cycles_per_iter', 0):.0f} cycles"
+                        + (" (CPL0 is emulated on this host)" if cal.get("emulated_cpl0") else ""))
+    tmp = tempfile.mkdtemp(prefix="vlab-run-")
+    rows: list[dict] = []
+    failed = False
+    try:
+        side_dir = os.path.join(tmp, "side")
+        os.makedirs(side_dir)
+        loop_cases = [c for c in cases if c.skip is None and c.exp.kind == "loop"]
+        plan_path = os.path.join(tmp, "plan.json")
+        with open(plan_path, "w") as f:
+            json.dump({"host": host, "side_dir": side_dir,
+                       "cases": [{"id": c.id, "experiment": c.exp.name, "params": c.params}
+                                 for c in loop_cases]}, f)
+        runner = _new_runner(pyperf_opts, plan_path) if loop_cases else None
+        pyperf_meta: dict = {}
+        total = len(cases)
+        for i, case in enumerate(cases, 1):
+            label = f"[{i:>{len(str(total))}}/{total}] {case.exp.name} {_fmt_params(case.params)}"
+            if case.skip:
+                _progress(opts, f"{label}  skip: {case.skip}")
+                rows += _skip_rows(case, case.skip)
+                continue
+            _progress(opts, f"{label} ...", end=" ")
+            t0 = time.monotonic()
+            try:
+                if case.exp.kind == "loop":
+                    bench = runner.bench_time_func(case.id, _never_called)
+                    side = _read_side(side_dir, case.id)
+                    kept = _kept_records(side, pyperf_opts["warmups"], pyperf_opts["values"])
+                    if not kept:
+                        raise VlabError("no worker process completed its values")
+                    meta = bench.get_metadata() if bench is not None else {}
+                    if not pyperf_meta:
+                        pyperf_meta = {k: v for k, v in meta.items()
+                                       if k in ("cpu_model_name", "cpu_count", "hostname",
+                                                "platform", "python_version", "cpu_affinity",
+                                                "cpu_config", "cpu_freq", "boot_time")}
+                    case_rows = _rows_for(case, host, kept, meta)
+                else:
+                    case_rows = case.exp.run(case.params, host,
+                                             lambda s: _progress(opts, s, end=" "))
+                rows += case_rows
+                _progress(opts, f"ok ({time.monotonic() - t0:.1f} s)  {_headline(case_rows)}")
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # noqa: BLE001 - an error row, the run goes on
+                side = _read_side(side_dir, case.id) if case.exp.kind == "loop" else {}
+                msg = _error_text(side, e) if side else f"{type(e).__name__}: {e}"
+                _progress(opts, f"error: {msg}")
+                rows += _skip_rows(case, msg, status="error")
+                failed = True
+        if pyperf_meta:
+            host["pyperf"] = pyperf_meta
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    finished = _dt.datetime.now(_dt.timezone.utc)
+    doc = {"schema": "vlab.run/1", "run_id": uuid.uuid4().hex[:12],
+           "started_at": started.isoformat(timespec="seconds"),
+           "finished_at": finished.isoformat(timespec="seconds"),
+           "vlab_version": __version__, "argv": opts.argv, "suite": suite,
+           "duration_s": round(time.monotonic() - t_start, 2),
+           "host": host, "rows": rows}
+    return doc, (1 if failed else 0)
+
+
+def _never_called(loops: int) -> float:
+    raise RuntimeError("the manager process never times anything itself")
+
+
+def _headline(rows: list[dict]) -> str:
+    for r in rows:
+        if r.get("status") == "ok":
+            med = r.get("median")
+            return f"{r['metric']} p50 {med:,.1f} {r['unit']}" if med is not None else ""
+    return ""
+
+
+def default_output(doc: dict, results_dir: str = "results") -> str:
+    stamp = doc["started_at"].replace(":", "").replace("-", "").replace("+0000", "Z")
+    stamp = stamp.replace("+00:00", "Z")
+    return os.path.join(results_dir, doc["host"]["host_id"], f"{stamp}.json")

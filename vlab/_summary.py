@@ -1,0 +1,101 @@
+"""The table `vlab run` prints: readable at a glance, one line per case.
+
+Exit experiments get the exit table (kind, handled by, guest cycles p50/p99, host ns p50/p99,
+exits/op, and each cost as a multiple of the host's own system call); other areas use the
+generic results table.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+
+def _fmt(v, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if abs(v) >= 100000:
+        s = f"{v / 1000:,.0f}k"
+    elif abs(v) >= 1000:
+        s = f"{v:,.0f}"
+    elif abs(v) >= 10:
+        s = f"{v:.1f}"
+    else:
+        s = f"{v:.2f}"
+    return s + unit
+
+
+def _params(p: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in p.items() if k != "iters")
+
+
+def exits_table(doc: dict) -> str:
+    """The exit-cost table of a results document ('' when it has no exit rows)."""
+    cases: dict[tuple, dict] = defaultdict(dict)
+    order: list[tuple] = []
+    for r in doc["rows"]:
+        if not (r["experiment"].startswith("exits.") or r["experiment"] == "native.syscall"):
+            continue
+        key = (r["experiment"], _params(r["params"]))
+        if key not in cases:
+            order.append(key)
+        cases[key][r["metric"]] = r
+    if not order:
+        return ""
+    native = cases.get(("native.syscall", ""), {})
+    native_cycles = (native.get("cycles") or {}).get("median")
+    native_ns = (native.get("host_ns") or {}).get("median")
+    emulated = doc.get("host", {}).get("emulated_cpl0")
+    head = (f"{'kind':<19} {'params':<26} {'handled by':<26} {'guest cyc p50':>13} {'p99':>9} "
+            f"{'host ns p50':>11} {'p99':>9} {'exits/op':>8} {'x syscall':>9}")
+    lines = [head, "-" * len(head)]
+    notes: list[str] = []
+    for key in order:
+        rows = cases[key]
+        any_row = next(iter(rows.values()))
+        name = key[0].removeprefix("exits.")
+        if any_row["status"] != "ok":
+            lines.append(f"{name:<19} {key[1]:<26} {any_row['status']}: {any_row['reason']}")
+            continue
+        g = rows.get("guest_cycles") or rows.get("cycles") or {}
+        h = rows.get("host_ns") or {}
+        e = rows.get("exits_per_op") or {}
+        extra = (g or h).get("extra") or {}
+        handled = str(extra.get("handled_by", ""))[:26]
+        mult = "-"
+        if g.get("median") is not None and native_cycles:
+            mult = f"{g['median'] / native_cycles:.1f}x"
+        elif h.get("median") is not None and native_ns and not g:
+            mult = f"{h['median'] / native_ns:.1f}x"
+        flag = ""
+        if (g.get("flags") or {}).get("emulated_cpl0"):
+            flag = " *"
+        warn = [w for row in rows.values() for w in row.get("warnings") or []]
+        if warn:
+            flag += " !"
+            notes += [f"  ! {name} {key[1]}: {w}" for w in dict.fromkeys(warn)]
+        lines.append(f"{name:<19} {key[1]:<26} {handled:<26} {_fmt(g.get('median')):>13} "
+                     f"{_fmt(g.get('p99')):>9} {_fmt(h.get('median')):>11} {_fmt(h.get('p99')):>9} "
+                     f"{_fmt(e.get('median')):>8} {mult:>9}{flag}")
+    if emulated and any((r.get("params") or {}).get("cpl") == 0 for rows in cases.values()
+                        for r in rows.values()):
+        lines.append("  * CPL0 is emulated by KVM on this host: CPL0 figures are the excess over "
+                     "the CPL0 nop loop, i.e. emulation cost, not hardware exit cost")
+    lines += notes
+    return "\n".join(lines)
+
+
+def summary(doc: dict) -> str:
+    """The whole summary: the exit table (if any), then the generic table for the rest."""
+    from . import results
+
+    parts = []
+    ex = exits_table(doc)
+    if ex:
+        parts.append(ex)
+    rest = [r for r in doc["rows"]
+            if not (r["experiment"].startswith("exits.") or r["experiment"] == "native.syscall")]
+    if rest:
+        parts.append(results.format_table(dict(doc, rows=rest)).rstrip())
+    host = doc.get("host", {})
+    parts.insert(0, f"host {host.get('host_id')}  {host.get('cpu_model')}  kvm={host.get('kvm', {}).get('flavor')}"
+                    f"  paging={host.get('paging')}  kernel={host.get('kernel')}")
+    return "\n\n".join(parts)

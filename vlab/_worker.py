@@ -1,0 +1,57 @@
+"""pyperf worker: `python -m vlab._worker PLAN.json <pyperf worker args>`.
+
+The runner (pyperf's manager side) spawns this for every process of every loop case. pyperf's
+`--worker-task` picks which case of the plan this process measures; the others are registered
+only so the task numbering matches the manager's. Each timed call also appends its raw samples
+and extras to a side file, because pyperf itself keeps only one number per value.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+
+def main() -> None:
+    plan_path = sys.argv[1]
+    with open(plan_path) as f:
+        plan = json.load(f)
+    import pyperf
+
+    from . import _experiment
+
+    runner = pyperf.Runner(program_args=("-m", "vlab._worker", plan_path))
+    runner.parse_args(sys.argv[2:])
+    host = plan["host"]
+    for case in plan["cases"]:
+        runner.bench_time_func(case["id"], _time_func(_experiment, case, host, plan["side_dir"]))
+
+
+def _time_func(registry, case: dict, host: dict, side_dir: str):
+    state: dict = {}
+    side = os.path.join(side_dir, f"{case['id']}.{os.getpid()}.jsonl")
+
+    def record(obj: dict) -> None:
+        with open(side, "a") as f:
+            f.write(json.dumps(obj) + "\n")
+
+    def time_func(loops: int) -> float:
+        try:
+            if "exp" not in state:
+                exp = registry.get(case["experiment"])
+                state["exp"] = exp
+                state["st"] = exp.setup(case["params"], host)
+            meas = state["exp"].measure(state["st"], loops)
+        except BaseException as e:
+            record({"error": f"{type(e).__name__}: {e}".strip(),
+                    "traceback": traceback.format_exc(limit=8)})
+            raise
+        record({"loops": loops, "metrics": meas.metrics, "extra": meas.extra})
+        return meas.seconds
+
+    return time_func
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""The `vlab` command line (also `python -m vlab`).
+
+Exit codes: 0 done (skips are not errors), 1 an experiment failed, 2 bad usage or bad input
+(unknown experiment, bad parameter, unreadable results file, no usable /dev/kvm) with a
+one-line message and no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from ._errors import KvmError, UsageError, VlabError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sub = self.prog.removeprefix("vlab").strip()
+        raise UsageError(f"{sub}: {message}" if sub else message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vlab", description="virtualization performance lab for x86 Linux/KVM hosts")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    sub.required = True
+
+    d = sub.add_parser("doctor", help="host fingerprint and capability table")
+    d.add_argument("--json", action="store_true", help="emit the fingerprint as JSON")
+
+    ls = sub.add_parser("list", help="experiments, their parameters, and whether each can run here")
+    ls.add_argument("--json", action="store_true")
+
+    r = sub.add_parser("run", help="run experiments and write a results file")
+    r.add_argument("selectors", nargs="*", metavar="SELECTOR",
+                   help="experiment names, globs (exits.*) or areas (exits); default: the suite")
+    r.add_argument("--suite", help="suite name (default quick)")
+    r.add_argument("-o", "--output", help="results file (default results/<host_id>/<stamp>.json)")
+    r.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a parameter axis, e.g. -p cpl=0 or -p wss=64M,1G")
+    r.add_argument("--trace", action="store_true", help="attach the exit tracer to every case")
+    r.add_argument("--processes", type=int, help="pyperf worker processes per case")
+    r.add_argument("--values", type=int, help="pyperf values per process")
+
+    s = sub.add_parser("show", help="print the table of a results file")
+    s.add_argument("file")
+    s.add_argument("--csv", action="store_true")
+
+    c = sub.add_parser("compare", help="per-metric ratio B/A with significance, and host changes")
+    c.add_argument("files", nargs="+", metavar="FILE")
+    c.add_argument("--min-effect", type=float, default=0.02,
+                   help="smallest relative change that counts (default 0.02 = 2%%)")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--md", action="store_true")
+    c.add_argument("--strict", action="store_true", help="refuse any experiment-version mismatch")
+
+    pl = sub.add_parser("plot", help="PNG/SVG figures per area")
+    pl.add_argument("files", nargs="+", metavar="FILE")
+    pl.add_argument("-o", "--output", required=True, metavar="DIR")
+
+    rp = sub.add_parser("report", help="one self-contained HTML report")
+    rp.add_argument("files", nargs="+", metavar="FILE")
+    rp.add_argument("-o", "--output", required=True, metavar="report.html")
+
+    h = sub.add_parser("host", help="opt-in host configuration changes")
+    hs = h.add_subparsers(dest="host_command", parser_class=_Parser)
+    hs.required = True
+    hset = hs.add_parser("set", help="set KEY=VALUE (e.g. kvm_intel.ept=0, thp=never)")
+    hset.add_argument("assignment", metavar="KEY=VALUE")
+    hset.add_argument("--dry-run", action="store_true")
+    hres = hs.add_parser("restore", help="put back a setting changed with `vlab host set`")
+    hres.add_argument("key", nargs="?")
+    hres.add_argument("--dry-run", action="store_true")
+    hs.add_parser("show", help="the settings `vlab host set` manages, as they are now")
+    return p
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_doctor(args) -> int:
+    from ._calibrate import calibrate, collect_host
+    from ._host import doctor_checks, format_doctor
+
+    host = collect_host()
+    if host.get("kvm", {}).get("usable"):
+        cal = calibrate()
+        host["calibration"] = cal
+        if "emulated_cpl0" in cal:
+            host["emulated_cpl0"] = cal["emulated_cpl0"]
+    extra = _trace_checks(host)
+    if args.json:
+        print(json.dumps(host, indent=1, sort_keys=True))
+        return 0
+    print(format_doctor(host, doctor_checks(host, extra)))
+    return 0
+
+
+def _trace_checks(host: dict) -> list:
+    """Tracing capability rows for the doctor (empty when the tracing module is absent)."""
+    try:
+        from . import trace
+        from ._host import Check
+    except ImportError:
+        return []
+    ok, reason, detail = trace.status()
+    host.setdefault("tooling", {})["trace"] = {"ok": ok, "reason": reason, **detail}
+    return [Check("exit tracing (bcc)", ok, reason if not ok else
+                  f"bcc with headers {detail.get('headers') or '?'}",
+                  "" if ok else detail.get("advice", ""), level="warn" if not ok else "missing")]
+
+
+def cmd_list(args) -> int:
+    from . import _experiment as reg
+    from ._calibrate import collect_host
+
+    host = collect_host()
+    out = []
+    for exp in reg.discover().values():
+        reasons = {exp.check(host, p) for p in exp.grid()}
+        runnable = None in reasons
+        out.append({"name": exp.name, "description": exp.description, "params": exp.params,
+                    "metrics": exp.metrics, "handled_by": exp.handled_by,
+                    "runs_here": runnable,
+                    "skips": sorted(r for r in reasons if r)})
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    width = max(len(e["name"]) for e in out)
+    for e in out:
+        grid = " ".join(f"{k}={','.join(map(str, v))}" for k, v in e["params"].items())
+        status = "yes" if e["runs_here"] else "no"
+        print(f"{e['name']:<{width}}  {status:<3}  {e['description']}")
+        if grid:
+            print(f"{'':<{width}}       params: {grid}")
+        for why in e["skips"]:
+            print(f"{'':<{width}}       skips: {why}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from . import _experiment as reg
+    from . import results
+    from ._runner import RunOptions, default_output, execute
+    from ._summary import summary
+
+    overrides: dict[str, list] = {}
+    for text in args.param:
+        k, v = reg.parse_param(text)
+        overrides[k] = v
+    if args.suite and args.selectors:
+        raise UsageError("give either experiment selectors or --suite, not both")
+    pyperf = {}
+    if args.processes is not None:
+        if args.processes < 1:
+            raise UsageError("--processes must be at least 1")
+        pyperf["processes"] = args.processes
+    if args.values is not None:
+        if args.values < 1:
+            raise UsageError("--values must be at least 1")
+        pyperf["values"] = args.values
+    if not os.path.exists("/dev/kvm"):
+        raise UsageError("/dev/kvm does not exist: this host has no KVM (see `vlab doctor`)")
+    opts = RunOptions(selectors=args.selectors, suite=args.suite, overrides=overrides,
+                      output=args.output, trace=args.trace, argv=sys.argv[1:],
+                      progress=sys.stderr, pyperf=pyperf)
+    doc, code = execute(opts)
+    path = args.output or default_output(doc)
+    results.validate(doc)
+    results.write_atomic(doc, path)
+    print(summary(doc))
+    print(f"\nresults: {path}  ({doc['duration_s']:.1f} s)")
+    return code
+
+
+def cmd_show(args) -> int:
+    from . import results
+
+    doc = results.read(args.file)
+    print(results.to_csv(doc) if args.csv else results.format_table(doc), end="")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from . import results
+    from ._compare import compare, format_compare
+
+    if len(args.files) < 2:
+        raise UsageError("compare needs at least two results files")
+    docs = [results.read(f) for f in args.files]
+    res = compare(docs, min_effect=args.min_effect, strict=args.strict)
+    fmt = "json" if args.json else "md" if args.md else "text"
+    print(format_compare(res, fmt=fmt))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from . import results
+    from ._plot import plot
+
+    docs = [results.read(f) for f in args.files]
+    paths = plot(docs, args.output)
+    for p in paths:
+        print(p)
+    if not paths:
+        print("no figures: the files hold no ok rows")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ._report import report
+
+    path = report(args.files, args.output)
+    print(path)
+    return 0
+
+
+def cmd_host(args) -> int:
+    from . import _hostset
+
+    if args.host_command == "set":
+        key, value = _hostset.parse_assignment(args.assignment)
+        print(_hostset.set_host(key, value, dry_run=args.dry_run))
+    elif args.host_command == "restore":
+        print(_hostset.restore_host(args.key, dry_run=args.dry_run))
+    else:
+        for k, v in _hostset.host_settings("/").items():
+            print(f"{k} = {v}")
+    return 0
+
+
+COMMANDS = {"doctor": cmd_doctor, "list": cmd_list, "run": cmd_run, "show": cmd_show,
+            "compare": cmd_compare, "plot": cmd_plot, "report": cmd_report, "host": cmd_host}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `vlab` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"vlab: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KvmError as e:
+        # no usable /dev/kvm (missing, no permission) is bad input, not an experiment failure
+        if e.op == "open":
+            print(f"vlab: cannot use KVM: {_one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"vlab: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except VlabError as e:
+        print(f"vlab: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("vlab: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
