@@ -67,6 +67,40 @@ def _loop_measure(st, loops: int) -> Measurement:
     return meas
 
 
+def annotate_exits(params: dict, host: dict, metric: str, samples: list, extras: list):
+    """Flags and warnings of an exits.* row: emulated CPL0, exit counts against expectations
+    (KVM's stats, the VMM's own count, and the sink/eventfd ground truth), syscall CPL."""
+    warnings: list[str] = []
+    flags: dict = {}
+    last = extras[-1] if extras else {}
+    cpl = params.get("cpl", 3)
+    emulated = bool(host.get("emulated_cpl0"))
+    if cpl == 0 and emulated:
+        flags["emulated_cpl0"] = True
+    if metric == "exits_per_op":
+        expected = last.get("expected_exits_per_op")
+        got = float(np.mean(samples))
+        if expected is not None and abs(got - expected) > 0.01 * max(1, expected):
+            why = ""
+            if cpl == 0 and emulated and got < expected:
+                why = (": CPL0 is emulated on this host, so KVM handles the instruction inside "
+                       "its emulator without a VM exit")
+            warnings.append(f"exits_per_op is {got:.2f}, expected {expected}{why}")
+        vmm = [e.get("vmm_exits_per_op") for e in extras if "vmm_exits_per_op" in e]
+        if vmm and "user space" in last.get("handled_by", "") and abs(np.mean(vmm) - 1) > 0.01:
+            warnings.append(f"the VMM saw {np.mean(vmm):.2f} user-space exits per operation, "
+                            "expected 1")
+        truth = [e["truth_per_op"] for e in extras if "truth_per_op" in e]
+        if truth and abs(np.mean(truth) - 1) > 1e-9:
+            warnings.append(f"ground truth (sink/eventfd count) is {np.mean(truth):.4f} per "
+                            "operation, expected exactly 1")
+    if last.get("syscall_handler_cpl") not in (None, 0) and params.get("mechanism") == "syscall":
+        warnings.append("syscall did not reach CPL0 on this host: the handler ran at CPL"
+                        f"{last['syscall_handler_cpl']} (PVM delivers a guest syscall to LSTAR "
+                        "without a privilege change); mechanism=int3 is a real CPL3->0->3 trip")
+    return warnings, flags, {}
+
+
 def micro_experiment(name: str, description: str, *, params: dict, quick: dict | None,
                      handled_by: str, expect: int | None, make_case, requires=(),
                      subtract_baseline: bool = True, probe=None) -> LoopExperiment:
@@ -84,7 +118,7 @@ def micro_experiment(name: str, description: str, *, params: dict, quick: dict |
     return register(LoopExperiment(
         name=name, description=description, params=params, quick=quick,
         metrics=dict(EXIT_METRICS), requires=[needs_kvm(), _fits_vcpus(), *requires],
-        cpl="cpl", handled_by=handled_by, validate=_validate_common,
+        cpl="cpl", handled_by=handled_by, validate=_validate_common, annotate=annotate_exits,
         setup=setup, measure=_loop_measure, teardown=_micro.teardown))
 
 

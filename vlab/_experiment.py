@@ -176,22 +176,35 @@ def register(exp: Experiment) -> Experiment:
     return exp
 
 
+_DISCOVERED = False
+
+
 def discover() -> dict[str, Experiment]:
     """Import every module of vlab.experiments (each registers its experiments)."""
-    if not _REGISTRY:
+    global _DISCOVERED
+    if not _DISCOVERED:
         from . import experiments as pkg  # vlab.experiments (the top-level experiments/ dir)
 
         for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
             if not info.name.startswith("_"):
                 importlib.import_module(f"{pkg.__name__}.{info.name}")
+        _DISCOVERED = True
     return _REGISTRY
 
 
 def get(name: str) -> Experiment:
-    reg = discover()
-    if name not in reg:
-        raise UsageError(f"unknown experiment {name!r} (see `vlab list`)")
-    return reg[name]
+    """One experiment by name. Imports only its area's module when it can (pyperf workers
+    start once per process, so they should not import every area)."""
+    if name not in _REGISTRY:
+        try:
+            importlib.import_module(f"{__package__}.experiments.{name.split('.', 1)[0]}")
+        except ImportError:
+            pass
+    if name not in _REGISTRY:
+        reg = discover()
+        if name not in reg:
+            raise UsageError(f"unknown experiment {name!r} (see `vlab list`)")
+    return _REGISTRY[name]
 
 
 def select(selectors: Iterable[str]) -> list[Experiment]:

@@ -42,6 +42,11 @@ def _check(ret: int) -> int:
     return ret
 
 
+def default_path() -> str:
+    """/dev/kvm, or $VLAB_DEV_KVM (lets tests and odd hosts point vlab elsewhere)."""
+    return os.environ.get("VLAB_DEV_KVM") or "/dev/kvm"
+
+
 def cap_number(name: str) -> int:
     """KVM_CAP_<name> number from the headers vlab was built with (-1 if unknown)."""
     return lib.vlab_kvm_cap_number(name.removeprefix("KVM_CAP_").encode())
@@ -59,7 +64,8 @@ def known_caps() -> list[str]:
 class Kvm:
     """An open /dev/kvm: API version, capabilities, supported CPUID, VM factory."""
 
-    def __init__(self, path: str = "/dev/kvm"):
+    def __init__(self, path: str | None = None):
+        path = path or default_path()
         out = ffi.new("struct vlab_kvm **")
         _check(lib.vlab_kvm_open(path.encode(), out))
         self._h = out[0]

@@ -161,8 +161,11 @@ def cmd_run(args) -> int:
         if args.values < 1:
             raise UsageError("--values must be at least 1")
         pyperf["values"] = args.values
-    if not os.path.exists("/dev/kvm"):
-        raise UsageError("/dev/kvm does not exist: this host has no KVM (see `vlab doctor`)")
+    dev = os.environ.get("VLAB_DEV_KVM") or "/dev/kvm"
+    if not os.path.exists(dev):
+        raise UsageError(f"{dev} does not exist: this host has no KVM (see `vlab doctor`)")
+    if not os.access(dev, os.R_OK | os.W_OK):
+        raise UsageError(f"{dev} is not readable and writable by this user (see `vlab doctor`)")
     opts = RunOptions(selectors=args.selectors, suite=args.suite, overrides=overrides,
                       output=args.output, trace=args.trace, argv=sys.argv[1:],
                       progress=sys.stderr, pyperf=pyperf)
