@@ -35,3 +35,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info vlab/_native*.so vlab/_native.c native/guest/out native/bench/out
+
+# The independent bare measurement of exit costs (no Python in the loop); see native/bench/.
+native/bench/out/exitbench: native/bench/exitbench.c $(wildcard native/vmm/*.c native/vmm/*.h native/include/*.h)
+	@mkdir -p native/bench/out
+	gcc -O2 -Wall -std=gnu11 -Inative/include -Inative/vmm native/bench/exitbench.c native/vmm/*.c -lrt -o $@

@@ -1,0 +1,175 @@
+"""The exit-cost suite under real KVM: exit counts, ground truth, orderings, and agreement with
+an independent bare C measurement (native/bench/exitbench.c)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import needs_kvm
+
+pytestmark = needs_kvm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+EXITING_CPL3 = ["exits.cpuid", "exits.pio_user", "exits.pio_kernel", "exits.mmio_user",
+                "exits.mmio_kernel"]
+USER_EXITS_CPL0 = ["exits.hlt", "exits.msr_user"]
+
+
+@pytest.fixture(scope="module")
+def exits_run():
+    """One quick-grid run of every exit experiment, through the real runner and pyperf."""
+    from vlab._runner import RunOptions, execute
+
+    doc, code = execute(RunOptions(selectors=["exits.*"], overrides={"vcpus": [1]},
+                                   pyperf={"processes": 2, "values": 2}))
+    rows = {}
+    for r in doc["rows"]:
+        rows.setdefault(r["experiment"], []).append(r)
+    return doc, code, rows
+
+
+def _row(rows, exp: str, metric: str, **params) -> dict:
+    for r in rows[exp]:
+        if r["metric"] == metric and all(r["params"].get(k) == v for k, v in params.items()):
+            return r
+    raise KeyError((exp, metric, params))
+
+
+def test_no_case_failed(exits_run):
+    doc, code, rows = exits_run
+    errors = [(r["experiment"], r["reason"]) for r in doc["rows"] if r["status"] == "error"]
+    assert not errors and code == 0
+
+
+@pytest.mark.parametrize("exp", EXITING_CPL3)
+def test_one_exit_per_operation_at_cpl3(exits_run, exp):
+    _, _, rows = exits_run
+    for r in rows[exp]:
+        if r["metric"] == "exits_per_op" and r["status"] == "ok":
+            assert abs(r["mean"] - 1.0) <= 0.01, (exp, r["params"], r["mean"])
+
+
+@pytest.mark.parametrize("exp", USER_EXITS_CPL0)
+def test_one_user_space_exit_per_operation_at_cpl0(exits_run, exp):
+    _, _, rows = exits_run
+    r = _row(rows, exp, "exits_per_op")
+    assert abs(r["mean"] - 1.0) <= 0.01
+    assert abs(r["extra"]["vmm_exits_per_op"] - 1.0) <= 0.01
+
+
+def test_nop_causes_no_exit(exits_run):
+    _, _, rows = exits_run
+    for r in rows["exits.nop"]:
+        if r["metric"] == "exits_per_op":
+            assert r["mean"] <= 0.01, r["params"]
+
+
+def test_every_unexpected_exit_count_is_explained(exits_run):
+    """A row whose exits_per_op is not what the operation should cost says so, and why."""
+    _, _, rows = exits_run
+    for exp, rs in rows.items():
+        for r in rs:
+            if r["metric"] != "exits_per_op" or r["status"] != "ok":
+                continue
+            expected = r["extra"].get("expected_exits_per_op")
+            if expected is not None and abs(r["mean"] - expected) > 0.01 * max(1, expected):
+                assert any("expected" in w for w in r.get("warnings", [])), (exp, r["params"])
+
+
+@pytest.mark.parametrize("exp", ["exits.pio_user", "exits.pio_kernel", "exits.mmio_user",
+                                 "exits.mmio_kernel"])
+def test_ground_truth_counts_equal_the_loop_count(exits_run, exp):
+    """Sink hits (user-space exits) and eventfd counts (ioeventfd) are exactly one per op."""
+    _, _, rows = exits_run
+    r = _row(rows, exp, "exits_per_op")
+    assert r["extra"]["truth_per_op"] == 1.0
+
+
+def test_user_space_exits_cost_more_than_ioeventfd(exits_run):
+    _, _, rows = exits_run
+    user = _row(rows, "exits.pio_user", "guest_cycles", direction="out")["median"]
+    kernel = _row(rows, "exits.pio_kernel", "guest_cycles")["median"]
+    assert user > kernel
+    user = _row(rows, "exits.mmio_user", "guest_cycles", direction="write")["median"]
+    kernel = _row(rows, "exits.mmio_kernel", "guest_cycles")["median"]
+    assert user > kernel
+
+
+def test_cpl0_rows_carry_the_calibration(exits_run):
+    doc, _, rows = exits_run
+    emulated = doc["host"]["emulated_cpl0"]
+    for exp, rs in rows.items():
+        for r in rs:
+            if r["status"] == "ok" and r["params"].get("cpl") == 0:
+                assert bool((r.get("flags") or {}).get("emulated_cpl0")) == emulated
+                if "nop_cycles_per_iter" in r["extra"]:
+                    assert r["extra"]["nop_cycles_per_iter"] > 0
+
+
+def test_loop_count_is_calibrated_and_stated(exits_run):
+    _, _, rows = exits_run
+    r = _row(rows, "exits.cpuid", "guest_cycles")
+    assert r["extra"]["iters"] >= 1 and r["extra"]["loops"] >= 1
+    assert r["extra"]["pyperf_loops"] >= 1
+
+
+def test_hypercall_cases_that_cannot_run_are_skips_with_reasons(exits_run):
+    doc, _, rows = exits_run
+    vendor = doc["host"]["cpu_vendor"]
+    other = "vmmcall" if vendor != "amd" else "vmcall"
+    r = _row(rows, "exits.hypercall", "guest_cycles", insn=other)
+    assert r["status"] == "skip" and other in r["reason"]
+
+
+@pytest.fixture(scope="module")
+def exitbench(tmp_path_factory):
+    from vlab._guest import load_payload
+
+    d = tmp_path_factory.mktemp("exitbench")
+    image = d / "micro.bin"
+    image.write_bytes(load_payload("micro").image)
+    exe = d / "exitbench"
+    src = os.path.join(ROOT, "native")
+    vmm = sorted(os.path.join(src, "vmm", f) for f in os.listdir(os.path.join(src, "vmm"))
+                 if f.endswith(".c"))
+    proc = subprocess.run(["gcc", "-O2", "-std=gnu11", f"-I{src}/include", f"-I{src}/vmm",
+                           f"{src}/bench/exitbench.c", *vmm, "-lrt", "-o", str(exe)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+    def run(op: str, iters: int = 8, samples: int = 1500) -> dict:
+        p = subprocess.run([str(exe), str(image), op, str(iters), str(samples)],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+    return run
+
+
+def test_exitbench_counts_its_exits(exitbench):
+    r = exitbench("out", 4, 100)
+    assert r["sink_hits"] == 400
+
+
+@pytest.mark.parametrize("exp,op", [("exits.cpuid", "cpuid"), ("exits.pio_user", "out")])
+def test_vlab_agrees_with_the_bare_c_measurement(exitbench, exp, op):
+    """`vlab run` (Python, pyperf workers) within 10% of exitbench (C only), same session.
+
+    Both are medians of many samples; the two are interleaved so that host load affects both.
+    """
+    from vlab._runner import RunOptions, execute
+
+    ours, bare = [], []
+    for _ in range(2):
+        bare.append(exitbench(op)["guest_cycles"])
+        over = {"vcpus": [1], **({"leaf": [0]} if op == "cpuid" else {"direction": ["out"]})}
+        doc, _ = execute(RunOptions(selectors=[exp], overrides=over,
+                                    pyperf={"processes": 2, "values": 2}))
+        ours.append([r for r in doc["rows"] if r["metric"] == "guest_cycles"][0]["median"])
+    a, b = float(np.median(ours)), float(np.median(bare))
+    assert abs(a - b) / b <= 0.10, (exp, ours, bare)
