@@ -218,6 +218,7 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
     tmp = tempfile.mkdtemp(prefix="vlab-run-")
     rows: list[dict] = []
     failed = False
+    tracer, trace_reason = (_open_tracer(opts) if opts.trace else (None, None))
     try:
         side_dir = os.path.join(tmp, "side")
         os.makedirs(side_dir)
@@ -238,6 +239,8 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
                 continue
             _progress(opts, f"{label} ...", end=" ")
             t0 = time.monotonic()
+            if tracer is not None:
+                tracer.snapshot(reset=True)         # start this case's trace from zero
             try:
                 if case.exp.kind == "loop":
                     bench = runner.bench_time_func(case.id, _never_called)
@@ -256,6 +259,9 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
                     case_rows = case.exp.run(case.params, host,
                                              lambda s: _progress(opts, s, end=" "))
                 rows += case_rows
+                if opts.trace:
+                    rows += _trace_case_rows(tracer, trace_reason, f"{case.exp.name} "
+                                             f"{_fmt_params(case.params)}".strip())
                 _progress(opts, f"ok ({time.monotonic() - t0:.1f} s)  {_headline(case_rows)}")
             except KeyboardInterrupt:
                 raise
@@ -269,6 +275,9 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
             host["pyperf"] = pyperf_meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if tracer is not None:
+            host["trace"] = {"source": tracer.snapshot().source, "notes": tracer.snapshot().notes}
+            tracer.close(wait=False)
     finished = _dt.datetime.now(_dt.timezone.utc)
     doc = {"schema": "vlab.run/1", "run_id": uuid.uuid4().hex[:12],
            "started_at": started.isoformat(timespec="seconds"),
@@ -277,6 +286,35 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
            "duration_s": round(time.monotonic() - t_start, 2),
            "host": host, "rows": rows}
     return doc, (1 if failed else 0)
+
+
+def _open_tracer(opts: RunOptions):
+    """The exit tracer over this process and every pyperf worker it spawns, or the reason why
+    tracing is unavailable (then each case gets skip rows saying so; the run goes on)."""
+    try:
+        from . import trace
+    except ImportError as e:
+        return None, f"tracing module unavailable: {e}"
+    ok, reason, _detail = trace.status(mount=True)
+    if not ok:
+        _progress(opts, f"tracing unavailable: {reason}")
+        return None, reason
+    try:
+        tracer = trace.Tracer([os.getpid()], follow_children=True)
+        tracer.start()
+    except Exception as e:  # noqa: BLE001 - tracing is optional; say why and go on
+        _progress(opts, f"tracing unavailable: {e}")
+        return None, f"tracer failed to attach: {e}"
+    _progress(opts, f"tracing exits ({tracer.snapshot().source})")
+    return tracer, None
+
+
+def _trace_case_rows(tracer, reason: str | None, of: str) -> list[dict]:
+    from ._tracerows import trace_rows, unavailable_rows
+
+    if tracer is None:
+        return unavailable_rows(reason or "tracing unavailable", of)
+    return trace_rows(tracer.snapshot(reset=True), of)
 
 
 def _never_called(loops: int) -> float:

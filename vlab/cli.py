@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("files", nargs="+", metavar="FILE")
     rp.add_argument("-o", "--output", required=True, metavar="report.html")
 
+    t = sub.add_parser("trace", help="live exit reasons, counts and latency of any process's VMs")
+    t.add_argument("--pid", type=int, action="append", help="trace this process (repeatable)")
+    t.add_argument("--duration", type=float, help="stop after this many seconds")
+    t.add_argument("--interval", type=float, default=1.0, help="refresh period (default 1 s)")
+    t.add_argument("-o", "--output", help="results file (default results/<host_id>/trace-<stamp>.json)")
+    t.add_argument("cmdline", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="a command to run and trace")
+
     h = sub.add_parser("host", help="opt-in host configuration changes")
     hs = h.add_subparsers(dest="host_command", parser_class=_Parser)
     hs.required = True
@@ -105,7 +112,7 @@ def _trace_checks(host: dict) -> list:
         from ._host import Check
     except ImportError:
         return []
-    ok, reason, detail = trace.status()
+    ok, reason, detail = trace.status(mount=os.geteuid() == 0)
     host.setdefault("tooling", {})["trace"] = {"ok": ok, "reason": reason, **detail}
     return [Check("exit tracing (bcc)", ok, reason if not ok else
                   f"bcc with headers {detail.get('headers') or '?'}",
@@ -234,8 +241,75 @@ def cmd_host(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    import datetime as dt
+    import time
+    import uuid
+
+    from . import __version__, results, trace
+    from ._calibrate import collect_host
+    from ._runner import default_output
+    from ._tracerows import trace_rows
+
+    command = args.cmdline[1:] if args.cmdline[:1] == ["--"] else args.cmdline
+    if bool(args.pid) == bool(command):
+        raise UsageError("trace needs either --pid PID or -- COMMAND...")
+    if args.duration is not None and args.duration <= 0:
+        raise UsageError("--duration must be positive")
+    if args.interval <= 0:
+        raise UsageError("--interval must be positive")
+    for pid in args.pid or []:
+        if not os.path.exists(f"/proc/{pid}"):
+            raise UsageError(f"no process with pid {pid}")
+    ok, reason, _ = trace.status(mount=True)
+    if not ok:
+        print(f"vlab: tracing unavailable: {reason}", file=sys.stderr)
+        return 1
+    started = dt.datetime.now(dt.timezone.utc)
+    tty = sys.stdout.isatty()
+
+    def show(res) -> None:
+        if tty:
+            sys.stdout.write("\x1b[H\x1b[2J")
+        print(trace.format_table(res))
+        sys.stdout.flush()
+
+    code = 0
+    if command:
+        of = " ".join(" ".join(command).split())
+        of = of if len(of) <= 60 else of[:57] + "..."
+        code, total = trace.run_traced(command, interval=args.interval, on_tick=show)
+    else:
+        of = "pid " + ",".join(map(str, args.pid))
+        with trace.Tracer(list(args.pid)) as tracer:
+            end = time.monotonic() + args.duration if args.duration else None
+            try:
+                while end is None or time.monotonic() < end:
+                    time.sleep(args.interval if end is None else
+                               max(0.0, min(args.interval, end - time.monotonic())))
+                    show(tracer.snapshot(reset=False))
+                    if not all(os.path.exists(f"/proc/{p}") for p in args.pid):
+                        break
+            except KeyboardInterrupt:
+                pass
+            total = tracer.snapshot(total=True)
+    doc = {"schema": "vlab.run/1", "run_id": uuid.uuid4().hex[:12],
+           "started_at": started.isoformat(timespec="seconds"),
+           "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "vlab_version": __version__, "argv": sys.argv[1:], "suite": None,
+           "host": collect_host(), "rows": trace_rows(total, of)}
+    doc["host"]["trace"] = {"source": total.source, "unavailable": total.unavailable,
+                            "notes": total.notes}
+    path = args.output or default_output(doc).replace(os.sep + doc["started_at"][:4],
+                                                        os.sep + "trace-" + doc["started_at"][:4])
+    results.write_atomic(doc, path)
+    print(f"\ntrace of {of}: source {total.source}; results: {path}")
+    return 0 if code == 0 else 1
+
+
 COMMANDS = {"doctor": cmd_doctor, "list": cmd_list, "run": cmd_run, "show": cmd_show,
-            "compare": cmd_compare, "plot": cmd_plot, "report": cmd_report, "host": cmd_host}
+            "compare": cmd_compare, "plot": cmd_plot, "report": cmd_report, "host": cmd_host,
+            "trace": cmd_trace}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
