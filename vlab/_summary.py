@@ -44,7 +44,7 @@ def exits_table(doc: dict) -> str:
     native_cycles = (native.get("cycles") or {}).get("median")
     native_ns = (native.get("host_ns") or {}).get("median")
     emulated = doc.get("host", {}).get("emulated_cpl0")
-    head = (f"{'kind':<19} {'params':<26} {'handled by':<26} {'guest cyc p50':>13} {'p99':>9} "
+    head = (f"{'kind':<19} {'params':<28} {'handled by':<28} {'guest cyc p50':>13} {'p99':>9} "
             f"{'host ns p50':>11} {'p99':>9} {'exits/op':>8} {'x syscall':>9}")
     lines = [head, "-" * len(head)]
     notes: list[str] = []
@@ -53,13 +53,13 @@ def exits_table(doc: dict) -> str:
         any_row = next(iter(rows.values()))
         name = key[0].removeprefix("exits.")
         if any_row["status"] != "ok":
-            lines.append(f"{name:<19} {key[1]:<26} {any_row['status']}: {any_row['reason']}")
+            lines.append(f"{name:<19} {key[1]:<28} {any_row['status']}: {any_row['reason']}")
             continue
         g = rows.get("guest_cycles") or rows.get("cycles") or {}
         h = rows.get("host_ns") or {}
         e = rows.get("exits_per_op") or {}
         extra = (g or h).get("extra") or {}
-        handled = str(extra.get("handled_by", ""))[:26]
+        handled = str(extra.get("handled_by", ""))[:28]
         mult = "-"
         if g.get("median") is not None and native_cycles:
             mult = f"{g['median'] / native_cycles:.1f}x"
@@ -72,7 +72,7 @@ def exits_table(doc: dict) -> str:
         if warn:
             flag += " !"
             notes += [f"  ! {name} {key[1]}: {w}" for w in dict.fromkeys(warn)]
-        lines.append(f"{name:<19} {key[1]:<26} {handled:<26} {_fmt(g.get('median')):>13} "
+        lines.append(f"{name:<19} {key[1]:<28} {handled:<28} {_fmt(g.get('median')):>13} "
                      f"{_fmt(g.get('p99')):>9} {_fmt(h.get('median')):>11} {_fmt(h.get('p99')):>9} "
                      f"{_fmt(e.get('median')):>8} {mult:>9}{flag}")
     if emulated and any((r.get("params") or {}).get("cpl") == 0 for rows in cases.values()

@@ -113,10 +113,14 @@ def _trace_checks(host: dict) -> list:
     except ImportError:
         return []
     ok, reason, detail = trace.status(mount=os.geteuid() == 0)
-    host.setdefault("tooling", {})["trace"] = {"ok": ok, "reason": reason, **detail}
-    return [Check("exit tracing (bcc)", ok, reason if not ok else
-                  f"bcc with headers {detail.get('headers') or '?'}",
-                  "" if ok else detail.get("advice", ""), level="warn" if not ok else "missing")]
+    tooling = host.setdefault("tooling", {})
+    tooling["trace"] = {"ok": ok, "reason": reason, **detail}
+    headers = detail.get("headers") if isinstance(detail.get("headers"), dict) else {}
+    if ok and headers.get("path"):
+        tooling.setdefault("bpf", {})["bcc_kernel_source"] = headers["path"]
+    text = reason if not ok else f"bcc ready; kernel headers: {headers.get('reason') or headers.get('path')}"
+    return [Check("exit tracing (bcc)", ok, text, "" if ok else detail.get("advice", ""),
+                  level="warn" if not ok else "missing")]
 
 
 def cmd_list(args) -> int:
