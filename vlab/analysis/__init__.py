@@ -19,7 +19,8 @@ _EXPORTS = {
                  "predicted_cycles", "tlb_miss_rate", "tlb_miss_curve", "predicted_curve"),
     "dirty": ("DirtyTrace", "SparseDirtyTrace", "UnionTable", "load_trace", "union_table",
               "synthetic_trace", "wws_curve", "wws_curve_numpy", "precopy_sim",
-              "precopy_sim_numpy", "precopy_sweep", "stop_and_copy", "TABLE_MAX_INTERVALS", "TRACE_FORMAT"),
+              "precopy_sim_numpy", "precopy_sweep", "stop_and_copy", "TABLE_MAX_INTERVALS",
+              "TRACE_FORMAT"),
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 

@@ -18,15 +18,21 @@ What is computed from a trace:
   test oracle; the two agree exactly.
 
 How the numba path is fast: every question above reduces to "how many distinct pages were
-dirtied in the circular interval range [a, a+len)?". One pass over the bitmaps (`UnionTable`)
-answers that for all K*(K+1) ranges at once: for each dirty (page, interval) event it notes the
-page's previous dirty interval, and |union of [a, b]| = number of events in [a, b] whose previous
-interval is before a (each page counts once, at its first event in the range). Runs of
-consecutive dirty intervals are counted in bulk with popcount, so the pass costs one read of the
-bitmaps plus work proportional to the number of dirty-run starts and ends. After that each
-simulated round is a table lookup, and many simulations (bandwidth or downtime sweeps) share
-one table. Traces with more than `TABLE_MAX_INTERVALS` intervals use a direct per-round OR +
-popcount instead (method="direct").
+dirtied in the circular interval range [a, a+len)?". Two ways to answer it:
+
+* direct: OR the range's bitmap rows chunk by chunk in cache and popcount (or mark the pages of
+  a CSR trace in a scratch bitmap). Cost: reading the rows a round spans. This is what one
+  simulation uses by default.
+* `UnionTable`: one pass over the trace answers it for all K*(K+1) ranges at once. For each
+  dirty (page, interval) event it notes the page's previous dirty interval, and
+  |union of [a, b]| = number of events in [a, b] whose previous interval is before a (each page
+  counts once, at its first event in the range). Runs of consecutive dirty intervals are counted
+  in bulk with popcount, so the pass costs one read of the bitmaps plus work proportional to the
+  number of dirty-run starts and ends. After it, every round of every simulation is a lookup:
+  WWS curves, sweeps over bandwidth and downtime, and long non-converging runs use it.
+
+Both run on all cores only when the work is large enough (> 16 MB of bitmap): a parallel
+region costs microseconds on an idle host but milliseconds on an oversubscribed one.
 """
 from __future__ import annotations
 
@@ -34,14 +40,16 @@ import math
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numba
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .._errors import UsageError
@@ -51,7 +59,7 @@ __all__ = ["DirtyTrace", "SparseDirtyTrace", "UnionTable", "load_trace", "union_
            "precopy_sweep", "stop_and_copy", "TABLE_MAX_INTERVALS", "TRACE_FORMAT"]
 
 TRACE_FORMAT = "vlab.dirty/1"
-TABLE_MAX_INTERVALS = 4096  # the range table needs ~5 * 8 * K^2 bytes while it is built
+TABLE_MAX_INTERVALS = 4096  # building the table takes ~(4 * threads + 8) * 8 * K^2 bytes: 2 GB at 4096
 _U64 = np.uint64
 
 WWS_DTYPE = np.dtype([("window", np.int64), ("mean", np.float64), ("max", np.int64)])
@@ -80,7 +88,7 @@ def _ctz(typingctx, x):
     sig = types.int64(types.uint64)
 
     def codegen(context, builder, signature, args):
-        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+        return builder.cttz(args[0], cgutils.true_bit)  # zero input is undefined
 
     return sig, codegen
 
@@ -95,6 +103,25 @@ def _np_popcount(a: np.ndarray) -> np.ndarray:
 
 def _n_words(n_pages: int) -> int:
     return (n_pages + 63) // 64
+
+
+_PARALLEL_MIN_WORDS = 1 << 21  # below ~16 MB of reads a parallel region costs more than it
+                               # saves, and far more (milliseconds) on an oversubscribed host
+
+
+@contextmanager
+def _threads_for(work: int) -> Iterator[None]:
+    """Run the numba kernels in this block on one thread when `work` (words, or page indices)
+    is too small to repay a parallel region."""
+    if work >= _PARALLEL_MIN_WORDS:
+        yield
+        return
+    old = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
 
 
 # ------------------------------------------------------------------------------- the traces
@@ -159,7 +186,8 @@ class DirtyTrace:
 
     def pages_per_interval(self) -> np.ndarray:
         """Number of pages dirtied in each interval (int64, length K)."""
-        return _popcount_rows(self.bitmaps)
+        with _threads_for(self.bitmaps.size):
+            return _popcount_rows(self.bitmaps)
 
     def dirty_pages(self, k: int) -> np.ndarray:
         """Sorted indices of the pages dirtied in interval k."""
@@ -179,7 +207,8 @@ class DirtyTrace:
         offsets = np.zeros(self.n_intervals + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
         pages = np.empty(int(offsets[-1]), dtype=np.int64)
-        _bitmaps_to_csr(self.bitmaps, offsets, pages)
+        with _threads_for(self.bitmaps.size):
+            _bitmaps_to_csr(self.bitmaps, offsets, pages)
         return SparseDirtyTrace(self.n_pages, self.page_size, self.interval_ns.copy(), offsets,
                                 pages)
 
@@ -271,7 +300,8 @@ class SparseDirtyTrace:
     def to_dense(self) -> DirtyTrace:
         """The same trace as bitmaps."""
         bm = np.zeros((self.n_intervals, _n_words(self.n_pages)), dtype=np.uint64)
-        _csr_to_bitmaps(self.offsets, self.pages, bm)
+        with _threads_for(bm.size):
+            _csr_to_bitmaps(self.offsets, self.pages, bm)
         return DirtyTrace(self.n_pages, self.page_size, self.interval_ns.copy(), bm)
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -297,6 +327,7 @@ def _atomic_savez(path: str | os.PathLike[str], *, kind: str, **arrays: Any) -> 
         with os.fdopen(fd, "wb") as f:
             np.savez(f, format=np.array(TRACE_FORMAT), kind=np.array(kind),
                      **{k: np.asarray(v) for k, v in arrays.items()})
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a trace is an ordinary data file
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -320,7 +351,10 @@ def load_trace(path: str | os.PathLike[str]) -> AnyTrace:
         return UsageError(f"{name}: not a valid dirty trace ({' '.join(str(why).split())})")
 
     try:
-        with np.load(name, allow_pickle=False) as z:
+        z = np.load(name, allow_pickle=False)
+        if not hasattr(z, "files"):
+            raise bad("a single .npy array, not an .npz archive")
+        with z:
             keys = set(z.files)
             if "format" not in keys or str(z["format"]) != TRACE_FORMAT:
                 raise bad(f"missing or unknown format tag, expected {TRACE_FORMAT}")
@@ -336,7 +370,7 @@ def load_trace(path: str | os.PathLike[str]) -> AnyTrace:
         raise
     except FileNotFoundError:
         raise UsageError(f"{name}: no such dirty trace file") from None
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
         raise bad(f"{type(exc).__name__}: {exc}") from None
     for key in ("n_pages", "page_size"):
         v = arrays[key]
@@ -450,9 +484,10 @@ def synthetic_trace(n_pages: int, n_intervals: int, *, interval_ms: float = 100.
     hot_n = int(n_pages * hot_fraction)
     warm_n = min(int(n_pages * warm_fraction), n_pages - hot_n)
     bm = np.zeros((n_intervals, _n_words(n_pages)), dtype=np.uint64)
-    _fill_synthetic(bm, np.int64(n_pages), np.int64(hot_n), np.int64(hot_n),
-                    np.int64(max(warm_n, 1)), np.int64(int(warm_n * warm_rate)),
-                    np.int64(int(n_pages * cold_rate)), np.uint64(seed & (2**64 - 1)))
+    with _threads_for(bm.size):
+        _fill_synthetic(bm, np.int64(n_pages), np.int64(hot_n), np.int64(hot_n),
+                        np.int64(max(warm_n, 1)), np.int64(int(warm_n * warm_rate)),
+                        np.int64(int(n_pages * cold_rate)), np.uint64(seed & (2**64 - 1)))
     iv = np.full(n_intervals, int(round(interval_ms * 1e6)), dtype=np.int64)
     return DirtyTrace(int(n_pages), int(page_size), iv, bm)
 
@@ -625,13 +660,16 @@ def union_table(trace: AnyTrace) -> UnionTable:
     if k > TABLE_MAX_INTERVALS:
         raise UsageError(f"union table: {k} intervals is more than {TABLE_MAX_INTERVALS}; "
                          "use method='direct'")
-    groups = max(1, numba.get_num_threads())
     if isinstance(trace, DirtyTrace):
-        n_chunks = -(-trace.bitmaps.shape[1] // 256)
-        m1, mx = _events_dense(trace.bitmaps, min(groups, max(n_chunks, 1)), 256)
+        with _threads_for(trace.bitmaps.size):
+            groups = max(1, numba.get_num_threads())
+            n_chunks = -(-trace.bitmaps.shape[1] // 256)
+            m1, mx = _events_dense(trace.bitmaps, min(groups, max(n_chunks, 1)), 256)
     elif isinstance(trace, SparseDirtyTrace):
-        g = min(groups, max(trace.n_pages, 1))
-        m1, mx = _events_sparse(np.int64(trace.n_pages), trace.offsets, trace.pages, g)
+        with _threads_for(trace.pages.size * 2):
+            groups = max(1, numba.get_num_threads())
+            g = min(groups, max(trace.n_pages, 1))
+            m1, mx = _events_sparse(np.int64(trace.n_pages), trace.offsets, trace.pages, g)
     else:
         raise UsageError(f"expected a DirtyTrace or SparseDirtyTrace, got {type(trace).__name__}")
     return UnionTable(trace.n_pages, trace.page_size, trace.interval_ns,
@@ -640,25 +678,47 @@ def union_table(trace: AnyTrace) -> UnionTable:
 
 # ------------------------------------------------------------------- direct union kernels
 
+_UNION_CHUNK = 512
+
+
+@njit(cache=True)
+def _or_popcount_chunk(bitmaps, a, length, w0, nw, acc):
+    """popcount(OR of rows a .. a+length-1 (mod K)) over words [w0, w0+nw)."""
+    k_n = bitmaps.shape[0]
+    for i in range(nw):
+        acc[i] = 0
+    for j in range(length):
+        k = (a + j) % k_n
+        for i in range(nw):
+            acc[i] |= bitmaps[k, w0 + i]
+    s = 0
+    for i in range(nw):
+        s += _popc(acc[i])
+    return s
+
+
 @njit(parallel=True, cache=True)
-def _union_dense(bitmaps, a, length):
-    """Distinct pages dirtied in intervals a .. a+length-1 (mod K): OR rows, popcount."""
-    k_n, w_n = bitmaps.shape
-    ch = 512
-    n_chunks = (w_n + ch - 1) // ch
+def _union_dense_parallel(bitmaps, a, length):
+    w_n = bitmaps.shape[1]
+    n_chunks = (w_n + _UNION_CHUNK - 1) // _UNION_CHUNK
     total = 0
     for c in prange(n_chunks):
-        w0 = c * ch
-        nw = min(ch, w_n - w0)
-        acc = np.zeros(ch, dtype=np.uint64)
-        for j in range(length):
-            k = (a + j) % k_n
-            for i in range(nw):
-                acc[i] |= bitmaps[k, w0 + i]
-        s = 0
-        for i in range(nw):
-            s += _popc(acc[i])
-        total += s
+        acc = np.empty(_UNION_CHUNK, dtype=np.uint64)
+        w0 = c * _UNION_CHUNK
+        total += _or_popcount_chunk(bitmaps, a, length, w0, min(_UNION_CHUNK, w_n - w0), acc)
+    return total
+
+
+@njit(cache=True)
+def _union_dense(bitmaps, a, length):
+    """Distinct pages dirtied in intervals a .. a+length-1 (mod K): OR rows, popcount."""
+    w_n = bitmaps.shape[1]
+    if length * w_n >= _PARALLEL_MIN_WORDS:
+        return _union_dense_parallel(bitmaps, a, length)
+    acc = np.empty(_UNION_CHUNK, dtype=np.uint64)
+    total = 0
+    for w0 in range(0, w_n, _UNION_CHUNK):
+        total += _or_popcount_chunk(bitmaps, a, length, w0, min(_UNION_CHUNK, w_n - w0), acc)
     return total
 
 

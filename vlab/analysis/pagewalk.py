@@ -56,6 +56,9 @@ def page_bytes(page: str | int) -> int:
     return size
 
 
+_to_bytes = page_bytes  # for functions whose `page_bytes` argument shadows the name
+
+
 def _page_name(size: int) -> str:
     return {v: k for k, v in PAGE_SIZES.items()}[size]
 
@@ -200,7 +203,7 @@ def _tlb_sim(n_pages: np.int64, n_sets: np.int64, ways: np.int64, n_warmup: np.i
     return misses
 
 
-def tlb_miss_rate(wss_bytes: int, page_bytes_: int | str, entries: int, ways: int,
+def tlb_miss_rate(wss_bytes: int, page_bytes: int | str, entries: int, ways: int,
                   n_accesses: int = 200_000, seed: int = 0, *,
                   warmup: int | None = None) -> float:
     """Steady-state miss rate (model) of a set-associative LRU TLB under uniform random access.
@@ -210,7 +213,7 @@ def tlb_miss_rate(wss_bytes: int, page_bytes_: int | str, entries: int, ways: in
     working set within the TLB's reach (entries * page) gives ~0 and one far beyond it
     approaches 1 - entries / pages. Deterministic for a given seed.
     """
-    page = page_bytes(page_bytes_) if isinstance(page_bytes_, str) else int(page_bytes_)
+    page = _to_bytes(page_bytes) if isinstance(page_bytes, str) else int(page_bytes)
     if page <= 0:
         raise UsageError(f"page size must be > 0, got {page}")
     if wss_bytes <= 0:
