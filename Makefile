@@ -30,8 +30,10 @@ run: install
 test: install
 	$(VPY) -m pytest -q
 
+# Speed goals live here, not in tests: the numba models, and what the exit tracer costs.
 bench: install
 	$(VPY) -m vlab.benchmarks
+	$(VPY) -m vlab._tracebench
 
 clean:
 	rm -rf $(VENV) build *.egg-info vlab/_native*.so vlab/_native.c native/guest/out native/bench/out

@@ -7,8 +7,10 @@ fails is an `error` row with the message, and the run goes on.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import glob
+import io
 import json
 import os
 import shutil
@@ -243,7 +245,8 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
                 tracer.snapshot(reset=True)         # start this case's trace from zero
             try:
                 if case.exp.kind == "loop":
-                    bench = runner.bench_time_func(case.id, _never_called)
+                    with contextlib.redirect_stdout(io.StringIO()):   # pyperf's own result line
+                        bench = runner.bench_time_func(case.id, _never_called)
                     side = _read_side(side_dir, case.id)
                     kept = _kept_records(side, pyperf_opts["warmups"], pyperf_opts["values"])
                     if not kept:
@@ -276,8 +279,10 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if tracer is not None:
-            host["trace"] = {"source": tracer.snapshot().source, "notes": tracer.snapshot().notes}
-            tracer.close(wait=False)
+            last = tracer.snapshot()
+            host["trace"] = {"source": last.source, "notes": last.notes,
+                             "unavailable": last.unavailable}
+            tracer.close(wait=True)
     finished = _dt.datetime.now(_dt.timezone.utc)
     doc = {"schema": "vlab.run/1", "run_id": uuid.uuid4().hex[:12],
            "started_at": started.isoformat(timespec="seconds"),

@@ -404,6 +404,10 @@ class Decoder:
         return prefix + self.user_exit_name(a, b)
 
 
+# kvmmmu events that fire per guest page-table walk (not per fault or exit)
+WALK_EVENTS = ("kvm_mmu_pagetable_walk", "kvm_mmu_paging_element", "kvm_mmu_walker_error")
+
+
 def event_key(system: str, event: str) -> str:
     """Count key of a count-only event: "cpuid" for kvm:kvm_cpuid, "mmu:get_page" for
     kvmmmu:kvm_mmu_get_page."""
@@ -454,9 +458,15 @@ class Tracer:
 
     def __init__(self, pids: list[int] | None = None, *, source: str = "auto",
                  follow_children: bool = False, share_with_perf: bool = True,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, mmu: str = "faults"):
         if source not in ("auto", "kvm_exit", "fallback"):
             raise UsageError(f"unknown trace source {source!r} (auto, kvm_exit, fallback)")
+        if mmu not in ("faults", "all", "none"):
+            raise UsageError(f"unknown mmu event set {mmu!r} (faults, all, none)")
+        # "faults": every kvmmmu event but the per-walk ones, which fire for each guest page
+        # walk KVM performs (about 20 per emulated instruction under PVM) and would dominate
+        # the tracer's cost; "all" counts them too.
+        self.mmu = mmu
         self.pids = None if pids is None else sorted({_tgid_of(int(p)) for p in pids})
         self.source = source
         self.follow_children = follow_children and pids is not None
@@ -588,7 +598,17 @@ class Tracer:
                 self.unavailable.append("run:* latency (needs kvm:kvm_fpu as the KVM_RUN entry "
                                         "mark); userspace:* ends at the next kvm event instead")
             slot_events = [("kvm", ev) for ev, _k in FALLBACK_EVENTS if have(ev)]
-            slot_events += [("kvmmmu", ev) for ev in list_events("kvmmmu", root)]
+            mmu_events = list_events("kvmmmu", root) if self.mmu != "none" else []
+            if self.mmu == "faults":
+                walk = [ev for ev in mmu_events if ev in WALK_EVENTS]
+                mmu_events = [ev for ev in mmu_events if ev not in WALK_EVENTS]
+                if walk:
+                    self.unavailable.append(
+                        "not counted by default: " + ", ".join(f"kvmmmu:{e}" for e in walk)
+                        + " (one per guest page walk KVM performs; Tracer(mmu='all') counts them)")
+            elif self.mmu == "none":
+                self.unavailable.append("kvmmmu events: not attached (mmu='none')")
+            slot_events += [("kvmmmu", ev) for ev in mmu_events]
             if len(slot_events) > MAX_EVENT_SLOTS:
                 dropped = slot_events[MAX_EVENT_SLOTS:]
                 slot_events = slot_events[:MAX_EVENT_SLOTS]
