@@ -14,7 +14,6 @@ producing and consuming threads.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +50,9 @@ class Run:
     exits: int | None = None              # guest-caused exits over the run (None: no guest)
     tx_cpu_ns: int = 0
     rx_cpu_ns: int = 0
+    wait_ns: int = 0                      # measuring threads' time waiting for a CPU
+    wall_ns: int = 0
+    threads: int = 1
     received: int = 0
     seq_errors: int = 0
     len_errors: int = 0
@@ -80,6 +82,10 @@ class Run:
     def exits_per_msg(self) -> float | None:
         return None if self.exits is None else self.exits / self.total_msgs
 
+    def wait_share(self) -> float:
+        """Share of the run its threads spent runnable but without a CPU (other load)."""
+        return self.wait_ns / (self.wall_ns * self.threads) if self.wall_ns else 0.0
+
 
 _TSC_KHZ: int | None = None
 
@@ -90,6 +96,20 @@ def host_tsc_khz() -> int:
         with Kvm() as k, k.create_vm() as vm:
             _TSC_KHZ = vm.create_vcpu(0).tsc_khz
     return _TSC_KHZ
+
+
+def _cpu_now() -> int:
+    """This thread's CPU time (vlab_task_cpu_ns: the thread's schedstat counter, up to date)."""
+    return _io.task_cpu_ns(threading.get_native_id())
+
+
+def _now_ns() -> int:
+    return lib.vlab_now_ns()
+
+
+def _wait_now() -> int:
+    """This thread's time spent waiting for a CPU so far (schedstat)."""
+    return _io.task_wait_ns(threading.get_native_id())
 
 
 def _exit_snapshot(vcpus) -> list[tuple[dict, dict]]:
@@ -142,6 +162,7 @@ class VirtioPath:
             self.m.close()
             raise
         self.tsc_khz = self.m.vcpus[0].tsc_khz
+        self.capacity = max(1, qsize // chain_len(msg_bytes, False))    # chains in flight
 
     def _layout(self) -> None:
         mb, q = self.msg_bytes, self.qsize
@@ -163,21 +184,29 @@ class VirtioPath:
                         layout.used, buf, stride, port, SEG_BYTES, hostile, warm)
 
     def _run(self, q: _io.Virtqueue) -> tuple[int, int, dict]:
-        """Run the guest to done with the queue's backend live; (vcpu cpu ns, exits, stats)."""
+        """Run the guest to done with the queue's backend live; (vcpu cpu ns, exits, stats).
+        The stats gain the vCPU thread's run-queue wait and the run's wall time."""
         v = self.m.vcpus[0]
         self.m.restart()
         q.reset()
         q.start()
         snap = _exit_snapshot([v])
-        c0 = time.thread_time_ns()
+        c0, w0, t0 = _cpu_now(), _wait_now(), _now_ns()
         try:
             self.m.run_to_done(timeout=self.timeout)
         except KvmError as e:
             raise _virtq_error(e, q) from None
         finally:
-            cpu = time.thread_time_ns() - c0
+            cpu, wait, wall = _cpu_now() - c0, _wait_now() - w0, _now_ns() - t0
             q.stop()
-        return cpu, _exits_since([v], snap), q.stats()
+        st = q.stats()
+        st["vcpu_wait_ns"], st["wall_ns"] = wait, wall
+        return cpu, _exits_since([v], snap), st
+
+    def _contention(self, st: dict) -> dict:
+        threads = 1 if self.notify == "user" else 2
+        return {"wait_ns": st["vcpu_wait_ns"] + st["wait_ns"], "wall_ns": st["wall_ns"],
+                "threads": threads}
 
     def stream(self, *, chunk_msgs: int, chunks: int, warm: int = 1, batch: int = 1,
                faults: int = 0) -> Run:
@@ -191,7 +220,7 @@ class VirtioPath:
         total = (warm + chunks) * chunk_msgs
         backend = st["busy_ns"] if self.notify == "user" else st["cpu_ns"]
         return Run("io.virtio", self.msg_bytes, self.tsc_khz, total, chunk_msgs,
-                   np.diff(stamps), exits=exits,
+                   np.diff(stamps), exits=exits, **self._contention(st),
                    tx_cpu_ns=cpu - (st["busy_ns"] if self.notify == "user" else 0),
                    rx_cpu_ns=backend, received=st["chains"], seq_errors=st["seq_errors"],
                    len_errors=st["len_errors"], sum_errors=st["sum_errors"],
@@ -213,6 +242,7 @@ class VirtioPath:
         kicks, _, completed, seq_e, len_e, sum_e = (int(x) for x in trail[:TRAILER])
         return Run("io.virtio", self.msg_bytes, self.tsc_khz, rounds + warm,
                    rtt_cycles=rtt.astype(np.int64), exits=exits, tx_cpu_ns=cpu,
+                   **self._contention(st),
                    rx_cpu_ns=st["busy_ns"] if self.notify == "user" else st["cpu_ns"],
                    received=completed, seq_errors=seq_e, len_errors=len_e, sum_errors=sum_e,
                    extra={"guest_kicks": kicks, "device_kicks": st["kicks"]})
@@ -242,6 +272,11 @@ class VirtioPath:
 
 def _page_up(n: int) -> int:
     return (n + 4095) & ~4095
+
+
+def _ring_slots(msg_bytes: int) -> int:
+    """Slots of the SPSC ring for this size (vlab_spsc_geometry: ~1 MiB, 8..256 slots)."""
+    return (_io.ring_bytes(msg_bytes) - 4096) // ((msg_bytes + 63) & ~63)
 
 
 def _up(n: int, a: int) -> int:
@@ -277,6 +312,7 @@ class IvshmemPath:
             self.close()
             raise
         self.tsc_khz = self.a.vcpus[0].tsc_khz
+        self.capacity = _ring_slots(msg_bytes)
 
     def _flags(self, faults: int) -> int:
         return ((_io.XFER_VERIFY if self.verify else 0)
@@ -296,24 +332,27 @@ class IvshmemPath:
         """Run both VMs, each on its own thread; a failure on one aborts the other."""
         vms = [self.a, self.b]
         cpu = [0, 0]
+        wait = [0, 0]
         errors: list[BaseException | None] = [None, None]
         snap = _exit_snapshot([m.vcpus[0] for m in vms])
 
         def worker(i: int) -> None:
-            c0 = time.thread_time_ns()
+            c0, w0 = _cpu_now(), _wait_now()
             try:
                 vms[i].run_to_done(timeout=self.timeout)
             except BaseException as e:  # noqa: BLE001 - handed back below
                 errors[i] = e
                 _io.abort_vm(vms[1 - i].vm, f"peer VM {'AB'[i]} failed: {e}")
-            cpu[i] = time.thread_time_ns() - c0
+            cpu[i], wait[i] = _cpu_now() - c0, _wait_now() - w0
 
         threads = [threading.Thread(target=worker, args=(i,), name=f"ivshmem-{'ab'[i]}")
                    for i in (0, 1)]
+        t0 = _now_ns()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        self.last_contention = {"wait_ns": sum(wait), "wall_ns": _now_ns() - t0, "threads": 2}
         for e in errors:                    # the first VM's own failure, not the abort it caused
             if e is not None and not (isinstance(e, KvmError) and e.op == "vlab_vm_abort"):
                 raise e
@@ -337,6 +376,7 @@ class IvshmemPath:
         waits = _io.doorbell_counts(self.b.vm, self.wait_b)
         return Run("io.ivshmem", self.msg_bytes, self.tsc_khz, (warm + chunks) * chunk_msgs,
                    chunk_msgs, np.diff(stamps), exits=exits, tx_cpu_ns=cpu_a, rx_cpu_ns=cpu_b,
+                   **self.last_contention,
                    received=tb["received"], seq_errors=tb["seq_errors"],
                    len_errors=tb["len_errors"], sum_errors=tb["sum_errors"],
                    extra={"kicks": ta["kicks"], "waits": tb["waits"],
@@ -349,7 +389,7 @@ class IvshmemPath:
         ta, tb = self._trailer(ra), self._trailer(rb)
         return Run("io.ivshmem", self.msg_bytes, self.tsc_khz, rounds + warm,
                    rtt_cycles=ra[:rounds].astype(np.int64), exits=exits, tx_cpu_ns=cpu_a,
-                   rx_cpu_ns=cpu_b, received=ta["received"],
+                   rx_cpu_ns=cpu_b, received=ta["received"], **self.last_contention,
                    seq_errors=ta["seq_errors"] + tb["seq_errors"],
                    len_errors=ta["len_errors"] + tb["len_errors"],
                    sum_errors=ta["sum_errors"] + tb["sum_errors"],
@@ -374,6 +414,7 @@ class HostPath:
         self.fn = _io.native_ring if path == "io.native_ring" else _io.tcp_loopback
         self.timeout_ms = int(timeout * 1000)
         self.tsc_khz = host_tsc_khz()
+        self.capacity = _ring_slots(msg_bytes) if path == "io.native_ring" else 1
 
     def stream(self, *, chunk_msgs: int, chunks: int, warm: int = 1, batch: int = 1,
                faults: int = 0) -> Run:
@@ -392,10 +433,19 @@ class HostPath:
     def _run(self, r: dict, total: int, chunk_msgs: int, chunks, rtt) -> Run:
         return Run(self.path, self.msg_bytes, self.tsc_khz, total, chunk_msgs, chunks, rtt,
                    exits=None, tx_cpu_ns=r["tx_cpu_ns"], rx_cpu_ns=r["rx_cpu_ns"],
+                   wait_ns=r["tx_wait_ns"] + r["rx_wait_ns"], wall_ns=r["wall_ns"], threads=2,
                    received=r["received"], seq_errors=r["seq_errors"],
                    len_errors=r["len_errors"], sum_errors=r["sum_errors"],
                    extra={k: r[k] for k in ("kicks", "waits", "full_spins", "empty_spins",
                                             "wall_ns")})
+
+    @property
+    def timeout(self) -> float:
+        return self.timeout_ms / 1000
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        self.timeout_ms = int(seconds * 1000)
 
     def close(self) -> None:
         pass

@@ -34,8 +34,10 @@ from . import _iopaths
 from ._iopaths import HostPath, Run, make_path
 
 SIZES = [64, 256, 1024, 4096, 16384, 65536]
-CHUNK_NS = 2_000_000          # target time of one throughput sample
+CHUNK_NS = 2_500_000          # target time of one throughput sample
+SAMPLES_PER_LOOP = 4          # throughput samples per pyperf loop: one loop is ~10 ms
 RTT_BUDGET_NS = 3_000_000     # target time of the round trips of one measure call
+WAIT_SHARE_WARN = 0.05        # run-queue wait above this share of a run makes a figure suspect
 THROUGHPUT = ("gbit_per_s", "msgs_per_s", "ratio_to_native", "ratio_to_tcp")
 
 COMMON_METRICS = {"gbit_per_s": "Gbit/s", "msgs_per_s": "msg/s", "ns_per_msg": "ns",
@@ -116,16 +118,25 @@ class State:
 
 
 def _chunk_size(path, batch: int) -> int:
-    """Messages per throughput sample: about CHUNK_NS of traffic, from a short trial run."""
-    trial = path.stream(chunk_msgs=32, chunks=2, warm=1, batch=batch)
-    per_msg = max(float(np.median(trial.ns_per_msg())), 1.0)
+    """Messages per throughput sample: about CHUNK_NS of traffic. Trial runs grow until they
+    span a millisecond, so completions that arrive in bursts (a backend that drains a full ring
+    at once) do not fool the estimate; at least 4 ring-fulls per sample for the same reason."""
+    per_run = 64
+    while True:
+        trial = path.stream(chunk_msgs=per_run, chunks=4, warm=1, batch=batch)
+        seconds = trial.seconds()
+        if seconds >= 1e-3 or per_run >= 1 << 20:
+            break
+        per_run *= 8
+    per_msg = max(seconds * 1e9 / (4 * per_run), 1.0)
     chunk = int(min(max(CHUNK_NS / per_msg, 16), 1 << 20))
-    return max(chunk, 2 * batch)
+    return max(chunk, 2 * batch, 4 * getattr(path, "capacity", 1))
 
 
 def _rounds(path) -> int:
-    trial = path.echo(rounds=8, warm=4)
-    return int(min(max(RTT_BUDGET_NS / max(float(np.median(trial.rtt_ns())), 1.0), 32), 4000))
+    trial = path.echo(rounds=16, warm=4)
+    rtt = max(float(np.mean(trial.rtt_ns())), 1.0)
+    return int(min(max(RTT_BUDGET_NS / rtt, 32), 2000))
 
 
 def _model_terms(path: _iopaths.VirtioPath, params: dict) -> dict:
@@ -186,7 +197,9 @@ def _check_integrity(run: Run, what: str) -> None:
 
 
 def _measure(st: State, loops: int) -> Measurement:
-    chunks = max(1, min(int(loops), 4000))
+    chunks = max(1, min(int(loops) * SAMPLES_PER_LOOP, 4000))
+    # a generous bound (a loaded host stretches everything), still finite
+    st.path.timeout = max(30.0, 50 * (chunks + 1) * CHUNK_NS * 1e-9 + 50 * RTT_BUDGET_NS * 1e-9)
     run = st.path.stream(chunk_msgs=st.chunk, chunks=chunks, warm=1, batch=st.batch)
     _check_integrity(run, f"{st.exp} stream")
     echo = st.path.echo(rounds=st.rounds, warm=8)
@@ -204,7 +217,9 @@ def _measure(st: State, loops: int) -> Measurement:
                              "messages": run.total_msgs, "batch": st.batch,
                              "tx_thread": _thread_names(st.exp, st.params)[0],
                              "rx_thread": _thread_names(st.exp, st.params)[1],
-                             "copies_per_msg": 2, "loadavg": _loadavg(), **run.extra}
+                             "copies_per_msg": 2, "loadavg": _loadavg(),
+                             "cpu_wait_share": run.wait_share(),
+                             "rtt_cpu_wait_share": echo.wait_share(), **run.extra}
     if run.exits is not None:
         metrics["exits_per_msg"] = [run.exits_per_msg()]
         extra["exits"] = run.exits
@@ -286,13 +301,16 @@ def annotate(params: dict, host: dict, metric: str, samples: list, extras: list)
                                 f"{np.mean(kicks):.3f} times per message")
         if params.get("notify") == "poll" and got > 0.01:
             warnings.append(f"{got:.3f} exits per message in poll mode (expected none)")
-    if metric in ("gbit_per_s", "ns_per_msg", "msgs_per_s"):
-        loads = [e.get("loadavg") for e in extras if e.get("loadavg") is not None]
-        ncpu = host.get("cpu", {}).get("count") or 1
-        if loads and max(loads) > ncpu + 0.5:
-            warnings.append(f"host load average reached {max(loads):.1f} on {ncpu} CPUs while "
-                            "measuring: polling paths lose their core and slow down by orders "
-                            "of magnitude")
+    key = {"rtt_ns": "rtt_cpu_wait_share"}.get(metric, "cpu_wait_share")
+    shares = [e[key] for e in extras if e.get(key) is not None]
+    if metric in ("gbit_per_s", "msgs_per_s", "ns_per_msg", "rtt_ns", "ratio_to_native",
+                  "ratio_to_tcp") and shares:
+        worst = max(shares)
+        extra["cpu_wait_share_max"] = worst
+        if worst > WAIT_SHARE_WARN:
+            warnings.append(f"the measuring threads spent up to {100 * worst:.0f}% of a run "
+                            "waiting for a CPU (other load on the host): spinning paths lose "
+                            "their core and slow down by orders of magnitude")
     return warnings, flags, extra
 
 

@@ -27,9 +27,10 @@ MSG_MIN, MSG_MAX = 64, 65536
 
 _STAT_FIELDS = ("chains", "descs", "bytes", "kicks", "wakeups", "irqs", "empty_polls",
                 "bad_notifies", "seq_next", "seq_errors", "len_errors", "sum_errors", "busy_ns", "cpu_ns",
+                "wait_ns",
                 "backend_tid", "error", "last_avail", "used_idx")
 _XFER_OUT = ("received", "bytes", "seq_errors", "len_errors", "sum_errors", "tx_cpu_ns",
-             "rx_cpu_ns", "tx_tid", "rx_tid", "wall_ns", "kicks", "waits", "full_spins",
+             "rx_cpu_ns", "tx_wait_ns", "rx_wait_ns", "tx_tid", "rx_tid", "wall_ns", "kicks", "waits", "full_spins",
              "empty_spins")
 
 
@@ -175,6 +176,11 @@ def abort_vm(vm: Vm, message: str) -> None:
 def task_cpu_ns(tid: int) -> int:
     """On-CPU ns of thread `tid` of this process (/proc/self/task/<tid>/schedstat, or stat)."""
     return _check(lib.vlab_task_cpu_ns(tid))
+
+
+def task_wait_ns(tid: int) -> int:
+    """ns thread `tid` of this process spent runnable but waiting for a CPU (schedstat)."""
+    return _check(lib.vlab_task_wait_ns(tid))
 
 
 def copy_ns(msg_bytes: int, nbufs: int, iters: int, *, memcpy: bool) -> float:

@@ -288,6 +288,7 @@ struct vlab_virtq_stats {
     uint64_t seq_next, seq_errors, len_errors, sum_errors;
     uint64_t busy_ns;       /* time the backend spent processing */
     uint64_t cpu_ns;        /* CPU time of the backend thread (set when it exits) */
+    uint64_t wait_ns;       /* ... and its time waiting for a CPU (other load on the host) */
     int32_t backend_tid;    /* 0 without a backend thread */
     uint32_t error;         /* VLAB_VQ_ERR_*: why the queue is broken */
     uint32_t last_avail;
@@ -306,6 +307,7 @@ struct vlab_xfer {
     uint64_t timeout_ms;
     uint64_t received, bytes, seq_errors, len_errors, sum_errors;
     uint64_t tx_cpu_ns, rx_cpu_ns;   /* CPU time of the producer / consumer thread */
+    uint64_t tx_wait_ns, rx_wait_ns; /* their time runnable but waiting for a CPU */
     int32_t tx_tid, rx_tid;
     uint64_t wall_ns;
     uint64_t kicks, waits, full_spins, empty_spins;
@@ -331,6 +333,7 @@ int vlab_vm_abort(struct vlab_vm *vm, const char *msg);
 int vlab_xfer_native_ring(struct vlab_xfer *x, uint64_t *samples, uint64_t cap);
 int vlab_xfer_tcp_loopback(struct vlab_xfer *x, uint64_t *samples, uint64_t cap);
 int64_t vlab_task_cpu_ns(int32_t tid);
+int64_t vlab_task_wait_ns(int32_t tid);
 int64_t vlab_ring_bytes(uint32_t msg_bytes);
 int64_t vlab_ring_setup(void *mem, uint64_t size, uint32_t msg_bytes);
 int vlab_copy_cost(uint32_t msg_bytes, uint32_t nbufs, uint64_t iters, int use_memcpy,

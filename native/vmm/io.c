@@ -86,6 +86,30 @@ int64_t vlab_task_cpu_ns(int32_t tid)
     return (int64_t)((ut + st) * (1000000000ULL / (unsigned long long)sysconf(_SC_CLK_TCK)));
 }
 
+/* ns thread `tid` spent runnable but waiting for a CPU (schedstat's second field): how much
+ * other load on the host got in the way of a measurement. Accurate for a thread asking about
+ * itself (its waits are accounted when it gets a CPU), or for one that is asleep. */
+int64_t vlab_task_wait_ns(int32_t tid)
+{
+    char path[64], buf[256];
+    unsigned long long run, wait;
+    ssize_t n;
+    int fd;
+
+    snprintf(path, sizeof(path), "/proc/self/task/%d/schedstat", tid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return vlab_fail_errno("open", "%s", path);
+    n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return vlab_fail_errno("read", "%s", path);
+    buf[n] = 0;
+    if (sscanf(buf, "%llu %llu", &run, &wait) != 2)
+        return vlab_fail(EINVAL, "read", "cannot parse %s", path);
+    return (int64_t)wait;
+}
+
 static int32_t my_tid(void) { return (int32_t)syscall(SYS_gettid); }
 
 /* ---------------- doorbell wait (a PIO device on the consumer's vCPU thread) ---------------- */
@@ -217,7 +241,7 @@ static int xfer_check(struct vlab_xfer *x, uint64_t cap, const char *op)
     if (!x->timeout_ms)
         x->timeout_ms = 10000;
     x->received = x->bytes = x->seq_errors = x->len_errors = x->sum_errors = 0;
-    x->tx_cpu_ns = x->rx_cpu_ns = x->wall_ns = 0;
+    x->tx_cpu_ns = x->rx_cpu_ns = x->wall_ns = x->tx_wait_ns = x->rx_wait_ns = 0;
     x->kicks = x->waits = x->full_spins = x->empty_spins = 0;
     return 0;
 }
@@ -245,20 +269,24 @@ static void *role_main(void *arg)
     struct role *r = arg;
     struct vlab_xfer *x = r->c->x;
     int32_t tid = my_tid();
-    int64_t c0, c1;
+    int64_t c0, c1, w0, w1;
 
     while (!atomic_load(&r->c->go))
         sched_yield();
     c0 = vlab_task_cpu_ns(tid);
+    w0 = vlab_task_wait_ns(tid);
     if (!atomic_load(&r->c->abort))
         r->fn(r->c);
     c1 = vlab_task_cpu_ns(tid);
+    w1 = vlab_task_wait_ns(tid);
     if (r->tx) {
         x->tx_tid = tid;
         x->tx_cpu_ns = c1 >= c0 && c0 >= 0 ? (uint64_t)(c1 - c0) : 0;
+        x->tx_wait_ns = w1 >= w0 && w0 >= 0 ? (uint64_t)(w1 - w0) : 0;
     } else {
         x->rx_tid = tid;
         x->rx_cpu_ns = c1 >= c0 && c0 >= 0 ? (uint64_t)(c1 - c0) : 0;
+        x->rx_wait_ns = w1 >= w0 && w0 >= 0 ? (uint64_t)(w1 - w0) : 0;
     }
     return NULL;
 }

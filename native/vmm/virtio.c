@@ -467,9 +467,11 @@ static void *vq_thread(void *arg)
         vlab_vm_abort_with(q->vm, "virtqueue", q->st.message);
     {
         struct timespec ts;
+        int64_t w = vlab_task_wait_ns(q->st.backend_tid);
 
         if (!clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts))
             q->st.cpu_ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+        q->st.wait_ns = w > 0 ? (uint64_t)w : 0;
     }
     return NULL;
 }
