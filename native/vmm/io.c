@@ -488,8 +488,19 @@ int vlab_xfer_native_ring(struct vlab_xfer *x, uint64_t *samples, uint64_t cap)
 
 /* ---------------- io.tcp_loopback: TCP over 127.0.0.1 between two threads ---------------- */
 
+/* The whole run is bounded too, not only each call (SO_SNDTIMEO/SO_RCVTIMEO). */
+static int past_deadline(struct host_ctx *c)
+{
+    if (vlab_now_ns() <= c->deadline_ns)
+        return 0;
+    host_fail(c, ETIMEDOUT, "loopback transfer did not finish in time");
+    return 1;
+}
+
 static int send_all(struct host_ctx *c, int fd, const uint8_t *p, size_t n)
 {
+    if (past_deadline(c))
+        return -1;
     while (n) {
         ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
 
@@ -507,6 +518,8 @@ static int send_all(struct host_ctx *c, int fd, const uint8_t *p, size_t n)
 
 static int recv_all(struct host_ctx *c, int fd, uint8_t *p, size_t n)
 {
+    if (past_deadline(c))
+        return -1;
     while (n) {
         ssize_t k = recv(fd, p, n, MSG_WAITALL);
 
