@@ -235,6 +235,121 @@ uint64_t vlab_now_ns(void);
 uint64_t vlab_rdtsc(void);
 int vlab_host_syscall_loop(uint64_t n, uint64_t *cycles, uint64_t *ns);
 
+/* ---- io area: split virtqueue device, doorbells, host rings and TCP, VFIO ----
+ * (native/vmm/virtio.c, io.c, vfio.c; the ring and message format are in vlab_spsc.h) */
+#define VLAB_VQ_NOTIFY_USER    0
+#define VLAB_VQ_NOTIFY_KERNEL  1
+#define VLAB_VQ_NOTIFY_POLL    2
+#define VLAB_VQ_MODE_TX        0
+#define VLAB_VQ_MODE_ECHO      1
+#define VLAB_VQ_F_EVENT_IDX    1
+#define VLAB_VQ_F_CHECK        2
+#define VLAB_VQ_F_VERIFY       4
+#define VLAB_VQ_MAX_SIZE       32768
+#define VLAB_VQ_ERR_NONE       0
+#define VLAB_VQ_ERR_RING       1
+#define VLAB_VQ_ERR_AVAIL_IDX  2
+#define VLAB_VQ_ERR_HEAD       3
+#define VLAB_VQ_ERR_NEXT       4
+#define VLAB_VQ_ERR_LOOP       5
+#define VLAB_VQ_ERR_ADDR       6
+#define VLAB_VQ_ERR_OVERSIZE   7
+#define VLAB_VQ_ERR_INDIRECT   8
+#define VLAB_VQ_ERR_ORDER      9
+#define VLAB_VQ_ERR_DIRECTION  10
+
+#define VLAB_VFIO_REGION_MMAP  4
+
+#define VLAB_XFER_F_VERIFY     1
+#define VLAB_XFER_F_DOORBELL   2
+#define VLAB_XFER_F_RAW        4
+#define VLAB_XFER_F_BAD_SEQ    8
+#define VLAB_XFER_F_BAD_SUM    16
+
+struct vlab_virtq_config {
+    uint32_t size;          /* queue size, a power of two <= VLAB_VQ_MAX_SIZE */
+    uint32_t mode;          /* VLAB_VQ_MODE_* */
+    uint32_t flags;         /* VLAB_VQ_F_* */
+    uint32_t max_bytes;     /* longest chain (bytes) the device accepts */
+    uint64_t desc_gpa;
+    uint64_t avail_gpa;
+    uint64_t used_gpa;
+};
+
+struct vlab_virtq_stats {
+    uint64_t chains;        /* used entries returned */
+    uint64_t descs;
+    uint64_t bytes;         /* bytes read from the driver's buffers */
+    uint64_t kicks;         /* notifications received (PIO exits, or eventfd counts) */
+    uint64_t wakeups;       /* backend thread wake-ups */
+    uint64_t irqs;          /* used-buffer notifications the device would send */
+    uint64_t empty_polls;
+    uint64_t bad_notifies;
+    uint64_t seq_next, seq_errors, len_errors, sum_errors;
+    uint64_t busy_ns;       /* time the backend spent processing */
+    uint64_t cpu_ns;        /* CPU time of the backend thread (set when it exits) */
+    uint64_t wait_ns;       /* ... and its time waiting for a CPU (other load on the host) */
+    int32_t backend_tid;    /* 0 without a backend thread */
+    uint32_t error;         /* VLAB_VQ_ERR_*: why the queue is broken */
+    uint32_t last_avail;
+    uint32_t used_idx;
+    char message[200];
+};
+
+struct vlab_xfer {
+    uint32_t msg_bytes;
+    uint32_t batch;         /* messages per publication (native ring) */
+    uint32_t flags;         /* VLAB_XFER_F_* */
+    uint32_t echo;          /* 1: round trips, one sample each; 0: stream, one sample per chunk */
+    uint64_t chunk_msgs;
+    uint64_t chunks;
+    uint64_t warm_chunks;
+    uint64_t timeout_ms;
+    uint64_t received, bytes, seq_errors, len_errors, sum_errors;
+    uint64_t tx_cpu_ns, rx_cpu_ns;   /* CPU time of the producer / consumer thread */
+    uint64_t tx_wait_ns, rx_wait_ns; /* their time runnable but waiting for a CPU */
+    int32_t tx_tid, rx_tid;
+    uint64_t wall_ns;
+    uint64_t kicks, waits, full_spins, empty_spins;
+};
+
+struct vlab_virtq;
+struct vlab_vfio;
+
+int vlab_virtq_create(struct vlab_vm *vm, const struct vlab_virtq_config *cfg, int notify,
+                      uint16_t port, struct vlab_virtq **out);
+int vlab_virtq_reset(struct vlab_virtq *q);
+int vlab_virtq_start(struct vlab_virtq *q);
+int vlab_virtq_stop(struct vlab_virtq *q);
+void vlab_virtq_get_stats(struct vlab_virtq *q, struct vlab_virtq_stats *out);
+int vlab_virtq_process_buffer(uint8_t *image, uint64_t len, uint64_t gpa,
+                              const struct vlab_virtq_config *cfg, uint32_t budget,
+                              struct vlab_virtq_stats *out);
+
+int vlab_vm_add_doorbell_wait(struct vlab_vm *vm, uint16_t port, int eventfd);
+int vlab_vm_doorbell_counts(struct vlab_vm *vm, int index, uint64_t *waits, uint64_t *rings);
+int vlab_vm_abort(struct vlab_vm *vm, const char *msg);
+
+int vlab_xfer_native_ring(struct vlab_xfer *x, uint64_t *samples, uint64_t cap);
+int vlab_xfer_tcp_loopback(struct vlab_xfer *x, uint64_t *samples, uint64_t cap);
+int64_t vlab_task_cpu_ns(int32_t tid);
+int64_t vlab_task_wait_ns(int32_t tid);
+int64_t vlab_ring_bytes(uint32_t msg_bytes);
+int64_t vlab_ring_setup(void *mem, uint64_t size, uint32_t msg_bytes);
+int vlab_copy_cost(uint32_t msg_bytes, uint32_t nbufs, uint64_t iters, int use_memcpy,
+                   uint64_t *ns);
+
+int vlab_vfio_open(const char *container, const char *group, const char *bdf,
+                   struct vlab_vfio **out);
+void vlab_vfio_close(struct vlab_vfio *f);
+int vlab_vfio_region(struct vlab_vfio *f, uint32_t index, uint64_t *size, uint64_t *offset,
+                     uint32_t *flags);
+int vlab_vfio_map_bar(struct vlab_vfio *f, struct vlab_vm *vm, uint32_t index, uint64_t gpa,
+                      uint64_t *size_out);
+int vlab_vfio_dma_map_cost(struct vlab_vfio *f, void *hva, uint64_t iova, uint64_t pages,
+                           uint64_t *map_ns, uint64_t *unmap_ns);
+/* ---- end io area ---- */
+
 /* cdef-end */
 
 #endif

@@ -35,11 +35,17 @@ struct vlab_slot {
 
 enum vlab_handler_kind { VLAB_H_PIO_SINK = 1, VLAB_H_MMIO_SINK = 2 };
 
+typedef int (*vlab_pio_fn)(struct vlab_vcpu *v, void *ctx, struct kvm_run *run);
+
 struct vlab_handler {
     int kind;
     uint64_t base, len;
     uint64_t value;
     _Atomic uint64_t hits;
+    /* io area: VLAB_H_PIO_FN handlers (a device in C on the vCPU thread) */
+    vlab_pio_fn fn;
+    void *ctx;
+    void (*release)(void *ctx);     /* called when the VM is destroyed */
 };
 
 struct vlab_vm {
@@ -60,6 +66,10 @@ struct vlab_vm {
     int stats_fd;
     struct vlab_vcpu *vcpus[VLAB_MAX_VCPUS];
     int dead;
+    /* io area: a device (backend thread) or another VM asked this VM's vCPUs to stop */
+    _Atomic int abort_pending;
+    char abort_op[48];
+    char abort_msg[208];
 };
 
 struct vlab_vcpu {
@@ -80,6 +90,7 @@ struct vlab_vcpu {
     int stats_fd;
     int cpl;
     int cpuid_set;
+    _Atomic pid_t run_tid;      /* io area: thread inside vlab_vcpu_run, 0 when none */
 };
 
 /* error.c */
@@ -90,5 +101,18 @@ void vlab_mark_dead(void);
 /* helpers */
 uint64_t vlab_now_ns(void);
 struct vlab_slot *vlab_vm_slot_for(struct vlab_vm *vm, uint64_t gpa, uint64_t len);
+
+/* ---- io area: device hooks (vm.c, vcpu.c), used by virtio.c, io.c, vfio.c ---- */
+#define VLAB_H_PIO_FN 3
+/* A port range whose exits run fn(ctx) on the vCPU thread; fn < 0 stops the run with that error.
+ * The VM owns ctx: release(ctx) runs first thing in vlab_vm_destroy. Returns the handler index. */
+int vlab_vm_add_pio_fn(struct vlab_vm *vm, uint16_t port, uint16_t count, vlab_pio_fn fn,
+                       void *ctx, void (*release)(void *ctx));
+/* A slot over memory the caller mapped (a device BAR); the VM never unmaps it. */
+int vlab_vm_slot_add_hva(struct vlab_vm *vm, uint64_t gpa, uint64_t size, void *hva,
+                         uint32_t flags, struct vlab_slot **out);
+/* Stop every vCPU of the VM: the run in progress (or the next) fails with op/msg. Any thread. */
+void vlab_vm_abort_with(struct vlab_vm *vm, const char *op, const char *msg);
+void vlab_vm_abort_clear(struct vlab_vm *vm, const char *op);
 
 #endif

@@ -503,6 +503,13 @@ static int dispatch(struct vlab_vcpu *v, struct vlab_stop *st, int *stop)
                            (uint64_t)run->io.size * run->io.count, h->value, run->io.size);
             return 0;
         }
+        /* ---- io area: a device implemented in C handles the exit on this thread ---- */
+        h = find_handler(vm, VLAB_H_PIO_FN, run->io.port, 1);
+        if (h) {
+            atomic_fetch_add(&h->hits, 1);
+            return h->fn(v, h->ctx, run);       /* < 0: the device failed and said why */
+        }
+        /* ---- end io area ---- */
         *stop = 1;
         st->arg[0] = run->io.port;
         st->arg[1] = run->io.direction;
@@ -608,7 +615,13 @@ int vlab_vcpu_run(struct vlab_vcpu *v, uint64_t timeout_ms, struct vlab_stop *st
     }
     deadline = vlab_now_ns() + timeout_ms * 1000000ULL;
     st->t_enter_ns = vlab_now_ns();
+    atomic_store(&v->run_tid, (pid_t)syscall(SYS_gettid));    /* io area: vlab_vm_abort_with */
     while (!stop) {
+        /* ---- io area: a device or another VM aborted this VM ---- */
+        if (atomic_load(&v->vm->abort_pending) == 1) {
+            r = vlab_fail(ECANCELED, v->vm->abort_op, "%s", v->vm->abort_msg);
+            break;
+        }
         t0 = vlab_now_ns();
         r = ioctl(v->fd, KVM_RUN, 0);
         t1 = vlab_now_ns();
@@ -622,6 +635,8 @@ int vlab_vcpu_run(struct vlab_vcpu *v, uint64_t timeout_ms, struct vlab_stop *st
             if (errno == EINTR || errno == EAGAIN) {
                 v->c.intr++;
                 run->immediate_exit = 0;
+                if (atomic_load(&v->vm->abort_pending))     /* io area */
+                    continue;
                 if (vlab_now_ns() >= deadline) {
                     stop_set(st, VLAB_STOP_TIMEOUT, "watchdog");
                     st->arg[0] = timeout_ms;
@@ -652,11 +667,57 @@ int vlab_vcpu_run(struct vlab_vcpu *v, uint64_t timeout_ms, struct vlab_stop *st
     }
     wd_disarm(v);
     wd_run = NULL;
+    atomic_store(&v->run_tid, 0);
     run->immediate_exit = 0;
     if (st->reason == VLAB_STOP_SHUTDOWN || st->reason == VLAB_STOP_FAIL_ENTRY)
         vlab_vcpu_get_rip(v, &st->rip, &st->cpl);
     return r;
 }
+
+/* ---------------- io area: aborting a VM from another thread ---------------- */
+
+/*
+ * Make every vCPU of `vm` leave KVM_RUN (or a device handler's wait) and fail with op/msg. The
+ * flag is set before the signal, and the run loop checks it before every KVM_RUN and after
+ * every EINTR, so a vCPU about to enter KVM_RUN cannot miss it.
+ */
+void vlab_vm_abort_with(struct vlab_vm *vm, const char *op, const char *msg)
+{
+    int expected = 0;
+
+    pthread_once(&wd_once, wd_install);
+    if (atomic_compare_exchange_strong(&vm->abort_pending, &expected, 2)) {
+        snprintf(vm->abort_op, sizeof(vm->abort_op), "%s", op);
+        snprintf(vm->abort_msg, sizeof(vm->abort_msg), "%s", msg);
+        atomic_store(&vm->abort_pending, 1);
+    }
+    for (int i = 0; i < VLAB_MAX_VCPUS; i++) {
+        struct vlab_vcpu *v = vm->vcpus[i];
+        pid_t tid;
+
+        if (!v)
+            continue;
+        v->run->immediate_exit = 1;
+        tid = atomic_load(&v->run_tid);
+        if (tid > 0 && !wd_install_err)
+            syscall(SYS_tgkill, getpid(), tid, wd_signo);
+    }
+}
+
+/* Forget an abort raised by `op` (a device that has been reset), so the VM can run again. */
+void vlab_vm_abort_clear(struct vlab_vm *vm, const char *op)
+{
+    if (atomic_load(&vm->abort_pending) == 1 && !strcmp(vm->abort_op, op))
+        atomic_store(&vm->abort_pending, 0);
+}
+
+int vlab_vm_abort(struct vlab_vm *vm, const char *msg)
+{
+    vlab_vm_abort_with(vm, "vlab_vm_abort", msg ? msg : "aborted");
+    return 0;
+}
+
+/* ---------------- end io area ---------------- */
 
 /* KVM_RUN with immediate_exit set: the cheapest possible trip into KVM and back. */
 int vlab_vcpu_run_immediate_exit(struct vlab_vcpu *v, uint64_t n, uint64_t *ns_out)

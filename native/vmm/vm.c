@@ -55,6 +55,10 @@ void vlab_vm_destroy(struct vlab_vm *vm)
 {
     if (!vm)
         return;
+    /* io area: devices first (they may run threads that touch guest memory and vCPUs) */
+    for (int i = 0; i < vm->nr_handlers; i++)
+        if (vm->handlers[i].release)
+            vm->handlers[i].release(vm->handlers[i].ctx);
     for (int i = 0; i < VLAB_MAX_VCPUS; i++)
         if (vm->vcpus[i])
             vlab_vcpu_destroy(vm->vcpus[i]);
@@ -412,4 +416,64 @@ int vlab_vm_reset_dirty_rings(struct vlab_vm *vm)
     int r = ioctl(vm->fd, KVM_RESET_DIRTY_RINGS, 0);
 
     return r < 0 ? vlab_fail_errno("KVM_RESET_DIRTY_RINGS", NULL) : r;
+}
+
+/* ---------------- io area: C device handlers and foreign-memory slots ---------------- */
+
+int vlab_vm_add_pio_fn(struct vlab_vm *vm, uint16_t port, uint16_t count, vlab_pio_fn fn,
+                       void *ctx, void (*release)(void *ctx))
+{
+    int idx;
+
+    if (port <= VLAB_EXC_PORT && port + count > VLAB_UCALL_PORT)
+        return vlab_fail(EBUSY, "vlab_vm_add_pio_fn", "ports %#x+%u overlap vlab's ucall ports",
+                         port, count);
+    idx = add_handler(vm, VLAB_H_PIO_FN, port, count, 0);
+    if (idx < 0)
+        return idx;
+    vm->handlers[idx].fn = fn;
+    vm->handlers[idx].ctx = ctx;
+    vm->handlers[idx].release = release;
+    return idx;
+}
+
+int vlab_vm_slot_add_hva(struct vlab_vm *vm, uint64_t gpa, uint64_t size, void *hva,
+                         uint32_t flags, struct vlab_slot **out)
+{
+    struct vlab_slot *s = NULL;
+    int r;
+
+    *out = NULL;
+    if (!size || (size & (VLAB_PAGE - 1)) || (gpa & (VLAB_PAGE - 1)) ||
+        ((uintptr_t)hva & (VLAB_PAGE - 1)))
+        return vlab_fail(EINVAL, "vlab_vm_slot_add_hva", "gpa %#llx / size %#llx / hva not page "
+                         "aligned", (unsigned long long)gpa, (unsigned long long)size);
+    for (int i = 0; i < VLAB_MAX_SLOTS; i++) {
+        struct vlab_slot *o = &vm->slots[i];
+
+        if (o->in_use && gpa < o->gpa + o->size && o->gpa < gpa + size)
+            return vlab_fail(EEXIST, "vlab_vm_slot_add_hva", "gpa range %#llx+%#llx overlaps "
+                             "slot %d", (unsigned long long)gpa, (unsigned long long)size, o->id);
+        if (!o->in_use && !s)
+            s = o;
+    }
+    if (!s)
+        return vlab_fail(ENOSPC, "vlab_vm_slot_add_hva", "all %d slots in use", VLAB_MAX_SLOTS);
+    s->id = (int)(s - vm->slots);
+    s->fd = -1;
+    s->map = NULL;              /* not ours: slot_release leaves it mapped */
+    s->hva = hva;
+    s->in_use = 1;
+    s->backing = -1;
+    s->flags = flags & ~VLAB_SLOT_PREFAULT;
+    s->gpa = gpa;
+    s->size = size;
+    r = slot_register(vm, s, size);
+    if (r) {
+        memset(s, 0, sizeof(*s));
+        s->fd = -1;
+        return r;
+    }
+    *out = s;
+    return 0;
 }

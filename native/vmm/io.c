@@ -1,0 +1,749 @@
+/*
+ * io area, host side: the doorbell a guest waits on, and the two host baselines that io.ivshmem
+ * and io.virtio are compared with: the same SPSC ring between two host threads
+ * (io.native_ring) and a TCP connection over 127.0.0.1 (io.tcp_loopback).
+ *
+ * The doorbell without an irqchip. A guest cannot sleep at CPL3 (hlt is privileged, and at CPL0
+ * it would run in PVM's instruction emulator), and nothing can interrupt it. So a consumer that
+ * finds its ring empty announces it is waiting, re-checks, and writes to a "wait" port: that
+ * exit comes to this process on the consumer's vCPU thread, where doorbell_pio blocks in poll()
+ * on the producer VM's ioeventfd. The producer rings by writing its own doorbell port, which
+ * KVM turns into an eventfd signal without an exit to user space; the consumer's vCPU thread
+ * wakes, returns from the handler, and KVM_RUN resumes the guest right after its `out`. The
+ * wait is bounded (50 ms) so the run loop's deadline and watchdog still apply; a timed-out wait
+ * is a spurious wake-up the guest absorbs by re-checking its ring.
+ *
+ * CPU time per thread comes from /proc/self/task/<tid>/schedstat (on-CPU ns), falling back to
+ * the utime+stime clock ticks of /proc/self/task/<tid>/stat; a thread measuring itself reads its
+ * CPU-time clock (the same counter, up to date rather than as of the last scheduler tick).
+ */
+#include "internal.h"
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+struct host_ctx;
+static int host_aborted(struct host_ctx *c);
+#define VLAB_SPSC_ABORTED(ctx) host_aborted(ctx)
+#include "vlab_spsc.h"
+
+#define DOORBELL_WAIT_MS 50
+
+/* ---------------- CPU time of a thread ---------------- */
+
+int64_t vlab_task_cpu_ns(int32_t tid)
+{
+    char path[64], buf[1024];
+    unsigned long long ns, ut, st;
+    struct timespec ts;
+    ssize_t n;
+    int fd;
+
+    /* A running thread's schedstat lags by up to a scheduler tick; its own CPU-time clock is the
+     * same counter brought up to date, so a thread asking about itself reads that. */
+    if (tid == (int32_t)syscall(SYS_gettid) && !clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts))
+        return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+
+    snprintf(path, sizeof(path), "/proc/self/task/%d/schedstat", tid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        n = read(fd, buf, sizeof(buf) - 1);
+        close(fd);
+        if (n > 0) {
+            buf[n] = 0;
+            if (sscanf(buf, "%llu", &ns) == 1)
+                return (int64_t)ns;
+        }
+    }
+    snprintf(path, sizeof(path), "/proc/self/task/%d/stat", tid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return vlab_fail_errno("open", "%s", path);
+    n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return vlab_fail_errno("read", "%s", path);
+    buf[n] = 0;
+    {
+        /* fields after "(comm)": state ppid pgrp session tty tpgid flags minflt cminflt majflt
+         * cmajflt utime stime */
+        char *p = strrchr(buf, ')');
+
+        if (!p || sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu",
+                         &ut, &st) != 2)
+            return vlab_fail(EINVAL, "read", "cannot parse %s", path);
+    }
+    return (int64_t)((ut + st) * (1000000000ULL / (unsigned long long)sysconf(_SC_CLK_TCK)));
+}
+
+/* ns thread `tid` spent runnable but waiting for a CPU (schedstat's second field): how much
+ * other load on the host got in the way of a measurement. Accurate for a thread asking about
+ * itself (its waits are accounted when it gets a CPU), or for one that is asleep. */
+int64_t vlab_task_wait_ns(int32_t tid)
+{
+    char path[64], buf[256];
+    unsigned long long run, wait;
+    ssize_t n;
+    int fd;
+
+    snprintf(path, sizeof(path), "/proc/self/task/%d/schedstat", tid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return vlab_fail_errno("open", "%s", path);
+    n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return vlab_fail_errno("read", "%s", path);
+    buf[n] = 0;
+    if (sscanf(buf, "%llu %llu", &run, &wait) != 2)
+        return vlab_fail(EINVAL, "read", "cannot parse %s", path);
+    return (int64_t)wait;
+}
+
+static int32_t my_tid(void) { return (int32_t)syscall(SYS_gettid); }
+
+/* ---------------- doorbell wait (a PIO device on the consumer's vCPU thread) ---------------- */
+
+struct doorbell {
+    int fd;                         /* our dup of the producer VM's ioeventfd */
+    _Atomic uint64_t waits, rings;
+};
+
+static int doorbell_pio(struct vlab_vcpu *v, void *ctx, struct kvm_run *run)
+{
+    struct doorbell *d = ctx;
+    struct pollfd pf = { d->fd, POLLIN, 0 };
+    uint64_t cnt;
+    int r;
+
+    (void)v;
+    if (run->io.direction != KVM_EXIT_IO_OUT)
+        memset((uint8_t *)run + run->io.data_offset, 0, (size_t)run->io.size * run->io.count);
+    atomic_fetch_add(&d->waits, 1);
+    r = poll(&pf, 1, DOORBELL_WAIT_MS);
+    if (r < 0 && errno != EINTR)
+        return vlab_fail_errno("poll", "doorbell eventfd");
+    if (r > 0 && read(d->fd, &cnt, sizeof(cnt)) == sizeof(cnt))
+        atomic_fetch_add(&d->rings, cnt);
+    return 0;
+}
+
+static void doorbell_release(void *ctx)
+{
+    struct doorbell *d = ctx;
+
+    close(d->fd);
+    free(d);
+}
+
+int vlab_vm_add_doorbell_wait(struct vlab_vm *vm, uint16_t port, int eventfd)
+{
+    struct doorbell *d = calloc(1, sizeof(*d));
+    int r;
+
+    if (!d)
+        return vlab_fail(ENOMEM, "calloc", "doorbell");
+    d->fd = fcntl(eventfd, F_DUPFD_CLOEXEC, 0);
+    if (d->fd < 0) {
+        free(d);
+        return vlab_fail_errno("fcntl", "F_DUPFD_CLOEXEC of the doorbell eventfd");
+    }
+    r = vlab_vm_add_pio_fn(vm, port, 1, doorbell_pio, d, doorbell_release);
+    if (r < 0)
+        doorbell_release(d);
+    return r;
+}
+
+int vlab_vm_doorbell_counts(struct vlab_vm *vm, int index, uint64_t *waits, uint64_t *rings)
+{
+    struct doorbell *d;
+
+    if (index < 0 || index >= vm->nr_handlers || vm->handlers[index].fn != doorbell_pio)
+        return vlab_fail(EINVAL, "vlab_vm_doorbell_counts", "handler %d is not a doorbell", index);
+    d = vm->handlers[index].ctx;
+    *waits = atomic_load(&d->waits);
+    *rings = atomic_load(&d->rings);
+    return 0;
+}
+
+/* ---------------- host runs: shared context, abort, timing ---------------- */
+
+struct host_ctx {
+    struct vlab_xfer *x;
+    _Atomic int abort;
+    int err;                        /* first error (errno) */
+    char what[160];
+    uint64_t deadline_ns;
+    _Atomic int go;
+    uint64_t *samples;
+    uint64_t cap;
+    uint8_t *mem;                   /* rings (native) */
+    size_t mem_len;
+    int fd[2];                      /* sockets (tcp): client, server side */
+    uint32_t spins;
+};
+
+static int host_aborted(struct host_ctx *c)
+{
+    if (atomic_load_explicit(&c->abort, memory_order_relaxed))
+        return 1;
+    if (++c->spins % 4096)
+        return 0;
+    if (vlab_now_ns() > c->deadline_ns) {
+        atomic_store(&c->abort, 1);
+        return 1;
+    }
+    return 0;
+}
+
+static void host_fail(struct host_ctx *c, int err, const char *what)
+{
+    int expected = 0;
+
+    if (atomic_compare_exchange_strong(&c->abort, &expected, 2)) {
+        c->err = err;
+        snprintf(c->what, sizeof(c->what), "%s", what);
+    }
+    atomic_store(&c->abort, 1);
+    if (c->fd[0] >= 0)
+        shutdown(c->fd[0], SHUT_RDWR);
+    if (c->fd[1] >= 0)
+        shutdown(c->fd[1], SHUT_RDWR);
+}
+
+static uint64_t total_msgs(const struct vlab_xfer *x)
+{
+    return (x->warm_chunks + x->chunks) * x->chunk_msgs;
+}
+
+static int xfer_check(struct vlab_xfer *x, uint64_t cap, const char *op)
+{
+    uint64_t need = x->echo ? x->chunks * x->chunk_msgs : x->chunks + 1;
+
+    if (x->msg_bytes < VLAB_MSG_MIN || x->msg_bytes > VLAB_MSG_MAX)
+        return vlab_fail(EINVAL, op, "msg_bytes %u not in %u..%u", x->msg_bytes, VLAB_MSG_MIN,
+                         VLAB_MSG_MAX);
+    if (!x->chunk_msgs || !x->chunks || !x->batch)
+        return vlab_fail(EINVAL, op, "chunk_msgs, chunks and batch must be positive");
+    if (cap < need)
+        return vlab_fail(EINVAL, op, "sample buffer holds %llu, need %llu",
+                         (unsigned long long)cap, (unsigned long long)need);
+    if (!x->timeout_ms)
+        x->timeout_ms = 10000;
+    x->received = x->bytes = x->seq_errors = x->len_errors = x->sum_errors = 0;
+    x->tx_cpu_ns = x->rx_cpu_ns = x->wall_ns = x->tx_wait_ns = x->rx_wait_ns = 0;
+    x->kicks = x->waits = x->full_spins = x->empty_spins = 0;
+    return 0;
+}
+
+static void collect_rx(struct vlab_xfer *x, const struct vlab_spsc_end *e)
+{
+    x->received += e->received;
+    x->bytes += e->bytes;
+    x->seq_errors += e->seq_errors;
+    x->len_errors += e->len_errors;
+    x->sum_errors += e->sum_errors;
+    x->waits += e->waits;
+    x->empty_spins += e->empty_spins;
+}
+
+/* Run tx(c) and rx(c) on two fresh threads released together; record their CPU time. */
+struct role {
+    struct host_ctx *c;
+    void (*fn)(struct host_ctx *c);
+    int tx;
+};
+
+static void *role_main(void *arg)
+{
+    struct role *r = arg;
+    struct vlab_xfer *x = r->c->x;
+    int32_t tid = my_tid();
+    int64_t c0, c1, w0, w1;
+
+    while (!atomic_load(&r->c->go))
+        sched_yield();
+    c0 = vlab_task_cpu_ns(tid);
+    w0 = vlab_task_wait_ns(tid);
+    if (!atomic_load(&r->c->abort))
+        r->fn(r->c);
+    c1 = vlab_task_cpu_ns(tid);
+    w1 = vlab_task_wait_ns(tid);
+    if (r->tx) {
+        x->tx_tid = tid;
+        x->tx_cpu_ns = c1 >= c0 && c0 >= 0 ? (uint64_t)(c1 - c0) : 0;
+        x->tx_wait_ns = w1 >= w0 && w0 >= 0 ? (uint64_t)(w1 - w0) : 0;
+    } else {
+        x->rx_tid = tid;
+        x->rx_cpu_ns = c1 >= c0 && c0 >= 0 ? (uint64_t)(c1 - c0) : 0;
+        x->rx_wait_ns = w1 >= w0 && w0 >= 0 ? (uint64_t)(w1 - w0) : 0;
+    }
+    return NULL;
+}
+
+static int run_pair(struct host_ctx *c, void (*tx)(struct host_ctx *), void (*rx)(struct host_ctx *),
+                    const char *op)
+{
+    struct role rt = { c, tx, 1 }, rr = { c, rx, 0 };
+    pthread_t t1, t2;
+    uint64_t t0;
+    int r;
+
+    c->deadline_ns = vlab_now_ns() + c->x->timeout_ms * 1000000ULL;
+    r = pthread_create(&t1, NULL, role_main, &rr);
+    if (r)
+        return vlab_fail(r, "pthread_create", "%s consumer", op);
+    r = pthread_create(&t2, NULL, role_main, &rt);
+    if (r) {
+        host_fail(c, r, "pthread_create failed");
+        atomic_store(&c->go, 1);
+        pthread_join(t1, NULL);
+        return vlab_fail(r, "pthread_create", "%s producer", op);
+    }
+    t0 = vlab_now_ns();
+    atomic_store(&c->go, 1);
+    pthread_join(t2, NULL);
+    pthread_join(t1, NULL);
+    c->x->wall_ns = vlab_now_ns() - t0;
+    if (atomic_load(&c->abort)) {
+        if (!c->err)
+            return vlab_fail(ETIMEDOUT, op, "did not finish within %llu ms",
+                             (unsigned long long)c->x->timeout_ms);
+        return vlab_fail(c->err, op, "%s", c->what);
+    }
+    return 0;
+}
+
+/* ---------------- io.native_ring: the SPSC ring between two host threads ---------------- */
+
+static void ring_tx_stream(struct host_ctx *c)
+{
+    struct vlab_xfer *x = c->x;
+    struct vlab_spsc_end e;
+    uint8_t *src = malloc(x->msg_bytes);
+    uint64_t r;
+
+    if (!src || vlab_spsc_attach(&e, c->mem, c->mem_len / 2, x->msg_bytes, 1)) {
+        host_fail(c, src ? EPROTO : ENOMEM, "producer cannot attach to the ring");
+        free(src);
+        return;
+    }
+    memset(src, 0x5a, x->msg_bytes);
+    r = vlab_spsc_send(&e, total_msgs(x), src, x->msg_bytes, x->batch, x->flags, c);
+    if (r == VLAB_SPSC_CORRUPT)
+        host_fail(c, EPROTO, "consumer index corrupt");
+    x->kicks = e.kicks;
+    x->full_spins = e.full_spins;
+    free(src);
+}
+
+static void ring_rx_stream(struct host_ctx *c)
+{
+    struct vlab_xfer *x = c->x;
+    struct vlab_spsc_end e;
+    uint8_t *sink = malloc(x->msg_bytes);
+    uint64_t r;
+
+    if (!sink || vlab_spsc_attach(&e, c->mem, c->mem_len / 2, x->msg_bytes, 0)) {
+        host_fail(c, sink ? EPROTO : ENOMEM, "consumer cannot attach to the ring");
+        free(sink);
+        return;
+    }
+    r = vlab_spsc_consume(&e, sink, x->msg_bytes, x->warm_chunks, x->chunks, x->chunk_msgs,
+                          x->flags, c, c->samples);
+    if (r == VLAB_SPSC_CORRUPT)
+        host_fail(c, EPROTO, "producer index corrupt");
+    collect_rx(x, &e);
+    free(sink);
+}
+
+/* echo: ping ring (first half of mem) carries requests, pong ring (second half) the replies */
+static void ring_tx_echo(struct host_ctx *c)
+{
+    struct vlab_xfer *x = c->x;
+    struct vlab_spsc_end ping, pong;
+    size_t half = c->mem_len / 2;
+    uint8_t *src = malloc(x->msg_bytes), *sink = malloc(x->msg_bytes);
+    uint64_t n = total_msgs(x), warm = x->warm_chunks * x->chunk_msgs;
+
+    if (!src || !sink || vlab_spsc_attach(&ping, c->mem, half, x->msg_bytes, 1) ||
+        vlab_spsc_attach(&pong, c->mem + half, half, x->msg_bytes, 0)) {
+        host_fail(c, EPROTO, "client cannot attach to the rings");
+        goto out;
+    }
+    memset(src, 0x5a, x->msg_bytes);
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t t0 = vlab_tsc(), t1;
+
+        if (vlab_spsc_send(&ping, 1, src, x->msg_bytes, 1, x->flags, c) ||
+            vlab_spsc_recv(&pong, sink, x->msg_bytes, x->flags, c)) {
+            host_fail(c, EPROTO, "echo client: ring corrupt or aborted");
+            break;
+        }
+        t1 = vlab_tsc();
+        if (i >= warm)
+            c->samples[i - warm] = t1 - t0;
+    }
+    vlab_spsc_release(&pong);
+    collect_rx(x, &pong);
+    x->kicks = ping.kicks;
+out:
+    free(src);
+    free(sink);
+}
+
+static void ring_rx_echo(struct host_ctx *c)
+{
+    struct vlab_xfer *x = c->x;
+    struct vlab_spsc_end ping, pong;
+    size_t half = c->mem_len / 2;
+    uint8_t *sink = malloc(x->msg_bytes);
+    uint64_t n = total_msgs(x);
+
+    if (!sink || vlab_spsc_attach(&ping, c->mem, half, x->msg_bytes, 0) ||
+        vlab_spsc_attach(&pong, c->mem + half, half, x->msg_bytes, 1)) {
+        host_fail(c, EPROTO, "server cannot attach to the rings");
+        free(sink);
+        return;
+    }
+    for (uint64_t i = 0; i < n; i++) {
+        if (vlab_spsc_recv(&ping, sink, x->msg_bytes, x->flags, c) ||
+            vlab_spsc_send(&pong, 1, sink, x->msg_bytes, 1, x->flags | VLAB_XFER_F_RAW, c)) {
+            host_fail(c, EPROTO, "echo server: ring corrupt or aborted");
+            break;
+        }
+    }
+    vlab_spsc_release(&ping);
+    /* the server checks the requests too; the client counts what arrived back */
+    x->seq_errors += ping.seq_errors;
+    x->len_errors += ping.len_errors;
+    x->sum_errors += ping.sum_errors;
+    free(sink);
+}
+
+int64_t vlab_ring_bytes(uint32_t msg_bytes)
+{
+    uint64_t slots, sb;
+
+    vlab_spsc_geometry(msg_bytes, &slots, &sb);
+    return (int64_t)vlab_spsc_bytes(slots, sb);
+}
+
+int64_t vlab_ring_setup(void *mem, uint64_t size, uint32_t msg_bytes)
+{
+    uint64_t slots, sb;
+
+    if (msg_bytes < VLAB_MSG_MIN || msg_bytes > VLAB_MSG_MAX)
+        return vlab_fail(EINVAL, "vlab_ring_setup", "msg_bytes %u not in %u..%u", msg_bytes,
+                         VLAB_MSG_MIN, VLAB_MSG_MAX);
+    vlab_spsc_geometry(msg_bytes, &slots, &sb);
+    if (size < vlab_spsc_bytes(slots, sb))
+        return vlab_fail(EINVAL, "vlab_ring_setup", "%llu bytes cannot hold a ring of %llu x %llu",
+                         (unsigned long long)size, (unsigned long long)slots,
+                         (unsigned long long)sb);
+    vlab_spsc_init(mem, slots, sb);
+    return (int64_t)vlab_spsc_bytes(slots, sb);
+}
+
+int vlab_xfer_native_ring(struct vlab_xfer *x, uint64_t *samples, uint64_t cap)
+{
+    struct host_ctx c;
+    int64_t one;
+    int r;
+
+    r = xfer_check(x, cap, "vlab_xfer_native_ring");
+    if (r)
+        return r;
+    memset(&c, 0, sizeof(c));
+    c.x = x;
+    c.samples = samples;
+    c.cap = cap;
+    c.fd[0] = c.fd[1] = -1;
+    one = (vlab_ring_bytes(x->msg_bytes) + 4095) & ~4095LL;
+    c.mem_len = 2 * (size_t)one;
+    c.mem = mmap(NULL, c.mem_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE,
+                 -1, 0);
+    if (c.mem == MAP_FAILED)
+        return vlab_fail_errno("mmap", "native ring");
+    vlab_ring_setup(c.mem, one, x->msg_bytes);
+    vlab_ring_setup(c.mem + one, one, x->msg_bytes);
+    x->flags &= ~VLAB_XFER_F_DOORBELL;     /* host threads poll: the physical limit */
+    if (x->echo)
+        r = run_pair(&c, ring_tx_echo, ring_rx_echo, "vlab_xfer_native_ring");
+    else
+        r = run_pair(&c, ring_tx_stream, ring_rx_stream, "vlab_xfer_native_ring");
+    munmap(c.mem, c.mem_len);
+    return r;
+}
+
+/* ---------------- io.tcp_loopback: TCP over 127.0.0.1 between two threads ---------------- */
+
+/* The whole run is bounded too, not only each call (SO_SNDTIMEO/SO_RCVTIMEO). */
+static int past_deadline(struct host_ctx *c)
+{
+    if (vlab_now_ns() <= c->deadline_ns)
+        return 0;
+    host_fail(c, ETIMEDOUT, "loopback transfer did not finish in time");
+    return 1;
+}
+
+static int send_all(struct host_ctx *c, int fd, const uint8_t *p, size_t n)
+{
+    if (past_deadline(c))
+        return -1;
+    while (n) {
+        ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
+
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            host_fail(c, errno == EAGAIN ? ETIMEDOUT : errno, "send() on the loopback socket");
+            return -1;
+        }
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+static int recv_all(struct host_ctx *c, int fd, uint8_t *p, size_t n)
+{
+    if (past_deadline(c))
+        return -1;
+    while (n) {
+        ssize_t k = recv(fd, p, n, MSG_WAITALL);
+
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            host_fail(c, errno == EAGAIN ? ETIMEDOUT : errno, "recv() on the loopback socket");
+            return -1;
+        }
+        if (k == 0) {
+            host_fail(c, ECONNRESET, "peer closed the loopback connection");
+            return -1;
+        }
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+static void tcp_tx_stream(struct host_ctx *c)
+{
+    struct vlab_xfer *x = c->x;
+    uint8_t *src = malloc(x->msg_bytes);
+    uint64_t n = total_msgs(x), seq = 0;
+
+    if (!src) {
+        host_fail(c, ENOMEM, "malloc");
+        return;
+    }
+    memset(src, 0x5a, x->msg_bytes);
+    for (uint64_t i = 0; i < n && !atomic_load_explicit(&c->abort, memory_order_relaxed); i++) {
+        if ((x->flags & VLAB_XFER_F_BAD_SEQ) && seq == 5)
+            seq++;
+        vlab_msg_build(src, x->msg_bytes, seq++, x->flags);
+        if (send_all(c, c->fd[0], src, x->msg_bytes))
+            break;
+    }
+    free(src);
+}
+
+static void tcp_rx_stream(struct host_ctx *c)
+{
+    struct vlab_xfer *x = c->x;
+    struct vlab_spsc_end e;
+    uint8_t *sink = malloc(x->msg_bytes);
+
+    memset(&e, 0, sizeof(e));
+    if (!sink) {
+        host_fail(c, ENOMEM, "malloc");
+        return;
+    }
+    for (uint64_t ch = 0; ch < x->warm_chunks + x->chunks; ch++) {
+        if (ch >= x->warm_chunks)
+            c->samples[ch - x->warm_chunks] = vlab_tsc();
+        for (uint64_t i = 0; i < x->chunk_msgs; i++) {
+            if (recv_all(c, c->fd[1], sink, x->msg_bytes))
+                goto out;
+            vlab_msg_check(&e, sink, x->msg_bytes, x->flags);
+        }
+    }
+    c->samples[x->chunks] = vlab_tsc();
+out:
+    collect_rx(x, &e);
+    free(sink);
+}
+
+static void tcp_tx_echo(struct host_ctx *c)
+{
+    struct vlab_xfer *x = c->x;
+    uint8_t *src = malloc(x->msg_bytes), *sink = malloc(x->msg_bytes);
+    uint64_t n = total_msgs(x), warm = x->warm_chunks * x->chunk_msgs, seq = 0;
+    struct vlab_spsc_end e;
+
+    memset(&e, 0, sizeof(e));
+    if (!src || !sink) {
+        host_fail(c, ENOMEM, "malloc");
+        goto out;
+    }
+    memset(src, 0x5a, x->msg_bytes);
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t t0 = vlab_tsc(), t1;
+
+        if ((x->flags & VLAB_XFER_F_BAD_SEQ) && seq == 5)
+            seq++;
+        vlab_msg_build(src, x->msg_bytes, seq++, x->flags);
+        if (send_all(c, c->fd[0], src, x->msg_bytes) || recv_all(c, c->fd[0], sink, x->msg_bytes))
+            break;
+        t1 = vlab_tsc();
+        vlab_msg_check(&e, sink, x->msg_bytes, x->flags);
+        if (i >= warm)
+            c->samples[i - warm] = t1 - t0;
+    }
+    collect_rx(x, &e);
+out:
+    free(src);
+    free(sink);
+}
+
+static void tcp_rx_echo(struct host_ctx *c)
+{
+    struct vlab_xfer *x = c->x;
+    uint8_t *sink = malloc(x->msg_bytes);
+    uint64_t n = total_msgs(x);
+
+    if (!sink) {
+        host_fail(c, ENOMEM, "malloc");
+        return;
+    }
+    for (uint64_t i = 0; i < n; i++)
+        if (recv_all(c, c->fd[1], sink, x->msg_bytes) ||
+            send_all(c, c->fd[1], sink, x->msg_bytes))
+            break;
+    free(sink);
+}
+
+static int tcp_pair(struct host_ctx *c)
+{
+    struct sockaddr_in a;
+    socklen_t alen = sizeof(a);
+    struct timeval tv = { (time_t)(c->x->timeout_ms / 1000), (long)(c->x->timeout_ms % 1000) * 1000 };
+    int one = 1, lfd, r = 0;
+
+    lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (lfd < 0)
+        return vlab_fail_errno("socket", "loopback listener");
+    memset(&a, 0, sizeof(a));
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = 0;
+    if (bind(lfd, (struct sockaddr *)&a, sizeof(a)) || listen(lfd, 1) ||
+        getsockname(lfd, (struct sockaddr *)&a, &alen)) {
+        r = vlab_fail_errno("bind", "127.0.0.1 listener");
+        goto out;
+    }
+    c->fd[0] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (c->fd[0] < 0) {
+        r = vlab_fail_errno("socket", "loopback client");
+        goto out;
+    }
+    setsockopt(c->fd[0], SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    setsockopt(c->fd[0], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    if (connect(c->fd[0], (struct sockaddr *)&a, sizeof(a))) {
+        r = vlab_fail_errno("connect", "127.0.0.1:%u", ntohs(a.sin_port));
+        goto out;
+    }
+    {
+        struct pollfd pf = { lfd, POLLIN, 0 };
+
+        if (poll(&pf, 1, (int)c->x->timeout_ms) != 1) {
+            r = vlab_fail(ETIMEDOUT, "accept", "loopback connection not accepted in time");
+            goto out;
+        }
+    }
+    c->fd[1] = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+    if (c->fd[1] < 0) {
+        r = vlab_fail_errno("accept", "loopback connection");
+        goto out;
+    }
+    for (int i = 0; i < 2; i++) {
+        setsockopt(c->fd[i], IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        setsockopt(c->fd[i], SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+        setsockopt(c->fd[i], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    }
+out:
+    close(lfd);
+    return r;
+}
+
+int vlab_xfer_tcp_loopback(struct vlab_xfer *x, uint64_t *samples, uint64_t cap)
+{
+    struct host_ctx c;
+    int r;
+
+    r = xfer_check(x, cap, "vlab_xfer_tcp_loopback");
+    if (r)
+        return r;
+    memset(&c, 0, sizeof(c));
+    c.x = x;
+    c.samples = samples;
+    c.cap = cap;
+    c.fd[0] = c.fd[1] = -1;
+    r = tcp_pair(&c);
+    if (!r)
+        r = x->echo ? run_pair(&c, tcp_tx_echo, tcp_rx_echo, "vlab_xfer_tcp_loopback")
+                    : run_pair(&c, tcp_tx_stream, tcp_rx_stream, "vlab_xfer_tcp_loopback");
+    for (int i = 0; i < 2; i++)
+        if (c.fd[i] >= 0)
+            close(c.fd[i]);
+    return r;
+}
+
+/* ---------------- copy cost (the copy term of the io.virtio model) ---------------- */
+
+/* ns per copy of msg_bytes from one source into nbufs rotating destinations, as the backend
+ * copies (memcpy) or as the ring and the guest driver copy (rep movsb: use_memcpy = 0). */
+int vlab_copy_cost(uint32_t msg_bytes, uint32_t nbufs, uint64_t iters, int use_memcpy,
+                   uint64_t *ns)
+{
+    uint8_t *src, *dst;
+    uint64_t t0;
+
+    if (!msg_bytes || !nbufs || !iters || msg_bytes > (16u << 20) || nbufs > 4096)
+        return vlab_fail(EINVAL, "vlab_copy_cost", "bad arguments");
+    src = malloc(msg_bytes);
+    dst = malloc((size_t)msg_bytes * nbufs);
+    if (!src || !dst) {
+        free(src);
+        free(dst);
+        return vlab_fail(ENOMEM, "malloc", "copy cost buffers");
+    }
+    memset(src, 0x5a, msg_bytes);
+    memset(dst, 0, (size_t)msg_bytes * nbufs);
+    t0 = vlab_now_ns();
+    for (uint64_t i = 0; i < iters; i++) {
+        uint8_t *d = dst + (size_t)(i % nbufs) * msg_bytes;
+
+        if (use_memcpy)
+            memcpy(d, src, msg_bytes);
+        else
+            vlab_copy(d, src, msg_bytes);
+        __asm__ volatile("" :: "r"(d) : "memory");
+    }
+    *ns = vlab_now_ns() - t0;
+    free(src);
+    free(dst);
+    return 0;
+}
