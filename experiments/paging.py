@@ -33,6 +33,7 @@ and `cpl0_gate_cycles` (a no-op CPL0 call, measured in the same samples) says ho
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -654,11 +655,19 @@ DEFAULT_REF_CYCLES = 10.0
 _HOST_PAGE = {"4k": "4K", "thp": "2M", "hugetlb-2m": "2M", "hugetlb-1g": "1G"}
 
 
+@functools.lru_cache(maxsize=None)
+def _miss(wss: int, page: int) -> float:
+    """Modelled steady-state miss rate of the assumed TLB for uniform random access."""
+    from vlab.analysis.pagewalk import tlb_miss_rate
+
+    return tlb_miss_rate(wss, page, TLB_ENTRIES, TLB_WAYS, 100_000)
+
+
 def _ref_cycles(ok: list[dict], wss: int, pwc: int) -> tuple[float, str]:
     """Cycles per page-walk reference, calibrated from this host's own 4 KiB vs 2 MiB figures
     at the largest measured wss <= `wss`: (c_4k - c_2m) / (refs_4k * m_4k - refs_2m * m_2m),
     native rows first, else guest 4k-on-4k vs 2m-on-thp (a shadow walk is a native walk)."""
-    from vlab.analysis.pagewalk import tlb_miss_rate, walk_refs
+    from vlab.analysis.pagewalk import walk_refs
 
     def med(pred) -> dict[int, float]:
         return {r["params"]["wss"]: r["median"] for r in ok if pred(r["params"])}
@@ -674,8 +683,7 @@ def _ref_cycles(ok: list[dict], wss: int, pwc: int) -> tuple[float, str]:
     for label, small, big in pairs:
         common = sorted(w for w in small if w in big and w <= wss)
         for w in reversed(common):
-            m4 = tlb_miss_rate(w, 4096, TLB_ENTRIES, TLB_WAYS, 100_000)
-            m2 = tlb_miss_rate(w, 2 << 20, TLB_ENTRIES, TLB_WAYS, 100_000)
+            m4, m2 = _miss(w, 4096), _miss(w, 2 << 20)
             denom = (walk_refs("native", "4K", "4K", pwc) * m4
                      - walk_refs("native", "2M", "2M", pwc) * m2)
             if m4 < 0.5 or denom <= 0:
@@ -694,7 +702,7 @@ def model_rows(rows: list[dict], host: dict, metric: str = SWEEP_METRIC) -> list
     ref_cycles, without (pwc 0, the published 24-reference case for 4K on 4K) and with a
     page-walk cache on the upper two levels of each dimension."""
     from vlab import results
-    from vlab.analysis.pagewalk import tlb_miss_rate, walk_refs
+    from vlab.analysis.pagewalk import walk_refs
 
     if host.get("paging") != "shadow":
         return []
@@ -707,7 +715,7 @@ def model_rows(rows: list[dict], host: dict, metric: str = SWEEP_METRIC) -> list
             continue
         gp, hp = p.get("guest_page", "4k").upper(), _HOST_PAGE[p.get("backing", "4k")]
         eff = min(P.PAGE[p.get("guest_page", "4k")], P.BACKING_PAGE[p.get("backing", "4k")])
-        miss = tlb_miss_rate(p["wss"], eff, TLB_ENTRIES, TLB_WAYS, 100_000)
+        miss = _miss(p["wss"], eff)
         for pwc in PWC_LEVELS:
             nested = walk_refs("nested", gp, hp, pwc)
             shadow = walk_refs("shadow", gp, hp, pwc)
