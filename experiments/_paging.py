@@ -87,6 +87,28 @@ class NativeMem:
             lib.vlab_paging_mem_free(self._m)
 
 
+def thp_fraction(ptr, nbytes: int) -> float | None:
+    """Share of [ptr, ptr+nbytes) backed by transparent huge pages right now: the
+    AnonHugePages of the mappings that overlap it (/proc/self/smaps), capped at nbytes.
+    backing=thp only asks for huge pages; the kernel falls back to 4 KiB pages when it has no
+    free 2 MiB block, and a row should say which it got. None when smaps is unreadable."""
+    lo = int(ffi.cast("uintptr_t", ptr))
+    hi = lo + nbytes
+    total, inside = 0, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(None, 1)[0] if line.strip() else ""
+                if "-" in head and not head.endswith(":"):
+                    start, _, end = head.partition("-")
+                    inside = int(start, 16) < hi and lo < int(end, 16)
+                elif inside and head == "AnonHugePages:":
+                    total += int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return min(total, nbytes) / nbytes if nbytes else None
+
+
 def fill(ptr, nbytes: int, salt: int = SALT) -> None:
     lib.vlab_paging_fill(ptr, nbytes // 8, salt)
 

@@ -263,6 +263,7 @@ def host_setting(host: dict) -> dict:
     return out
 
 
+THP_MIN_FRACTION = 0.9
 _CPL0_METRICS = {"cycles_per_op", "invlpg_cycles", "switch_cycles", "cpl0_gate_cycles"}
 
 
@@ -276,9 +277,13 @@ def annotate(params: dict, host: dict, metric: str, samples: list, extras: list)
         warnings.append("includes a CPL0 call, which this host emulates instruction by "
                         "instruction: see cpl0_gate_cycles for the cost of the call alone")
     thp = (host.get("thp") or {}).get("enabled")
+    fracs = [e["thp_backed_fraction"] for e in extras if "thp_backed_fraction" in e]
     if params.get("backing") == "thp" and thp == "never":
         warnings.append("backing=thp but transparent hugepages are off on this host "
                         "(enabled=never): the memory is 4 KiB pages")
+    elif params.get("backing") == "thp" and fracs and min(fracs) < THP_MIN_FRACTION:
+        warnings.append(f"backing=thp but only {min(fracs):.0%} of the region was in huge pages "
+                        "in at least one worker (the kernel fell back to 4 KiB pages)")
     return warnings, flags, {"host_setting": host_setting(host)}
 
 
@@ -329,6 +334,14 @@ def _open(name: str, params: dict, host: dict, size: int, *, preset_ad: bool = T
     return st
 
 
+def _note_thp(st: State) -> None:
+    """Record how much of a thp-backed region really is in huge pages."""
+    if st.params.get("backing") == "thp":
+        frac = P.thp_fraction(st.ptr, st.size)
+        if frac is not None:
+            st.extra["thp_backed_fraction"] = round(frac, 4)
+
+
 def _chunks(loops: int):
     while loops > 0:
         k = min(loops, P.MAX_SAMPLES_PER_RUN)
@@ -359,6 +372,7 @@ def setup_random_read(params: dict, host: dict) -> State:
         P.fill(st.ptr, st.size)
         if st.rig is not None:
             st.rig.warm()
+        _note_thp(st)
         st.n = int(params.get("iters", RANDOM_READS))
         st.extra.update(accesses_per_sample=st.n, words=wss // 8)
         return st
@@ -396,6 +410,7 @@ def setup_pointer_chase(params: dict, host: dict) -> State:
             st.rig.warm()
         else:
             P.touch_read(st.ptr, st.size)
+        _note_thp(st)
         st.n = int(params.get("iters", CHASE_LOADS))
         st.extra.update(loads_per_sample=st.n, ring_nodes=nodes, node_stride=P.CHASE_STRIDE)
         return st
@@ -462,6 +477,7 @@ def measure_first_touch(st: State, loops: int) -> Measurement:
         if got != st.expect:
             raise VlabError("first_touch: the checksum of the words written is wrong")
         per_page.append(c / st.n)
+    _note_thp(st)
     return Measurement(time.perf_counter() - t0, {"cycles_per_page": per_page}, dict(st.extra))
 
 
@@ -474,6 +490,7 @@ def setup_pte_update(params: dict, host: dict) -> State:
     try:
         P.fill(st.ptr, st.size)
         st.rig.warm()
+        _note_thp(st)
         st.n = k
         st.extra.update(pages=k, op=params.get("op", "remap"), frame_delta=k * page, cpl0=True)
         return st
@@ -516,6 +533,7 @@ def setup_cr3_switch(params: dict, host: dict) -> State:
         P.fill(st.ptr, st.size)
         st.rig.add_alt_space(n)
         st.rig.warm()
+        _note_thp(st)
         st.n = n
         st.extra.update(pages=n, switches_per_sample=CR3_OPS, cpl0=True)
         return st

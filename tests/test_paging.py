@@ -234,6 +234,28 @@ def test_emulated_cpl0_rows_are_flagged():
     assert flags == {}
 
 
+def test_thp_rows_say_how_much_was_really_huge(native_factory):
+    p = P()
+    small = native_factory(8 * MiB, "4k")
+    p.fill(small.ptr, 8 * MiB)
+    assert p.thp_fraction(small.ptr, 8 * MiB) == 0.0            # MADV_NOHUGEPAGE
+    big = native_factory(8 * MiB, "thp")
+    p.fill(big.ptr, 8 * MiB)
+    frac = p.thp_fraction(big.ptr, 8 * MiB)
+    assert frac is not None and 0.0 <= frac <= 1.0
+    mod = paging()
+    h = dict(host("pvm"), thp={"enabled": "madvise"})
+    w, _, _ = mod.annotate({"backing": "thp"}, h, "cycles_per_access", [1.0],
+                           [{"thp_backed_fraction": 1.0}, {"thp_backed_fraction": 0.25}])
+    assert any("25%" in x for x in w)
+    w, _, _ = mod.annotate({"backing": "thp"}, h, "cycles_per_access", [1.0],
+                           [{"thp_backed_fraction": 1.0}])
+    assert w == []
+    w, _, _ = mod.annotate({"backing": "thp"}, dict(h, thp={"enabled": "never"}),
+                           "cycles_per_access", [1.0], [{}])
+    assert any("never" in x for x in w)
+
+
 # ----------------------------------------------------------------------- derived rows
 
 def mk(exp: str, params: dict, median: float, metric: str = "cycles_per_access") -> dict:
