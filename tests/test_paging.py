@@ -601,3 +601,28 @@ def test_cli_small_sweep_gives_measured_and_derived_rows(tmp_path):
     assert bool(models) == (doc["host"]["paging"] == "shadow")
     show = vlab("show", str(out))
     assert show.returncode == 0 and "guest_native_ratio" in show.stdout
+
+
+def test_runner_derive_hook_runs_once_per_experiment_and_survives_failures():
+    from vlab._experiment import LoopExperiment
+    from vlab._runner import Case, derived_rows
+
+    calls = []
+
+    def good(rows, h):
+        calls.append(len(rows))
+        return [mk("x.good", {"k": 1}, 2.0, metric="ratio")]
+
+    def bad(rows, h):
+        raise ValueError("boom")
+
+    g = LoopExperiment(name="x.good", description="", params={}, metrics={}, derive=good)
+    b = LoopExperiment(name="x.bad", description="", params={}, metrics={}, derive=bad)
+    n = LoopExperiment(name="x.none", description="", params={}, metrics={})
+    rows = [mk("x.good", {"k": k}, 1.0) for k in range(3)] + [mk("x.none", {}, 1.0)]
+    cases = [Case("c0", g, {"k": 0}), Case("c1", g, {"k": 1}), Case("c2", b, {}),
+             Case("c3", n, {})]
+    out, failed = derived_rows(cases, rows, {})
+    assert calls == [3]                                   # once, with its own rows only
+    assert failed and [r["status"] for r in out] == ["ok", "error"]
+    assert "boom" in out[1]["reason"] and out[1]["experiment"] == "x.bad"
