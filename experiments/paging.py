@@ -604,66 +604,116 @@ def ratio_rows(rows: list[dict], metric: str) -> list[dict]:
     return out
 
 
-KNEE_MIN_STEP = 1.15     # a rise per doubling of wss below this is no knee
+KNEE_MIN_STEP = 1.15      # raw curve: a rise per doubling of wss below this is no knee
+KNEE_MIN_EXCESS = 1.25    # relative curve: from the knee on, >= 25% over the larger pages
+
+
+def _eff(params: dict) -> int:
+    return P.effective_page(params.get("guest_page"), params.get("backing", "4k"),
+                            params.get("where", "guest"))
+
+
+def _reference(groups: dict, key: tuple, params: dict) -> tuple | None:
+    """The configuration to divide by: same `where` and other parameters, a larger effective
+    page, at least three wss points in common; the largest page wins."""
+    best = None
+    for k2, pts in groups.items():
+        if k2 == key:
+            continue
+        p2 = next(iter(pts.values()))["params"]
+        same = all(p2.get(k) == v for k, v in params.items()
+                   if k not in ("guest_page", "backing"))
+        same = same and all(params.get(k) == v for k, v in p2.items()
+                            if k not in ("guest_page", "backing", "wss"))
+        common = set(pts) & set(groups[key])
+        if not same or _eff(p2) <= _eff(params) or len(common) < 3:
+            continue
+        rank = (_eff(p2), len(common))
+        if best is None or rank > best[0]:
+            best = (rank, k2)
+    return best[1] if best else None
 
 
 def knee_rows(rows: list[dict], metric: str = SWEEP_METRIC) -> list[dict]:
-    """Per configuration (everything but wss), the wss at which `metric` rises most steeply:
-    the largest growth per doubling of wss between consecutive sweep points. The row's wss is
-    that point, its value the factor from the point before. A sweep of fewer than three
-    points, or one that never rises by KNEE_MIN_STEP per doubling, gives a skip row; a single
-    point gives nothing."""
+    """Per configuration (everything but wss), the wss at which the TLB stops covering the
+    working set.
+
+    Where a configuration with larger effective pages was measured alongside (same `where`),
+    the curve is this configuration's cycles divided by that one's: the same data and the same
+    caches, only the translations differ, so cache knees cancel. The knee is the first wss
+    from which that ratio stays at or above KNEE_MIN_EXCESS. Otherwise (the largest pages of a
+    run have nothing to divide by) the curve is the raw cycles and the knee is its steepest
+    rise per doubling of wss, which can be a cache knee as well: the row's `extra.method` says
+    which. The row's wss is the knee; its value the curve at the knee over the point before.
+    Fewer than three points, or no knee, gives a skip row; a single point gives nothing."""
     from vlab import results
 
-    ok = _ok(rows, metric)
-    groups: dict[tuple, list[dict]] = {}
-    for r in ok:
+    groups: dict[tuple, dict[int, dict]] = {}
+    for r in _ok(rows, metric):
         if isinstance(r["params"].get("wss"), int):
-            groups.setdefault(_key(r["params"], ("wss",)), []).append(r)
+            groups.setdefault(_key(r["params"], ("wss",)), {})[r["params"]["wss"]] = r
     out = []
-    method = (f"steepest rise of median {metric} per doubling of wss between consecutive "
-              "sweep points (the row's value is the factor over the point before)")
-    for members in groups.values():
-        members.sort(key=lambda r: r["params"]["wss"])
-        params = {k: v for k, v in members[0]["params"].items() if k != "wss"}
-        exp = members[0]["experiment"]
-        version = members[0].get("exp_version")
-        if len(members) == 1:
+    for key, pts in groups.items():
+        first = next(iter(pts.values()))
+        params = {k: v for k, v in first["params"].items() if k != "wss"}
+        exp, version = first["experiment"], first.get("exp_version")
+
+        def skip(reason: str) -> None:
+            out.append(results.skip_row(exp, params, "tlb_knee", "x", reason,
+                                        exp_version=version, flags={"derived": True}))
+
+        if len(pts) == 1:
             continue                    # one point is not a sweep: nothing to say
-        if len(members) < 3:
-            out.append(results.skip_row(
-                exp, params, "tlb_knee", "x", f"a knee needs a sweep of at least 3 wss points; "
-                f"this configuration has {len(members)}", exp_version=version,
-                flags={"derived": True}))
+        if len(pts) < 3:
+            skip(f"a knee needs a sweep of at least 3 wss points; this configuration has "
+                 f"{len(pts)}")
             continue
-        steps = []
-        for a, b in zip(members, members[1:]):
-            wa, wb = a["params"]["wss"], b["params"]["wss"]
-            ca, cb = a["median"], b["median"]
-            if ca <= 0 or cb <= 0 or wb <= wa:
+        ref_key = _reference(groups, key, params)
+        extra: dict[str, Any] = {"effective_page": _eff(params),
+                                 "model_tlb_reach": {"entries": TLB_ENTRIES,
+                                                     "bytes": TLB_ENTRIES * _eff(params),
+                                                     "note": "assumed second-level TLB size x "
+                                                             "effective page"}}
+        if ref_key is not None:
+            ref = groups[ref_key]
+            ws = sorted(set(pts) & set(ref))
+            curve = [pts[w]["median"] / ref[w]["median"] for w in ws]
+            ref_params = {k: v for k, v in next(iter(ref.values()))["params"].items()
+                          if k != "wss"}
+            extra.update(method=f"first wss from which median {metric} stays >= "
+                                f"{KNEE_MIN_EXCESS}x that of the larger-page configuration "
+                                f"{results.params_key(ref_params)} (cache effects cancel)",
+                         reference=ref_params,
+                         curve=[{"wss": w, "relative": c} for w, c in zip(ws, curve)])
+            i = next((i for i in range(len(ws)) if min(curve[i:]) >= KNEE_MIN_EXCESS), None)
+            if i is None:
+                skip(f"no knee: {metric} never stays {KNEE_MIN_EXCESS}x above the larger-page "
+                     f"configuration {results.params_key(ref_params)} up to the largest wss")
                 continue
-            per_doubling = math.exp(math.log(cb / ca) / math.log2(wb / wa))
-            steps.append((per_doubling, cb / ca, wa, wb, ca, cb))
-        best = max(steps, default=None)
-        if best is None or best[0] < KNEE_MIN_STEP:
-            top = f"{best[0]:.2f}x" if best else "nothing"
-            out.append(results.skip_row(
-                exp, params, "tlb_knee", "x", f"no knee: {metric} rises by at most {top} per "
-                f"doubling of wss (threshold {KNEE_MIN_STEP}x)", exp_version=version,
-                flags={"derived": True}))
-            continue
-        per_doubling, factor, wa, wb, ca, cb = best
-        eff = P.effective_page(params.get("guest_page"), params.get("backing", "4k"),
-                               params.get("where", "guest"))
-        out.append(results.make_row(
-            exp, {**params, "wss": wb}, "tlb_knee", "x", [factor], exp_version=version,
-            flags={"derived": True},
-            extra={"method": method, "knee_wss": wb, "from_wss": wa,
-                   f"{metric}_before": ca, f"{metric}_at": cb, "rise_per_doubling": per_doubling,
-                   "steps": [{"from_wss": s[2], "to_wss": s[3], "factor": s[1]} for s in steps],
-                   "effective_page": eff,
-                   "model_tlb_reach": {"entries": TLB_ENTRIES, "bytes": TLB_ENTRIES * eff,
-                                       "note": "assumed second-level TLB size x effective page"}}))
+            if i == 0:
+                skip(f"no knee inside the sweep: {metric} is already {curve[0]:.2f}x the "
+                     f"larger-page configuration at the smallest wss")
+                continue
+        else:
+            ws = sorted(pts)
+            curve = [pts[w]["median"] for w in ws]
+            extra.update(method=f"steepest rise of median {metric} per doubling of wss "
+                                "(no larger-page configuration to divide by: cache knees "
+                                "count too)",
+                         curve=[{"wss": w, "cycles": c} for w, c in zip(ws, curve)])
+            rises = [(math.exp(math.log(curve[j] / curve[j - 1]) / math.log2(ws[j] / ws[j - 1])), j)
+                     for j in range(1, len(ws)) if curve[j - 1] > 0 and curve[j] > 0]
+            best = max(rises, default=None)
+            if best is None or best[0] < KNEE_MIN_STEP:
+                top = f"{best[0]:.2f}x" if best else "nothing"
+                skip(f"no knee: {metric} rises by at most {top} per doubling of wss "
+                     f"(threshold {KNEE_MIN_STEP}x)")
+                continue
+            i = best[1]
+        extra.update(knee_wss=ws[i], from_wss=ws[i - 1])
+        out.append(results.make_row(exp, {**params, "wss": ws[i]}, "tlb_knee", "x",
+                                    [curve[i] / curve[i - 1]], exp_version=version,
+                                    flags={"derived": True}, extra=extra))
     return out
 
 

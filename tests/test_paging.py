@@ -271,8 +271,8 @@ SWEEP = [16 << 10, 256 << 10, 4 * MiB, 64 * MiB, GiB]
 
 def sweep_rows() -> list[dict]:
     rows = []
-    for wss, g4, g2, n4, n2 in zip(SWEEP, [5, 6, 8, 40, 55], [4, 5, 6, 20, 24],
-                                   [5, 6, 8, 42, 58], [4, 5, 6, 21, 25]):
+    for wss, g4, g2, n4, n2 in zip(SWEEP, [4, 5, 6.3, 40, 55], [4, 5, 6, 20, 24],
+                                   [4, 5, 6.2, 42, 58], [4, 5, 6, 21, 25]):
         rows += [mk("paging.random_read", {"wss": wss, "guest_page": "4k", "backing": "4k",
                                            "where": "guest"}, g4),
                  mk("paging.random_read", {"wss": wss, "guest_page": "2m", "backing": "thp",
@@ -292,14 +292,25 @@ def test_ratio_rows_pair_guest_and_native_at_the_same_point():
     assert r["extra"]["ci_low"] <= r["median"] <= r["extra"]["ci_high"]
 
 
-def test_knee_is_the_steepest_rise_and_flat_or_short_sweeps_skip():
+def test_knee_divides_by_larger_pages_where_it_can():
     mod = paging()
     rows = mod.knee_rows(sweep_rows())
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == 4 and all(r["params"]["wss"] == 64 * MiB for r in ok)
     g4 = next(r for r in ok if r["params"].get("guest_page") == "4k")
-    assert g4["median"] == pytest.approx(5.0, rel=0.05)        # 8 -> 40 cycles
-    assert "steepest" in g4["extra"]["method"]
+    # 4k/4k over 2m/thp: 1, 1, 1.05, 2.0, 2.29 -> stays >= 1.25 from 64M on
+    assert g4["extra"]["reference"] == {"guest_page": "2m", "backing": "thp", "where": "guest"}
+    assert "larger-page" in g4["extra"]["method"]
+    assert g4["median"] == pytest.approx((40 / 20) / (6.3 / 6), rel=0.05)
+    n4 = next(r for r in ok if r["params"] == {"backing": "4k", "where": "native", "wss": 64 * MiB})
+    assert n4["extra"]["reference"] == {"backing": "thp", "where": "native"}
+    g2 = next(r for r in ok if r["params"].get("guest_page") == "2m")
+    assert "reference" not in g2["extra"] and "steepest" in g2["extra"]["method"]
+    assert g2["median"] == pytest.approx(20 / 6, rel=0.05)
+
+
+def test_knee_skips_when_there_is_none():
+    mod = paging()
     flat = [mk("paging.random_read", {"wss": w, "backing": "4k", "where": "native"}, 10)
             for w in SWEEP]
     (skip,) = mod.knee_rows(flat)
@@ -307,6 +318,14 @@ def test_knee_is_the_steepest_rise_and_flat_or_short_sweeps_skip():
     (short,) = mod.knee_rows(flat[:2])
     assert short["status"] == "skip" and "at least 3" in short["reason"]
     assert mod.knee_rows(flat[:1]) == []
+    big = [mk("paging.random_read", {"wss": w, "backing": "thp", "where": "native"}, c)
+           for w, c in zip(SWEEP, [7, 7, 7, 7, 7])]
+    rows = {r["params"]["backing"]: r for r in mod.knee_rows(flat + big)}
+    assert rows["4k"]["status"] == "skip" and "already" in rows["4k"]["reason"]   # 10/7 all along
+    same = [mk("paging.random_read", {"wss": w, "backing": "thp", "where": "native"}, 10)
+            for w in SWEEP]
+    rows = {r["params"]["backing"]: r for r in mod.knee_rows(flat + same)}
+    assert rows["4k"]["status"] == "skip" and "never stays" in rows["4k"]["reason"]
 
 
 def test_model_rows_only_beside_shadow_measurements():
