@@ -94,6 +94,10 @@ class Experiment:
     payload: str | None = "micro"
     module: str = ""
     source_hash: str = ""
+    # (rows of this experiment's cases, host) -> more rows computed from several cases (ratios
+    # between cases, knees of a sweep, model rows beside measured ones); run once after all
+    # cases of the run, see _runner.derived_rows
+    derive: Callable[[list[dict], dict], list[dict]] | None = None
 
     @property
     def area(self) -> str:

@@ -276,6 +276,10 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
                 failed = True
         if pyperf_meta:
             host["pyperf"] = pyperf_meta
+        # ---- derived rows (experiments that declare `derive`) ----
+        more, derive_failed = derived_rows(cases, rows, host, opts)
+        rows += more
+        failed |= derive_failed
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if tracer is not None:
@@ -320,6 +324,36 @@ def _trace_case_rows(tracer, reason: str | None, of: str) -> list[dict]:
     if tracer is None:
         return unavailable_rows(reason or "tracing unavailable", of)
     return trace_rows(tracer.snapshot(reset=True), of)
+
+def derived_rows(cases: list[Case], rows: list[dict], host: dict,
+                 opts: RunOptions | None = None) -> tuple[list[dict], bool]:
+    """Rows computed from several cases' rows, once per experiment that declares `derive`
+    (e.g. the paging area's guest/native ratios, TLB-reach knees and model rows). A derive
+    that raises gives an error row for that experiment, and the run goes on."""
+    from . import results
+
+    out: list[dict] = []
+    failed = False
+    done: set[str] = set()
+    for case in cases:
+        exp = case.exp
+        if exp.derive is None or exp.name in done:
+            continue
+        done.add(exp.name)
+        mine = [r for r in rows if r.get("experiment") == exp.name]
+        try:
+            more = exp.derive(mine, host)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - an error row, the run goes on
+            more = [results.error_row(exp.name, {}, "derived", "-",
+                                      f"deriving rows failed: {type(e).__name__}: {e}",
+                                      exp_version=exp.version())]
+            failed = True
+        if more and opts is not None:
+            _progress(opts, f"{exp.name}: {len(more)} derived row{'s' if len(more) > 1 else ''}")
+        out += more
+    return out, failed
 
 
 def _never_called(loops: int) -> float:

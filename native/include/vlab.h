@@ -349,6 +349,27 @@ int vlab_vfio_map_bar(struct vlab_vfio *f, struct vlab_vm *vm, uint32_t index, u
 int vlab_vfio_dma_map_cost(struct vlab_vfio *f, void *hva, uint64_t iova, uint64_t pages,
                            uint64_t *map_ns, uint64_t *unmap_ns);
 /* ---- end io area ---- */
+/* ---- paging experiments (native/vmm/paging_native.c): the shared kernels of
+ * native/kernels/paging_kernels.h run on the host, and memory helpers for guest slots ---- */
+struct vlab_paging_mem {
+    void *hva;              /* aligned start */
+    void *map;              /* what mmap returned */
+    uint64_t map_len;
+    uint64_t size;
+    int backing;            /* VLAB_BACKING_* (not memfd) */
+};
+int vlab_paging_mem_alloc(struct vlab_paging_mem *m, uint64_t size, int backing);
+void vlab_paging_mem_free(struct vlab_paging_mem *m);
+int vlab_paging_mem_reset(void *hva, uint64_t len, int populate);
+uint64_t vlab_paging_word(uint64_t index, uint64_t salt);
+void vlab_paging_fill(void *base, uint64_t nwords, uint64_t salt);
+void vlab_paging_chase_build(void *base, uint64_t nnodes, uint64_t stride, uint64_t seed);
+uint64_t vlab_paging_touch_read(const void *base, uint64_t npages, uint64_t stride);
+uint64_t vlab_paging_random_read(const void *base, uint64_t nwords, uint64_t n, uint64_t *state,
+                                 uint64_t *sum);
+uint64_t vlab_paging_chase(const void *base, uint64_t *off, uint64_t n, uint64_t *sum);
+uint64_t vlab_paging_touch_write(void *base, uint64_t npages, uint64_t stride, uint64_t salt,
+                                 uint64_t *sum);
 
 /* cdef-end */
 
