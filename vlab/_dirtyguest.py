@@ -42,6 +42,7 @@ E_EPOCH, E_START, E_END, E_TSC_GO, E_TSC_ACK, E_WRITES, E_READS, E_TSC_IDLE, E_L
 E_WORDS = 16
 GUEST_MAGIC = 0x7974726964
 F_NO_WARMUP = 1
+F_SYNC = 2
 EPOCH_CAP = 64
 
 
@@ -142,7 +143,8 @@ class WorkloadGuest:
 
     def __init__(self, machine: Machine, buffer: MemorySlot, record: MemorySlot,
                  layout: RecordLayout, workload: str, n_pages: int, seed: int,
-                 p1: int, p2: int, table: np.ndarray | None, warmup: bool = True):
+                 p1: int, p2: int, table: np.ndarray | None, warmup: bool = True,
+                 sync: bool = False):
         self.machine = machine
         self.buffer = buffer
         self.record = record
@@ -167,19 +169,23 @@ class WorkloadGuest:
         self._stopped = False
         self.on_ring_full: Callable[[], None] | None = None
         self.ring_full_exits = 0
+        self.sync = sync
+        if sync and workload != "counts":
+            raise UsageError("guest-driven epochs (sync) need the counts workload")
         machine.set_args(WORKLOADS[workload], record.gpa, record.size, n_pages, seed, p1, p2,
                          layout.table_off, 0 if table is None else table.size,
                          layout.stamp_off, layout.list_off, layout.list_cap, layout.epoch_off,
-                         EPOCH_CAP, 0 if warmup else F_NO_WARMUP)
+                         EPOCH_CAP, (0 if warmup else F_NO_WARMUP) | (F_SYNC if sync else 0))
 
     @classmethod
     def build(cls, workload: str, *, wss: int, guest_page: str = "4k", backing: str = "4k",
               seed: int = 1, dirty_ring: int = 0, kvm: Kvm | None = None, warmup: bool = True,
-              **params) -> "WorkloadGuest":
+              sync: bool = False, **params) -> "WorkloadGuest":
         """A new Machine with a `wss`-byte buffer and the record slot, ready to `start()`.
 
         `params` are the workload's: hot_fraction, hot_share, zipf, rate, write_pct, counts.
-        `dirty_ring` (bytes per vCPU) is needed for ring-mode tracking.
+        `dirty_ring` (bytes per vCPU) is needed for ring-mode tracking. `sync`: guest-driven
+        epochs (counts workload), run with `run_synced` instead of `start`.
         """
         if guest_page not in PAGE_SIZES:
             raise UsageError(f"guest_page must be one of {', '.join(PAGE_SIZES)}")
@@ -198,7 +204,8 @@ class WorkloadGuest:
         try:
             buf = m.add_data(wss, backing=backing, guest_page=guest_page)
             rec = m.add_data(layout.size, backing="4k", guest_page="4k")
-            return cls(m, buf, rec, layout, workload, n_pages, seed, p1, p2, table, warmup)
+            return cls(m, buf, rec, layout, workload, n_pages, seed, p1, p2, table, warmup,
+                       sync)
         except BaseException:
             m.close()
             raise
@@ -227,6 +234,47 @@ class WorkloadGuest:
         self._wait(lambda: int(self._ctrl[C_STATE]) >= S_READY, ready_timeout, "warm up")
         if int(self._ctrl[C_MAGIC]) != GUEST_MAGIC:
             raise VlabError("dirty guest did not identify itself (record region magic missing)")
+
+    def run_synced(self, on_epoch: Callable[["WorkloadGuest"], bool], timeout: float = 60.0,
+                   on_ring_full: Callable[[], None] | None = None) -> None:
+        """Guest-driven epochs (built with sync=True), on the calling thread: the guest ends
+        each epoch with a ucall; while the vCPU is out of the guest, `on_epoch(self)` runs
+        (harvest, `take_epoch()`) and returns whether to go on. Epoch 0 is the warm-up."""
+        if not self.sync:
+            raise VlabError("run_synced() needs a guest built with sync=True")
+        deadline = time.monotonic() + timeout
+        self._stopped = False
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GuestTimeout(timeout, None, "dirty workload still running")
+            st = self.machine.vcpus[0].run(left)
+            if st.reason == "dirty_ring_full":
+                if on_ring_full is None:
+                    raise VlabError("KVM_EXIT_DIRTY_RING_FULL but nobody harvests the ring")
+                self.ring_full_exits += 1
+                on_ring_full()
+                continue
+            if st.reason == "done":
+                if not self._stopped:
+                    raise VlabError("dirty guest finished before it was told to stop")
+                return
+            if st.reason != "sync":
+                raise VlabError(f"dirty guest stopped unexpectedly: {st.reason} "
+                                f"{st.message}".strip())
+            if int(st.args[0]) != self._epoch or int(self._ctrl[C_ACK]) != self._epoch + 1:
+                raise VlabError(f"dirty guest reported epoch {int(st.args[0])}, expected "
+                                f"{self._epoch}")
+            self._paused = True
+            go_on = on_epoch(self)
+            self._paused = False
+            if go_on:
+                self._epoch += 1
+                self._ctrl[C_REQ] = self._epoch
+                self._ctrl[C_GO] = self._epoch
+            else:
+                self._stopped = True
+                self._ctrl[C_STOP] = 1
 
     def _vcpu_loop(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -267,7 +315,7 @@ class WorkloadGuest:
                 raise VlabError(f"dirty guest did not {what} within {timeout:g} s "
                                 f"(state {int(self._ctrl[C_STATE])}, epoch {self._epoch})")
             # yield the GIL so the vCPU thread can handle a full ring; sleep once it drags on
-            time.sleep(0 if spins < 2000 else 0.0002)
+            time.sleep(1e-5 if spins < 20000 else 2e-4)
 
     @property
     def epoch(self) -> int:

@@ -260,7 +260,7 @@ def coarsen(trace: Any, page_size: int) -> Any:
 
 
 def _check_args(workload: str, mode: str, interval_ms: float, duration_s: float | None,
-                intervals: int | None, ring_size: int) -> int:
+                intervals: int | None, ring_size: int, clear_chunk_pages: int) -> int:
     if workload not in WORKLOADS:
         raise UsageError(f"unknown workload {workload!r}; one of {', '.join(WORKLOADS)}")
     if mode not in MODES:
@@ -282,6 +282,9 @@ def _check_args(workload: str, mode: str, interval_ms: float, duration_s: float 
         k = max(1, math.ceil(duration_s * 1000.0 / interval_ms - 1e-9))
     if mode == "ring" and (ring_size < 4096 or ring_size & (ring_size - 1)):
         raise UsageError(f"ring_size must be a power of two >= 4096 bytes, not {ring_size}")
+    if clear_chunk_pages < 0 or clear_chunk_pages % 64:
+        raise UsageError(f"clear_chunk_pages must be 0 or a multiple of 64, not "
+                         f"{clear_chunk_pages}")
     return k
 
 
@@ -291,7 +294,8 @@ def record(workload: str, *, mode: str = "bitmap", interval_ms: float = 100.0,
            clear_chunk_pages: int = 0, seed: int = 1, warmup: bool = True,
            hot_fraction: float = 0.2, hot_share: float = 0.8, zipf: float | None = None,
            rate: float | None = None, write_pct: float = 10.0,
-           counts: list[int] | np.ndarray | None = None, kvm: Any = None,
+           counts: list[int] | np.ndarray | None = None, sync: bool = False,
+           kvm: Any = None,
            progress: Callable[[int, int], None] | None = None) -> DirtyRecording:
     """Run `workload` and record its dirty pages for `intervals` intervals (or `duration_s`).
 
@@ -306,31 +310,43 @@ def record(workload: str, *, mode: str = "bitmap", interval_ms: float = 100.0,
     (`ring_size` bytes per vCPU; full rings are harvested and reset on the vCPU thread).
     `guest_page` (4k/2m/1g) maps the buffer; `backing` is its host memory. Every memory slot
     of the VM is tracked, so page-table and runtime pages are seen too.
+
+    By default the host ends intervals (a harvester thread; the guest runs on its own vCPU
+    thread). `sync=True` (counts workload, `interval_ms=0`) lets the guest end each interval
+    itself with a ucall and harvests on the vCPU thread while it is out of the guest: no
+    cross-thread wake-ups, which makes long exactness runs much faster on a busy host.
     """
-    k_total = _check_args(workload, mode, interval_ms, duration_s, intervals, ring_size)
+    k_total = _check_args(workload, mode, interval_ms, duration_s, intervals, ring_size,
+                          clear_chunk_pages)
     wl = dict(hot_fraction=hot_fraction, hot_share=hot_share, zipf=zipf, rate=rate,
               write_pct=write_pct, counts=counts)
+    if sync and (workload != "counts" or interval_ms != 0):
+        raise UsageError("sync=True (guest-driven intervals) needs workload counts and "
+                         "interval_ms=0")
     g = WorkloadGuest.build(workload, wss=wss, guest_page=guest_page, backing=backing,
                             seed=seed, dirty_ring=ring_size if mode == "ring" else 0, kvm=kvm,
-                            warmup=warmup, **wl)
+                            warmup=warmup, sync=sync, **wl)
     with g:
         tracker = DirtyTracker(g.machine, mode, clear_chunk_pages=clear_chunk_pages)
         tracker.start()
-        est = k_total * (max(interval_ms, 1.0) / 1000.0 + 0.05)
-        g.start(timeout=60.0 + 4 * est, on_ring_full=tracker.on_ring_full)
-        # epoch 0 is the warm-up: close it, harvest and drop it
-        g.pause()
-        tracker.harvest()
-        g.take_epoch()
-        g.resume()
         regions = g.regions()           # slot ids: read them while the VM exists
-        rows = _record_loop(g, tracker, k_total, interval_ms, regions, progress)
+        watchdog = 60.0 + 4 * k_total * (max(interval_ms, 1.0) / 1000.0 + 0.05)
+        if sync:
+            rows = _record_synced(g, tracker, k_total, watchdog, regions, progress)
+        else:
+            g.start(timeout=watchdog, on_ring_full=tracker.on_ring_full)
+            # epoch 0 is the warm-up: close it, harvest and drop it
+            g.pause()
+            tracker.harvest()
+            g.take_epoch()
+            g.resume()
+            rows = _record_loop(g, tracker, k_total, interval_ms, regions, progress)
         tracker.stop()
     meta = {"workload": workload, "mode": mode, "interval_ms": interval_ms, "wss": wss,
             "guest_page": guest_page, "backing": backing, "seed": seed, "warmup": warmup,
             "ring_size": ring_size if mode == "ring" else None,
             "clear_chunk_pages": clear_chunk_pages if mode == "clear" else None,
-            "payload_version": g.machine.payload.version,
+            "payload_version": g.machine.payload.version, "sync": sync,
             **{k: (list(map(int, v)) if k == "counts" else v) for k, v in wl.items()
                if v is not None and _relevant(workload, k)}}
     return _assemble(g, rows, regions, meta)
@@ -374,6 +390,26 @@ def _record_loop(g: WorkloadGuest, tracker: DirtyTracker, k_total: int, interval
         rows.append((ep, h, _outside_counts(h, regions), t_ack - t_req, t_go - t_ack))
         if progress is not None:
             progress(k + 1, k_total)
+    return rows
+
+
+def _record_synced(g: WorkloadGuest, tracker: DirtyTracker, k_total: int, watchdog: float,
+                   regions: dict[str, tuple[int, int, int]],
+                   progress: Callable[[int, int], None] | None) -> list[tuple]:
+    rows: list[tuple] = []
+
+    def on_epoch(gg: WorkloadGuest) -> bool:
+        t0 = time.monotonic_ns()
+        h = tracker.harvest()
+        ep = gg.take_epoch()
+        if ep.epoch == 0:               # the warm-up
+            return True
+        rows.append((ep, h, _outside_counts(h, regions), 0, time.monotonic_ns() - t0))
+        if progress is not None:
+            progress(len(rows), k_total)
+        return len(rows) < k_total
+
+    g.run_synced(on_epoch, timeout=watchdog, on_ring_full=tracker.on_ring_full)
     return rows
 
 

@@ -27,6 +27,10 @@
  *   7 table_off  byte offset of the u32 table     8 table_len  its entries (0: none)
  *   9 stamp_off  10 list_off  11 list_cap (power of 2)  12 epoch_off  13 epoch_cap (power of 2)
  *   14 flags     F_NO_WARMUP: skip the warm-up writes
+ *                F_SYNC: guest-driven epochs (counts only): once an epoch's quota is written
+ *                the guest closes the epoch and reports it with ucall SYNC(epoch); the vCPU
+ *                stays out of the guest while the host harvests, which then writes REQ = next
+ *                epoch (or STOP) before running it again. No host thread races the guest.
  * Workloads:
  *   uniform      random 8-byte writes over all pages
  *   hotcold      p1 hot pages (the first ones) take p2 ppm of the writes; with a table, zipf:
@@ -51,6 +55,7 @@ enum { S_WARMING = 1, S_READY = 2, S_RUNNING = 3, S_STOPPED = 4 };
 enum { E_EPOCH, E_START, E_END, E_TSC_GO, E_TSC_ACK, E_WRITES, E_READS, E_TSC_IDLE, E_LAG,
        E_WORDS = 16 };
 #define F_NO_WARMUP 1
+#define F_SYNC 2                        /* the guest ends each epoch itself with a ucall */
 #define GUEST_MAGIC 0x7974726964UL      /* "dirty" */
 
 static volatile u64 *ctrl;
@@ -154,6 +159,30 @@ static inline int checkpoint(void)
     return 0;
 }
 
+/* F_SYNC: close the current epoch and hand it to the host with a ucall. 1 = stop. */
+static int __attribute__((noinline)) sync_epoch(void)
+{
+    volatile u64 *en = entry(cur);
+    u64 req;
+
+    en[E_END] = widx;
+    en[E_WRITES] = writes;
+    en[E_READS] = reads;
+    en[E_LAG] = lag;
+    en[E_TSC_ACK] = rdtsc();
+    ctrl[C_ACK] = cur + 1;
+    ucall_sync(cur);
+    if (ctrl[C_STOP]) {
+        ctrl[C_TSC_STOP] = rdtsc();
+        return 1;
+    }
+    req = ctrl[C_REQ];
+    if (req != cur + 1)
+        vlab_fail(req, "dirty: the host requested an epoch out of order");
+    open_epoch(req);
+    return 0;
+}
+
 /* Note page p as written in the current epoch (once per epoch). The caller writes it right
  * after, with no checkpoint in between, so record and write fall in the same epoch. */
 static inline int record(u64 p)
@@ -192,7 +221,7 @@ static void run_uniform(void)
 
 static void run_hotcold(u64 hot, u64 share_ppm)
 {
-    if (!hot || hot > n_pages)
+    if (table_len < 2 && (!hot || hot > n_pages))
         vlab_fail(hot, "dirty: hotcold needs 1 <= hot pages <= n_pages");
     for (;;) {
         u64 r = rnd(), p;
@@ -284,7 +313,7 @@ static void run_readmostly(u64 write_ppm)
     }
 }
 
-static void run_counts(void)
+static void run_counts(u64 sync)
 {
     u64 idle = 0;
 
@@ -308,6 +337,8 @@ static void run_counts(void)
             idle = cur;
             entry(cur)[E_TSC_IDLE] = rdtsc();
             ctrl[C_IDLE] = cur;
+            if (sync && sync_epoch())
+                return;
         } else {
             cpu_relax();
         }
@@ -369,6 +400,12 @@ void payload_main(u64 id)
     warm_up(flags);
     writes = 0;
     ctrl[C_STATE] = S_READY;
+    if (flags & F_SYNC) {
+        if (w != W_COUNTS)
+            vlab_fail(w, "dirty: guest-driven epochs (F_SYNC) need the counts workload");
+        if (sync_epoch())
+            goto out;
+    }
     /* wait for the host to start epoch 1 (closing the warm-up epoch 0) */
     while (cur == 0) {
         if (checkpoint())
@@ -393,7 +430,7 @@ void payload_main(u64 id)
         run_readmostly(p1);
         break;
     case W_COUNTS:
-        run_counts();
+        run_counts(flags & F_SYNC);
         break;
     }
 out:
