@@ -65,7 +65,8 @@ class DirtyRecording:
     * `truth`: the pages the guest recorded as written, same shape.
     * `outside[region]`: per interval, dirty pages in the guest page tables, the runtime (code,
       stacks, parameter and results pages) and the ground-truth recorder's own region.
-    * `tsc_go`, `tsc_ack`: guest TSC at the start and end of each interval; `tsc_khz`.
+    * `tsc_go`, `tsc_ack`: guest TSC at the start and end of each interval; `tsc_idle`
+      (counts workload): when the guest had written the interval's quota; `tsc_khz`.
     * `writes`, `reads`: 8-byte stores to / loads from the buffer per interval; `lag_cycles`:
       ratelimited, how far behind its schedule the guest was at the end of the interval.
     * `harvest_ns` (K, 4): get / clear / ring collect / ring reset; `clear_calls`,
@@ -79,6 +80,7 @@ class DirtyRecording:
     outside: dict[str, np.ndarray]
     tsc_go: np.ndarray
     tsc_ack: np.ndarray
+    tsc_idle: np.ndarray
     tsc_khz: int
     writes: np.ndarray
     reads: np.ndarray
@@ -231,7 +233,7 @@ class DirtyRecording:
                    **{key: got[key].astype(np.int64) for key in _ARRAYS})
 
 
-_ARRAYS = ("tsc_go", "tsc_ack", "writes", "reads", "lag_cycles", "harvest_ns", "clear_calls",
+_ARRAYS = ("tsc_go", "tsc_ack", "tsc_idle", "writes", "reads", "lag_cycles", "harvest_ns", "clear_calls",
            "ring_entries", "ring_full_exits", "ack_ns", "pause_ns")
 
 
@@ -295,7 +297,7 @@ def record(workload: str, *, mode: str = "bitmap", interval_ms: float = 100.0,
            hot_fraction: float = 0.2, hot_share: float = 0.8, zipf: float | None = None,
            rate: float | None = None, write_pct: float = 10.0,
            counts: list[int] | np.ndarray | None = None, sync: bool = False,
-           kvm: Any = None,
+           track: str = "all", kvm: Any = None,
            progress: Callable[[int, int], None] | None = None) -> DirtyRecording:
     """Run `workload` and record its dirty pages for `intervals` intervals (or `duration_s`).
 
@@ -308,8 +310,9 @@ def record(workload: str, *, mode: str = "bitmap", interval_ms: float = 100.0,
 
     `mode`: bitmap, clear (`clear_chunk_pages` per KVM_CLEAR_DIRTY_LOG, 0 = whole slot) or ring
     (`ring_size` bytes per vCPU; full rings are harvested and reset on the vCPU thread).
-    `guest_page` (4k/2m/1g) maps the buffer; `backing` is its host memory. Every memory slot
-    of the VM is tracked, so page-table and runtime pages are seen too.
+    `guest_page` (4k/2m/1g) maps the buffer; `backing` is its host memory. With `track="all"`
+    every memory slot of the VM is tracked, so page-table and runtime pages are seen too;
+    `track="buffer"` logs the buffer's slot alone (harvest costs of one slot; `outside` is 0).
 
     By default the host ends intervals (a harvester thread; the guest runs on its own vCPU
     thread). `sync=True` (counts workload, `interval_ms=0`) lets the guest end each interval
@@ -320,6 +323,8 @@ def record(workload: str, *, mode: str = "bitmap", interval_ms: float = 100.0,
                           clear_chunk_pages)
     wl = dict(hot_fraction=hot_fraction, hot_share=hot_share, zipf=zipf, rate=rate,
               write_pct=write_pct, counts=counts)
+    if track not in ("all", "buffer"):
+        raise UsageError(f"track must be 'all' or 'buffer', not {track!r}")
     if sync and (workload != "counts" or interval_ms != 0):
         raise UsageError("sync=True (guest-driven intervals) needs workload counts and "
                          "interval_ms=0")
@@ -327,7 +332,8 @@ def record(workload: str, *, mode: str = "bitmap", interval_ms: float = 100.0,
                             seed=seed, dirty_ring=ring_size if mode == "ring" else 0, kvm=kvm,
                             warmup=warmup, sync=sync, **wl)
     with g:
-        tracker = DirtyTracker(g.machine, mode, clear_chunk_pages=clear_chunk_pages)
+        tracker = DirtyTracker(g.machine, mode, clear_chunk_pages=clear_chunk_pages,
+                               slots=None if track == "all" else [g.buffer])
         tracker.start()
         regions = g.regions()           # slot ids: read them while the VM exists
         watchdog = 60.0 + 4 * k_total * (max(interval_ms, 1.0) / 1000.0 + 0.05)
@@ -346,7 +352,7 @@ def record(workload: str, *, mode: str = "bitmap", interval_ms: float = 100.0,
             "guest_page": guest_page, "backing": backing, "seed": seed, "warmup": warmup,
             "ring_size": ring_size if mode == "ring" else None,
             "clear_chunk_pages": clear_chunk_pages if mode == "clear" else None,
-            "payload_version": g.machine.payload.version, "sync": sync,
+            "payload_version": g.machine.payload.version, "sync": sync, "track": track,
             **{k: (list(map(int, v)) if k == "counts" else v) for k, v in wl.items()
                if v is not None and _relevant(workload, k)}}
     return _assemble(g, rows, regions, meta)
@@ -457,6 +463,7 @@ def _assemble(g: WorkloadGuest, rows: list[tuple], regions: dict[str, tuple[int,
         trace=trace, truth=truth_t,
         outside={r: np.array([row[2][r] for row in rows], dtype=np.int64) for r in REGIONS},
         tsc_go=tsc_go, tsc_ack=tsc_ack, tsc_khz=khz,
+        tsc_idle=np.array([e.tsc_idle for e in eps], dtype=np.int64),
         writes=np.array([e.writes for e in eps], dtype=np.int64),
         reads=np.array([e.reads for e in eps], dtype=np.int64),
         lag_cycles=np.array([e.lag for e in eps], dtype=np.int64),

@@ -38,8 +38,10 @@
  *                cells, uniform within a cell)
  *   sequential   streaming full-page writes (rep stosq), page after page, wrapping
  *   ratelimited  p1 pages per second, paced by rdtsc against PARAM(P_TSC_KHZ), distinct pages
- *                in order (catches up after a pause so the long-run rate is exact); each epoch
- *                entry says how far behind schedule the guest was (E_LAG, TSC cycles)
+ *                in order, over the guest's running time: the waits between epochs (the
+ *                measurement's own pauses) do not count, so the rate per interval is exact.
+ *                It catches up when it falls behind; each epoch entry says how far behind
+ *                schedule the guest was (E_LAG, TSC cycles)
  *   readmostly   random pages; p1 ppm of the operations are writes, the rest reads
  *   counts       epoch e writes table[(e-1) % table_len] distinct random pages (some more
  *                than once), then idles (IDLE = e) until the next epoch
@@ -72,6 +74,7 @@ static u64 epoch_start;         /* widx when the current epoch opened */
 static u64 writes, reads;       /* 8-byte stores / loads to the buffer in this epoch */
 static u64 rng;
 static u64 lag;                 /* ratelimited: TSC cycles behind schedule (0 if on time) */
+static u64 paused;              /* TSC cycles spent waiting for the host between epochs */
 
 #define barrier() __asm__ volatile("" ::: "memory")
 #define cpu_relax() __asm__ volatile("pause" ::: "memory")
@@ -128,8 +131,10 @@ static int __attribute__((noinline)) switch_epoch(u64 req)
     en[E_END] = widx;
     en[E_WRITES] = writes;
     en[E_READS] = reads;
+    u64 t_ack = rdtsc();
+
     en[E_LAG] = lag;
-    en[E_TSC_ACK] = rdtsc();
+    en[E_TSC_ACK] = t_ack;
     barrier();                  /* x86 stores are seen in order: ACK after all of the above */
     ctrl[C_ACK] = req;
     for (;;) {
@@ -142,6 +147,7 @@ static int __attribute__((noinline)) switch_epoch(u64 req)
         cpu_relax();
     }
     open_epoch(req);
+    paused += entry(req)[E_TSC_GO] - t_ack;
     return 0;
 }
 
@@ -163,13 +169,13 @@ static inline int checkpoint(void)
 static int __attribute__((noinline)) sync_epoch(void)
 {
     volatile u64 *en = entry(cur);
-    u64 req;
+    u64 req, t_ack = rdtsc();
 
     en[E_END] = widx;
     en[E_WRITES] = writes;
     en[E_READS] = reads;
     en[E_LAG] = lag;
-    en[E_TSC_ACK] = rdtsc();
+    en[E_TSC_ACK] = t_ack;
     ctrl[C_ACK] = cur + 1;
     ucall_sync(cur);
     if (ctrl[C_STOP]) {
@@ -180,6 +186,7 @@ static int __attribute__((noinline)) sync_epoch(void)
     if (req != cur + 1)
         vlab_fail(req, "dirty: the host requested an epoch out of order");
     open_epoch(req);
+    paused += entry(req)[E_TSC_GO] - t_ack;
     return 0;
 }
 
@@ -268,9 +275,9 @@ static void run_ratelimited(u64 rate)
         vlab_fail(rate, "dirty: ratelimited needs a rate > 0 and P_TSC_KHZ");
     q = hz / rate;
     rem = hz % rate;
-    due = rdtsc();
+    due = rdtsc() - paused;
     for (;;) {
-        u64 now = rdtsc();
+        u64 now = rdtsc() - paused;     /* the guest's running time: harvest pauses excluded */
 
         if ((s64)(now - due) < 0) {
             lag = 0;
@@ -278,7 +285,7 @@ static void run_ratelimited(u64 rate)
                 if (checkpoint())
                     return;
                 cpu_relax();
-            } while ((s64)(rdtsc() - due) < 0);
+            } while ((s64)(rdtsc() - paused - due) < 0);
         } else {
             lag = now - due;
         }
