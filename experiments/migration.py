@@ -146,15 +146,16 @@ _TRACES: dict[tuple, Any] = {}
 
 
 def _record(p: dict, *, interval_ms: float, duration_s: float | None = None,
-            intervals: int | None = None, mode: str = "bitmap", progress=None):
-    """A recording of the case's workload (cached per process: a model sweep over bandwidths
-    and downtimes reuses one recording)."""
+            intervals: int | None = None, mode: str = "bitmap", cache: bool = False):
+    """A recording of the case's workload. With `cache`, one recording per process is reused
+    for every case that differs only in model parameters (a sweep over bandwidths and
+    downtimes); measurements always record afresh."""
     import vlab.dirty as vd
 
     name, kw = workload_kwargs(p["workload"])
     key = (p["workload"], p["wss"], p.get("guest_page", "4k"), mode, interval_ms, duration_s,
            intervals, p.get("ring_size", 65536))
-    if key not in _TRACES:
+    if not cache or key not in _TRACES:
         if len(_TRACES) > 4:
             _TRACES.clear()
         _TRACES[key] = vd.record(name, mode=mode, interval_ms=interval_ms,
@@ -355,7 +356,7 @@ def _load_trace(p: dict):
     if path:
         return vd.DirtyRecording.load(path), path
     return _record(p, interval_ms=p["interval_ms"], duration_s=p["duration_s"],
-                   mode="bitmap"), None
+                   mode="bitmap", cache=True), None
 
 
 def run_precopy(p: dict, host: dict, progress: Callable[[str], None]) -> list[dict]:

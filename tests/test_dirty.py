@@ -332,3 +332,17 @@ def test_recording_round_trips_through_npz(tmp_path):
     model.synthetic_trace(100, 2).save(tmp_path / "plain.npz")
     with pytest.raises(UsageError, match="not a vlab recording"):
         vd.DirtyRecording.load(tmp_path / "plain.npz")
+
+
+def test_benchmark_times_numba_against_the_oracle_and_checks_the_targets():
+    from vlab import benchmarks
+
+    rows = benchmarks.run(1 << 16, 20, 1, wws_oracle_pages=1 << 16)
+    by = {r["kernel"]: r for r in rows}
+    for name in ("precopy_sim_numpy (oracle)", "precopy_sim numba method=auto",
+                 "precopy_sim numba 100 rounds", "precopy_sweep 4x4 grid"):
+        assert by[name]["seconds"] > 0 and by[name]["oracle_seconds"] > 0, name
+    assert "101 rounds" in by["precopy_sim numba 100 rounds"]["note"]
+    lines = benchmarks.targets(rows, 1 << 16)
+    assert any(line.startswith("numba vs NumPy oracle, one simulation") for line in lines)
+    assert all(("met" in line) for line in lines)
