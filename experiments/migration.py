@@ -23,7 +23,7 @@ import numpy as np
 
 from vlab._errors import UsageError
 from vlab._experiment import OneShotExperiment, Requirement, needs_kvm, register
-from vlab.results import make_row, skip_row
+from vlab.results import make_row
 
 MODES = ("bitmap", "clear", "ring")
 WORKLOADS = ("uniform", "hotcold", "zipf", "sequential", "ratelimited", "readmostly")
@@ -302,9 +302,6 @@ def run_harvest(p: dict, host: dict, progress: Callable[[str], None]) -> list[di
 
     exp = "migration.harvest"
     slot, dirty, k = p["slot"], p["dirty"], p["intervals"]
-    if dirty > slot // PAGE:
-        return [skip_row(exp, p, "harvest_us", "us",
-                         f"dirty={dirty} pages do not fit in a {slot}-byte slot")]
     rec = vd.record("counts", counts=[dirty], mode=p["mode"], interval_ms=0, sync=True,
                     intervals=k, wss=slot, ring_size=p["ring_size"],
                     clear_chunk_pages=p.get("clear_chunk_pages", 0), track="buffer")
@@ -439,6 +436,16 @@ def _validate_precopy(p: dict, host: dict) -> None:
         raise UsageError("trace must be a path to a recording (.npz)")
 
 
+def _dirty_fits() -> Requirement:
+    def check(host: dict, params: dict) -> str | None:
+        slot, dirty = params.get("slot", 0), params.get("dirty", 0)
+        if dirty > slot // PAGE:
+            return (f"dirty={dirty} pages per interval do not fit in a {_fmt_size(slot)} slot "
+                    f"({slot // PAGE} pages)")
+        return None
+    return Requirement("dirty-fits-slot", check)
+
+
 def _needs_kvm_unless_trace() -> Requirement:
     base = needs_kvm()
 
@@ -480,14 +487,14 @@ register(OneShotExperiment(
     description="what dirty tracking costs: get/clear/reset time by slot size and dirty "
                 "count, ring vs bitmap, guest cycles per write with tracking on and off",
     params={"mode": list(MODES), "slot": [16 * MIB, 256 * MIB, 1 << 30],
-            "dirty": [0, 1000, 10000], "intervals": [10], "ring_size": [65536],
+            "dirty": [0, 1000, 10000], "intervals": [20], "ring_size": [65536],
             "clear_chunk_pages": [0]},
     quick={"mode": ["bitmap", "ring"], "slot": [16 * MIB], "dirty": [1000], "intervals": [5],
            "ring_size": [65536], "clear_chunk_pages": [0]},
     metrics={"harvest_us": "us", "get_us": "us", "clear_us": "us", "collect_us": "us",
              "reset_us": "us", "harvest_ns_per_dirty_page": "ns/page",
              "guest_cycles_per_write": "cycles", "write_slowdown": "x"},
-    requires=[needs_kvm(), _mode_requirement(), _memory_requirement("slot")],
+    requires=[needs_kvm(), _mode_requirement(), _memory_requirement("slot"), _dirty_fits()],
     cpl=3, handled_by="KVM dirty log ioctls", payload="dirty",
     validate=_validate_harvest, run=run_harvest))
 
@@ -496,10 +503,10 @@ register(OneShotExperiment(
     description="pre-copy / stop-and-copy / auto-converge migration model over a recorded "
                 "dirty trace (model)",
     params={"workload": ["hotcold", "zipf", "uniform", "ratelimited"], "wss": [256 * MIB],
-            "interval_ms": [50], "duration_s": [2.0], "bandwidth_gbit": list(LINKS_GBIT),
+            "interval_ms": [10], "duration_s": [4.0], "bandwidth_gbit": list(LINKS_GBIT),
             "max_downtime_ms": [30, 300], "max_rounds": [30], "page_size": ["4k"],
             "variant": ["precopy", "stop_and_copy", "auto_converge"], "trace": [""]},
-    quick={"workload": ["zipf"], "wss": [64 * MIB], "interval_ms": [50], "duration_s": [1.0],
+    quick={"workload": ["zipf"], "wss": [64 * MIB], "interval_ms": [10], "duration_s": [1.0],
            "bandwidth_gbit": list(LINKS_GBIT), "max_downtime_ms": [300], "max_rounds": [30],
            "page_size": ["4k"], "variant": ["precopy", "stop_and_copy", "auto_converge"],
            "trace": [""]},

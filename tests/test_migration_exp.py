@@ -67,7 +67,8 @@ def test_every_default_case_validates():
         for quick in (False, True):
             for p in e.grid(quick=quick):
                 e.validate(p, host())
-                assert e.check(host(), p) is None, (name, p)
+                why = e.check(host(), p)
+                assert why is None or "do not fit" in why, (name, p)
 
 
 @pytest.mark.parametrize("caps, mode, match", [
@@ -94,6 +95,12 @@ def test_no_kvm_skips_measurements_but_not_a_model_over_a_saved_trace():
     p = ps.grid()[0]
     assert "KVM unusable" in ps.check(h, p)
     assert ps.check(h, dict(p, trace="/some/recording.npz")) is None
+
+
+def test_a_dirty_count_larger_than_the_slot_skips():
+    e = get("migration.harvest")
+    p = dict(e.grid()[0], slot=16 << 20, dirty=10000)
+    assert "do not fit in a 16M slot" in e.check(host(), p)
 
 
 def test_not_enough_memory_skips():

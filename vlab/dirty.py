@@ -390,9 +390,10 @@ def _record_loop(g: WorkloadGuest, tracker: DirtyTracker, k_total: int, interval
         ep = g.take_epoch()
         if k + 1 < k_total:
             g.resume()
+            t_go = time.monotonic_ns()
         else:
+            t_go = time.monotonic_ns()
             g.stop()
-        t_go = time.monotonic_ns()
         rows.append((ep, h, _outside_counts(h, regions), t_ack - t_req, t_go - t_ack))
         if progress is not None:
             progress(k + 1, k_total)
