@@ -388,11 +388,13 @@ def run_precopy(p: dict, host: dict, progress: Callable[[str], None]) -> list[di
                   "trace_wrapped": res["trace_wrapped"],
                   "throttle_per_round": res.get("throttle_per_round")}
     pages = res["pages_per_round"]
+    # stop-and-copy is a single round: no series to draw
+    series = None if variant == "stop_and_copy" else {
+        "x": list(range(1, len(pages) + 1)), "y": pages, "x_label": "pre-copy round",
+        "y_label": "pages sent in the round"}
     rows = [
         make_row(exp, p, "rounds", "rounds", [res["rounds"]], flags=flags, warnings=warnings,
-                 extra=trace_info,
-                 series={"x": list(range(1, len(pages) + 1)), "y": pages,
-                         "x_label": "pre-copy round", "y_label": "pages sent in the round"}),
+                 extra=trace_info, series=series),
         make_row(exp, p, "total_ms", "ms", [res["total_ms"]], flags=flags),
         make_row(exp, p, "converged", "bool", [1.0 if res["converged"] else 0.0], flags=flags),
         make_row(exp, p, "pages_sent", "pages", [float(sum(pages))], flags=flags),
