@@ -383,7 +383,11 @@ def _paging_figure(doc: Mapping[str, Any]) -> "Figure | None":
         ax.legend(frameon=False)
     if single:
         ax = fig.add_subplot(grid[len(heights) - 1, :])
-        single.sort(key=lambda r: (r["experiment"], results.params_key(r["params"])))
+        single.sort(key=lambda r: (r["experiment"], results.params_key(r["params"]), r["metric"]))
+        # an experiment with several metrics per case (pte_update: total, write, invlpg, ...)
+        # needs the metric in the label, or its bars look like repeats
+        multi = {e for e in {r["experiment"] for r in single}
+                 if len({r["metric"] for r in single if r["experiment"] == e}) > 1}
         labels, values = [], []
         for i, r in enumerate(single):
             model = bool((r.get("flags") or {}).get("model"))
@@ -399,8 +403,9 @@ def _paging_figure(doc: Mapping[str, Any]) -> "Figure | None":
                         (max(r["median"], r["p99"] or 0), i), xytext=(4, 0),
                         textcoords="offset points", va="center", fontsize=7)
             note = " (model)" if model else " (emulated CPL0)" if emulated else ""
+            metric = f" · {r['metric'].replace('_', ' ')}" if r["experiment"] in multi else ""
             labels.append(f"{_short(r['experiment'])} "
-                          f"{_pstr(r['params'], sorted(r['params']))}{note}")
+                          f"{_pstr(r['params'], sorted(r['params']))}{metric}{note}")
             values += [r["median"], r["p99"] or r["median"]]
         ax.set_yticks(range(len(single)), labels)
         ax.invert_yaxis()
