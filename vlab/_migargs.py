@@ -56,8 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=int, default=10000,
                    help="uniform: target pages written per second (default 10000; 0 = flat out)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--lag-us", type=int, default=1000,
-                   help="uniform: backlog the writer drops after a pause (default 1000 us)")
+    p.add_argument("--lag-us", type=int, default=50000,
+                   help="uniform: the writer catches up at most this much backlog after its "
+                        "vCPU was descheduled or throttled (default 50000 us); set it below "
+                        "the throttle's pause (e.g. 1000) for a CPU-bound guest that "
+                        "auto-converge can slow down")
     p.add_argument("--backing", default="4k", help="host backing of guest memory (4k, thp)")
     p.add_argument("--strategy", default="precopy", choices=STRATEGIES)
     p.add_argument("--mode", default="bitmap", choices=MODES, help="dirty tracking")

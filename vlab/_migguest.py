@@ -59,7 +59,7 @@ class GuestSpec:
     ws: int | None = None          # working-set bytes (uniform); None = all of it
     rate: int = 10000              # pages/s (uniform); 0 = as fast as possible
     seed: int = 1
-    lag_us: int = 1000             # the writer drops a backlog older than this
+    lag_us: int = 50000            # the writer drops a backlog older than this
     backing: str = "4k"
 
     def validate(self) -> None:
@@ -80,7 +80,7 @@ def build_guest(spec: GuestSpec, *, dirty_ring: int = 0):
     from ._machine import Machine, pt_pool_for
 
     spec.validate()
-    pool = max(8 << 20, pt_pool_for(spec.mem, PAGE))
+    pool = pt_pool_for(spec.mem, PAGE) + (512 << 10)   # the guest's tables, the system area's
     m = Machine("migrate", pt_pool=pool, dirty_ring=dirty_ring)
     try:
         m.add_data(spec.mem, backing=spec.backing)

@@ -98,6 +98,8 @@ class MigrateOptions:
     postcopy_rounds: int = 1
     batch_pages: int = 256
     io_timeout: float = 30.0
+    drop_pages: int = 0                  # fault injection for tests: leave this many written
+                                         # working-set pages out of the final round
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -193,6 +195,8 @@ class Source:
         self._khz = self.vcpu.tsc_khz
         self._buf = bytearray(opts.batch_pages * PAGE)
         self._hbuf = np.empty(opts.batch_pages, dtype=np.uint64)
+        self._sent_hash = [np.zeros(s.pages, dtype=np.uint64) for s in self.slots]
+        self.resent_unchanged = 0       # pages sent again although unchanged since last sent
 
     # ---- the guest ----
     def start(self) -> None:
@@ -286,8 +290,24 @@ class Source:
                     from ._kvm import _raise_last
                     _raise_last()
                 w.send_pages(pos, chunk, self._hbuf[:n], self._buf, flags)
+                ci = chunk.astype(np.int64)
+                prev = self._sent_hash[pos][ci]
+                self.resent_unchanged += int(np.count_nonzero((prev != 0) &
+                                                              (prev == self._hbuf[:n])))
+                self._sent_hash[pos][ci] = self._hbuf[:n]
                 sent += n
         return sent
+
+    def _drop(self, idx: np.ndarray, n: int) -> tuple[np.ndarray, list[int]]:
+        """Fault injection: remove up to n working-set pages (past the counter page and the
+        sequence table) from a final-round set, choosing pages whose content really changed
+        since they were last sent, so the destination keeps stale copies."""
+        ws = int(params_view(self.vm)[16 + A_WS])
+        first = 1 + -(-ws * 4 // PAGE)
+        cand = idx[idx >= first]
+        now = _hashes_of(self.slots[1])
+        cand = cand[now[cand.astype(np.int64)] != self._sent_hash[1][cand.astype(np.int64)]][-n:]
+        return np.setdiff1d(idx, cand).astype(np.uint64), [int(c) for c in cand]
 
     def _layout(self) -> dict:
         return {"slots": [{"gpa": s.gpa, "size": s.size, "backing": s.backing}
@@ -313,6 +333,7 @@ class Source:
         committed = paused = False
         inbox: queue.Queue | None = None
         t0 = time.monotonic_ns()
+        writes0 = self.writes_so_far()
         try:
             if self.runner.finished:
                 raise VlabError(f"guest is not running ({self.runner.stop_reason})")
@@ -373,14 +394,16 @@ class Source:
                 self._finish_res(res, rounds, w)
                 return res
             # ---- switch-over ----
+            t_req = time.monotonic_ns()
             t_pause = self.runner.pause()
+            t_paused = time.monotonic_ns()
             paused = True
             last = self.tracker.harvest() if self.tracker.active else pending
-            self.tracker.stop()
-            self.runner.set_throttle(0)
             final = [np.union1d(a, b).astype(np.uint64) for a, b in zip(pending, last)]
-            res["counter_at_pause"] = counter_of(self.vm, self.data_gpa)
+            if o.drop_pages:
+                final[1], res["dropped_pages"] = self._drop(final[1], o.drop_pages)
             blob = self.vcpu.save_state()
+            t_state = time.monotonic_ns()
             missing: list[np.ndarray] = []
             tf0, bf0 = time.monotonic_ns(), w.bytes
             if o.strategy == "precopy":
@@ -401,9 +424,15 @@ class Source:
             w.send(ms.STATE, *ms.encode_state(0, blob))
             pages_sent = int(sum(r["pages"] for r in rounds))
             w.send_json(ms.DONE, {"rounds": len(rounds), "pages_sent": pages_sent,
-                                  "messages": w.messages, "pause_ns": t_pause,
-                                  "counter_at_pause": res["counter_at_pause"]})
+                                  "messages": w.messages, "pause_ns": t_pause})
             t_done = time.monotonic_ns()
+            # off the critical path: the destination is busy checking what it received
+            self.tracker.stop()
+            self.runner.set_throttle(0)
+            res["counter_at_pause"] = counter_of(self.vm, self.data_gpa)
+            live_s = (t_pause - t0) / 1e9
+            res["writes_per_s_while_migrating"] = (self.writes_so_far() - writes0) / live_s \
+                if live_s > 0 and self.spec.workload == "uniform" else None
             r = ms.Reader(sock, "destination")
             mtype, pl = r.read({ms.READY, ms.ERROR})
             t_ready = time.monotonic_ns()
@@ -444,7 +473,10 @@ class Source:
                 res["downtime_ms"] = (t_ack - t_pause) / 1e6
                 res["downtime_method"] = "ACK received - pause (upper bound: other host)"
             res["switchover_detail_ms"] = {
-                "pause_to_state_sent": (t_done - t_pause) / 1e6,
+                "pause_request_to_stopped": (t_pause - t_req) / 1e6,
+                "stopped_to_paused": (t_paused - t_pause) / 1e6,
+                "final_harvest_and_state": (t_state - t_paused) / 1e6,
+                "final_round_and_state_sent": (t_done - t_state) / 1e6,
                 "destination_checks_and_load": (t_ready - t_done) / 1e6,
                 "ready_to_go": (t_go - t_ready) / 1e6,
                 "go_to_resume": (ack["resumed_ns"] - t_go) / 1e6 if same_host else None,
@@ -494,6 +526,7 @@ class Source:
         res["harvest_ms"] = self.tracker.harvest_ns / 1e6
         res["ring_full_exits"] = self.runner.ring_full
         res["throttle_per_round"] = [r["throttle"] for r in rounds]
+        res["resent_unchanged_pages"] = self.resent_unchanged
 
     def _collect_hashes(self, inbox: queue.Queue, timeout: float) -> list[np.ndarray]:
         out = [np.zeros(s.pages, dtype=np.uint64) for s in self.slots]
@@ -1155,6 +1188,7 @@ def run_source(addr: str, cfg: RunConfig) -> dict:
             res = src.migrate(sock)
         res.update(trace_info)
         res["guest"] = asdict(cfg.spec)
+        res["host_load"] = list(os.getloadavg())
         if res.get("outcome") in ("failed", "aborted") and not src.closed:
             # the guest stayed here: let it check itself, so "state intact" is computed too
             try:
@@ -1245,11 +1279,20 @@ def predict(trace_path: str, opts: MigrateOptions, measured: dict | None = None)
         bps, src = r0[0]["bytes"] * 8.0 / (r0[0]["ms"] / 1000.0), "measured round-0 throughput"
     thr = {"initial": opts.throttle_initial, "step": opts.throttle_step,
            "max": opts.throttle_max} if opts.auto_converge else None
-    out = precopy_sim(trace, bandwidth_bps=bps, max_downtime_ms=opts.max_downtime_ms,
-                      max_rounds=opts.max_rounds, page_size=PAGE, policy=opts.policy,
-                      throttle=thr)
+    kw = dict(max_downtime_ms=opts.max_downtime_ms, max_rounds=opts.max_rounds,
+              page_size=PAGE, policy=opts.policy, throttle=thr)
+    out = precopy_sim(trace, bandwidth_bps=bps, **kw)
     out["bandwidth_source"] = src
     out["bandwidth_bps"] = bps
+    r0 = (measured or {}).get("rounds_detail") or []
+    if opts.bandwidth and r0 and r0[0]["ms"] > 0:
+        # the same model at the throughput round 0 really achieved (this host may not reach
+        # the limit), to tell a model error from a slow link
+        eff = r0[0]["bytes"] * 8.0 / (r0[0]["ms"] / 1000.0)
+        e = precopy_sim(trace, bandwidth_bps=eff, **kw)
+        out["effective"] = {"bandwidth_bps": eff, "total_ms": e["total_ms"],
+                            "downtime_ms": e["downtime_ms"], "rounds": e["rounds"],
+                            "pages_per_round": e["pages_per_round"], "outcome": e["outcome"]}
     return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in out.items()}
 
 
