@@ -7,6 +7,18 @@ trace for the same link, downtime budget, round limit, policy and throttle, and 
 set beside the measured ones (param `estimate` = "precopy_sim", flags.model). The measured
 rows carry `estimate` = "measured".
 
+The trace is harvested every max_downtime_ms/5 (5..100 ms) and lasts at least as long as
+round 0 at the link's rate: the model loops the trace and resolves rounds only to one interval,
+so a shorter or coarser trace would bias it (a short trace repeats pages where a uniform writer
+would find new ones; a coarse one makes every round dirty at least one interval's worth).
+
+The guest is the `migrate` payload (vlab/_migguest.py): `uniform` writes random pages of the
+whole data slot at `rate` pages/s, paced by rdtsc; after its vCPU was descheduled or throttled
+it catches up at most `lag_us` of backlog, so with a small `lag_us` it behaves like a CPU-bound
+guest that auto-converge can slow down, and with the default (50 ms) it keeps its rate on a
+busy host. Rows warn when the guest wrote much less than `rate` or the link did not reach its
+limit (both happen on an oversubscribed 2-core host).
+
 A case whose migration is not verified (page hashes of the destination after the final round
 differ from the source's paused memory, or the guest's own checks fail on the destination) is
 an error, not a row of figures.
@@ -55,9 +67,11 @@ def _config(params: dict):
     spec.validate()
     opts.validate()
     small = mem <= 256 << 20
-    return RunConfig(spec=spec, opts=opts, warmup_s=0.3 if small else 1.0,
-                     trace_s=1.0 if small else 2.0,
-                     trace_interval_ms=100.0), (0.5 if small else 1.0)
+    # the model resolves rounds only to one trace interval: keep it well under the downtime
+    # budget; the trace is extended to cover round 0 (vlab.migrate.run_source)
+    interval = min(100.0, max(5.0, opts.max_downtime_ms / 5))
+    return RunConfig(spec=spec, opts=opts, warmup_s=0.3 if small else 1.0, trace_s=1.0,
+                     trace_interval_ms=interval), (0.5 if small else 1.0)
 
 
 def _validate(params: dict, host: dict) -> None:
