@@ -625,3 +625,17 @@ def test_experiment_rows_measured_beside_model():
            "vlab_version": "0", "argv": [], "host": {"host_id": "h"}, "suite": None,
            "rows": rows}
     results.validate(doc)
+
+
+def test_userfaultfd_reasons_from_recorded_settings():
+    import errno
+
+    from vlab.migrate import uffd_reason
+
+    why = uffd_reason(errno.ENOSYS, "userfaultfd", unprivileged=None, euid=0, dev_exists=False)
+    assert "CONFIG_USERFAULTFD" in why
+    why = uffd_reason(errno.EPERM, "userfaultfd", unprivileged="0\n", euid=1000, dev_exists=True)
+    assert "vm.unprivileged_userfaultfd=0" in why and "Operation not permitted" in why
+    why = uffd_reason(errno.EPERM, "USERFAULTFD_IOC_NEW", unprivileged="1", euid=1000,
+                      dev_exists=True)
+    assert "CAP_SYS_PTRACE" in why and "USERFAULTFD_IOC_NEW" in why

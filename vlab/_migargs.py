@@ -77,9 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace-s", type=float, default=0.0,
                    help="record the guest's dirty trace this long first and set the pre-copy "
                         "model beside the result (extended to cover round 0 at --bandwidth)")
-    p.add_argument("--trace-interval-ms", type=float, default=10.0,
-                   help="harvest interval of that trace (default 10 ms; the model cannot "
-                        "resolve rounds shorter than one interval)")
+    p.add_argument("--trace-interval-ms", type=float, default=25.0,
+                   help="harvest interval of that trace (default 25 ms; the model cannot "
+                        "resolve rounds shorter than one interval, and every harvest slows "
+                        "the guest a little)")
     p.add_argument("--trace-out", help="save the recorded trace here (.npz)")
     p.add_argument("--run-after", type=float, default=1.0,
                    help="destination: seconds the guest runs after resuming, before it checks "

@@ -47,6 +47,7 @@ same rate (KVM_SET_TSC_KHZ where KVM_CAP_TSC_CONTROL exists, otherwise refused).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -76,6 +77,10 @@ PROTOCOL = ms.VERSION
 RING_BYTES = 1 << 20                 # the dirty ring's maximum on the hosts vlab runs on
 OUTCOMES = ("converged", "max_rounds_stop_copy", "aborted", "postcopy", "failed",
             "failed_after_commit")
+
+
+class MissingFeature(VlabError):
+    """This host lacks what a strategy needs (post-copy: userfaultfd); the text says what."""
 
 
 class SourceAborted(ms.StreamError):
@@ -133,25 +138,43 @@ def boot_id() -> str:
         return ""
 
 
-def uffd_status() -> str | None:
-    """None if userfaultfd works for KVM-touched memory here, else the reason it does not."""
+def uffd_reason(err: int, op: str, *, unprivileged: str | None, euid: int,
+                dev_exists: bool) -> str:
+    """Why userfaultfd cannot be used, from what opening it said (`err`, the errno of `op`) and
+    the host's settings: /proc/sys/vm/unprivileged_userfaultfd, the user, /dev/userfaultfd."""
+    base = f"userfaultfd unavailable: {op} failed: {os.strerror(err)}"
+    if err == errno.ENOSYS and not dev_exists:
+        return base + " (kernel built without CONFIG_USERFAULTFD)"
+    if err == errno.EPERM:
+        if euid != 0 and (unprivileged or "").strip() == "0":
+            return base + (" (vm.unprivileged_userfaultfd=0: post-copy needs root, "
+                           "CAP_SYS_PTRACE or access to /dev/userfaultfd)")
+        return base + " (no permission: needs CAP_SYS_PTRACE or access to /dev/userfaultfd)"
+    return base
+
+
+def uffd_status(root: str = "/") -> str | None:
+    """None if userfaultfd can serve faults that KVM takes on guest memory here, else why not.
+
+    Post-copy needs faults from the kernel (KVM reading guest memory for a vCPU) reported, so
+    the descriptor is opened without UFFD_USER_MODE_ONLY; unprivileged users need
+    vm.unprivileged_userfaultfd=1 or /dev/userfaultfd for that."""
     from ._native import ffi, lib
 
     feats = ffi.new("uint64_t *")
     fd = lib.vlab_uffd_open(0, feats)
-    if fd < 0:
-        e = lib.vlab_last_error()
-        why = os.strerror(e.err)
-        hint = ""
-        try:
-            with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
-                if f.read().strip() == "0" and os.geteuid() != 0:
-                    hint = " (vm.unprivileged_userfaultfd=0 and not root)"
-        except OSError:
-            pass
-        return f"userfaultfd unavailable: {ffi.string(e.op).decode()} failed: {why}{hint}"
-    os.close(fd)
-    return None
+    if fd >= 0:
+        os.close(fd)
+        return None
+    e = lib.vlab_last_error()
+    try:
+        with open(os.path.join(root, "proc/sys/vm/unprivileged_userfaultfd")) as f:
+            unpriv: str | None = f.read()
+    except OSError:
+        unpriv = None
+    return uffd_reason(e.err, ffi.string(e.op).decode(), unprivileged=unpriv,
+                       euid=os.geteuid(), dev_exists=os.path.exists(os.path.join(root,
+                                                                                 "dev/userfaultfd")))
 
 
 def _hashes_of(slot) -> np.ndarray:
@@ -1235,6 +1258,10 @@ def run_local(cfg: RunConfig, *, run_after: float = 1.0, timeout: float = 600.0,
     """Migrate on this machine between two fresh processes (destination and source) over
     `host` (loopback by default); the source's result with the destination's status and, when
     a trace was recorded, the pre-copy model's prediction for the same workload and link."""
+    if cfg.opts.strategy == "postcopy":
+        why = uffd_status()
+        if why:
+            raise MissingFeature(f"post-copy cannot run here: {why}")
     tmp = tempfile.mkdtemp(prefix="vlab-migrate-")
     trace_path = os.path.join(tmp, "trace.npz")
     env = dict(os.environ)
@@ -1388,6 +1415,10 @@ def format_result(res: dict) -> str:
         fl = d["fault_latency_ms"]
         lines.append(f"demand faults {fl['n']}: median {fl['median']:.3f} ms, p99 "
                      f"{fl['p99']:.3f} ms")
+    if res.get("switchover_detail_ms"):
+        parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in
+                          res["switchover_detail_ms"].items() if v is not None)
+        lines.append(f"switch-over  {parts} (ms)")
     m = res.get("model")
     if m and "rounds" in m:
         lines.append(f"model        total {m['total_ms']:.2f} ms, downtime "
