@@ -329,7 +329,9 @@ def test_stale_page_is_caught():
     from vlab.migrate import Source, connect
 
     dest, addr = _start_dest()
-    cfg = _cfg(mem=SMALL, rate=20000, drop_pages=1)
+    # a limited link, so the migration lasts long enough for the writer to dirty pages in
+    # the final round even when a busy host deschedules it for a while
+    cfg = _cfg(mem=SMALL, rate=20000, drop_pages=1, bandwidth=20e6, max_downtime_ms=20)
     src = Source(cfg.spec, cfg.opts)
     try:
         src.start()
