@@ -331,7 +331,7 @@ def test_stale_page_is_caught():
     dest, addr = _start_dest()
     # a limited link, so the migration lasts long enough for the writer to dirty pages in
     # the final round even when a busy host deschedules it for a while
-    cfg = _cfg(mem=SMALL, rate=20000, drop_pages=1, bandwidth=20e6, max_downtime_ms=20)
+    cfg = _cfg(mem=SMALL, rate=2000, drop_pages=1, bandwidth=20e6)
     src = Source(cfg.spec, cfg.opts)
     try:
         src.start()
@@ -342,7 +342,8 @@ def test_stale_page_is_caught():
         src.close()
     code, st, err = _dest_status(dest)
     assert len(res["dropped_pages"]) == 1
-    assert res["outcome"] == "converged" and res["verified"] is False
+    assert res["outcome"] in ("converged", "max_rounds_stop_copy")
+    assert res["verified"] is False
     assert res["memory_mismatches"] >= 1 and res["first_mismatch"]["slot"] == 1
     assert res["guest_report"]["bad_pages"] >= 1
     assert res["guest_ok"] is False
