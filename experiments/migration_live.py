@@ -72,7 +72,9 @@ def _config(params: dict):
     # which slows the writer (1 GiB, 50k pages/s asked: ~31k/s at 10 ms, ~48k/s at 50 ms).
     # The trace is extended to cover round 0 (vlab.migrate.run_source).
     interval = min(100.0, max(5.0, opts.max_downtime_ms / 2))
-    return RunConfig(spec=spec, opts=opts, warmup_s=0.3 if small else 1.0, trace_s=1.0,
+    # the model is of pre-copy: no trace (and no model rows) for post-copy
+    trace = 1.0 if opts.strategy == "precopy" else 0.0
+    return RunConfig(spec=spec, opts=opts, warmup_s=0.3 if small else 1.0, trace_s=trace,
                      trace_interval_ms=interval), (0.5 if small else 1.0)
 
 

@@ -319,21 +319,28 @@ def test_counter_workload_continues():
 
 
 @needs_kvm
-def test_postcopy_demand_faults():
+@pytest.mark.parametrize("rounds", [1, 0])
+def test_postcopy_demand_faults(rounds):
+    """Post-copy after one pre-copy round (staged pages installed locally, dirtied ones
+    fetched) and pure post-copy (everything fetched): verified, demand faults reported."""
     from vlab.migrate import run_local, uffd_status
 
     why = uffd_status()
     if why:
         pytest.skip(why)
     # a fast writer over a working set big enough that pages are still missing at resume
-    res = run_local(_cfg(mem=16 << 20, rate=0, strategy="postcopy", bandwidth=40e6),
-                    run_after=0.5, timeout=120)
+    res = run_local(_cfg(mem=16 << 20, rate=0, strategy="postcopy", postcopy_rounds=rounds,
+                         bandwidth=40e6), run_after=0.5, timeout=120)
     _assert_verified(res)
-    assert res["outcome"] == "postcopy"
+    assert res["outcome"] == "postcopy" and res["rounds"] == rounds
     d = res["destination"]
     assert d["demand_faults"] > 0 and d["fault_latency_ms"]["n"] == d["demand_faults"]
     assert d["fault_latency_ms"]["median"] > 0
     assert res["postcopy_pages"] == res["postcopy_demand_served"] + res["postcopy_pushed"]
+    if rounds == 0:
+        assert res["postcopy_pages"] == res["guest_pages"] and d["local_faults"] == 0
+    else:
+        assert res["postcopy_pages"] < res["guest_pages"]
 
 
 @needs_kvm

@@ -18,6 +18,9 @@ Control messages are JSON objects whose keys and types are checked; bulk message
     DIRTYMAP  slot u16, 0 u16, n_pages u32, bitmap u64[ceil(n_pages/64)]  (post-copy)
     HASHES    slot u16, 0 u16, first u32, count u32, 0 u32, hash u64[count]
     REQ       slot u16, 0 u16, count u32, index u64[count]  (post-copy demand fetches)
+    CREDIT    installed u64: post-copy pages the destination has installed so far; the source
+              keeps at most a small window of pushed pages in flight, so that a demand fetch
+              never queues behind megabytes of background pages (head-of-line blocking)
 
 Anything malformed, truncated or out of order raises `StreamError` with a one-line reason;
 the peer closing the connection cleanly between messages raises `PeerGone`.
@@ -47,12 +50,12 @@ MAX_HASHES = 1 << 17
 # source -> destination
 HELLO, LAYOUT, ROUND, PAGES, STATE, DONE, GO, ABORT, FIN, DIRTYMAP, POSTDONE = range(1, 12)
 # destination -> source
-READY, ACK, HASHES, REQ, REPORT, ERROR = range(20, 26)
+READY, ACK, HASHES, REQ, REPORT, ERROR, CREDIT = range(20, 27)
 
 NAMES = {HELLO: "HELLO", LAYOUT: "LAYOUT", ROUND: "ROUND", PAGES: "PAGES", STATE: "STATE",
          DONE: "DONE", GO: "GO", ABORT: "ABORT", FIN: "FIN", DIRTYMAP: "DIRTYMAP",
          POSTDONE: "POSTDONE", READY: "READY", ACK: "ACK", HASHES: "HASHES", REQ: "REQ",
-         REPORT: "REPORT", ERROR: "ERROR"}
+         REPORT: "REPORT", ERROR: "ERROR", CREDIT: "CREDIT"}
 
 _JSON_LIMIT = 1 << 16
 LIMITS = {HELLO: _JSON_LIMIT, LAYOUT: _JSON_LIMIT, ROUND: _JSON_LIMIT, DONE: _JSON_LIMIT,
@@ -62,7 +65,8 @@ LIMITS = {HELLO: _JSON_LIMIT, LAYOUT: _JSON_LIMIT, ROUND: _JSON_LIMIT, DONE: _JS
           STATE: 8 + (1 << 20),
           DIRTYMAP: 8 + (1 << 27),          # a bitmap for up to 2^30 pages (4 TiB)
           HASHES: 16 + 8 * MAX_HASHES,
-          REQ: 8 + 8 * MAX_REQ}
+          REQ: 8 + 8 * MAX_REQ,
+          CREDIT: 8}
 JSON_TYPES = {HELLO, LAYOUT, ROUND, DONE, GO, ABORT, FIN, POSTDONE, READY, ACK, REPORT, ERROR}
 
 # keys each JSON message must carry, with their types (more keys are allowed)
@@ -333,6 +337,16 @@ def encode_dirtymap(slot: int, n_pages: int, bitmap: np.ndarray) -> tuple[bytes,
 
 def encode_req(slot: int, idx: np.ndarray) -> tuple[bytes, np.ndarray]:
     return struct.pack("<HHI", slot, 0, len(idx)), np.ascontiguousarray(idx, np.uint64)
+
+
+def encode_credit(installed: int) -> bytes:
+    return struct.pack("<Q", installed)
+
+
+def decode_credit(payload: memoryview, seq: int = -1) -> int:
+    if len(payload) != 8:
+        raise StreamError(f"CREDIT message #{seq} is {len(payload)} bytes, not 8")
+    return struct.unpack_from("<Q", payload)[0]
 
 
 def encode_state(vcpu: int, blob: bytes) -> tuple[bytes, bytes]:

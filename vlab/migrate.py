@@ -52,6 +52,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import socket
 import struct
 import subprocess
@@ -75,6 +76,7 @@ log = logging.getLogger("vlab.migrate")
 
 PROTOCOL = ms.VERSION
 RING_BYTES = 1 << 20                 # the dirty ring's maximum on the hosts vlab runs on
+POSTCOPY_WINDOW = 128                # pushed pages in flight (512 KiB: ~2 ms at 2 Gbit/s)
 OUTCOMES = ("converged", "max_rounds_stop_copy", "aborted", "postcopy", "failed",
             "failed_after_commit")
 
@@ -467,14 +469,14 @@ class Source:
             committed = True
             t_go = time.monotonic_ns()
             inbox = queue.Queue()
-            reqs: queue.Queue = queue.Queue()
-            reader = threading.Thread(target=_source_inbox, args=(r, inbox, reqs),
+            events: queue.Queue = queue.Queue()
+            reader = threading.Thread(target=_source_inbox, args=(r, inbox, events),
                                       name="migrate-inbox", daemon=True)
             reader.start()
             post: dict[str, Any] = {}
             if o.strategy == "postcopy":
                 # the resumed guest needs pages before it can even mark its first steps
-                post = self._serve_postcopy(w, missing, reqs, inbox)
+                post = self._serve_postcopy(w, missing, events, inbox)
             ack, t_ack = _expect(inbox, ms.ACK, o.io_timeout, with_time=True)
             hashes = self._collect_hashes(inbox, o.io_timeout)
             t_end = time.monotonic_ns()
@@ -565,28 +567,39 @@ class Source:
             got[slot][first:first + len(h)] = True
         return out
 
-    def _serve_postcopy(self, w: ms.Writer, missing: list[np.ndarray], reqs: queue.Queue,
+    def _serve_postcopy(self, w: ms.Writer, missing: list[np.ndarray], events: queue.Queue,
                         inbox: queue.Queue) -> dict:
-        """Push every missing page, demand requests first; returns post-copy figures."""
+        """Push every missing page, demand requests first, with at most `POSTCOPY_WINDOW`
+        pushed pages in flight (sent, not yet credited as installed); returns post-copy
+        figures. `events` brings ("req", (slot, pages)), ("credit", n) and ("error", e)."""
         need = [np.zeros(s.pages, dtype=bool) for s in self.slots]
         for pos, idx in enumerate(missing):
             need[pos][idx.astype(np.int64)] = True
         cursor = [0] * len(self.slots)
         left = int(sum(int(n.sum()) for n in need))
-        demanded = pushed = 0
+        demanded = pushed = credited = waits = 0
         t0 = time.monotonic_ns()
-        bg = 16                      # pages per background message: a demand request waits
-                                     # behind at most one of them
+        bg = 16                      # pages per background message
         while left:
-            for kind, item, _ in list(inbox.queue):
-                if kind == "error":
-                    raise item
-            served = False
-            while True:
-                try:
-                    slot, idx = reqs.get_nowait()
-                except queue.Empty:
-                    break
+            full = demanded + pushed - credited >= POSTCOPY_WINDOW
+            try:
+                # block only when the window is full: a credit or a request wakes us
+                kind, item = events.get(timeout=self.opts.io_timeout) if full \
+                    else events.get_nowait()
+            except queue.Empty:
+                if full:
+                    raise ms.StreamError(f"no credit from the destination within "
+                                         f"{self.opts.io_timeout:g} s") from None
+                kind = None
+            if full:
+                waits += 1
+            if kind == "error":
+                raise item
+            if kind == "credit":
+                credited = max(credited, item)
+                continue
+            if kind == "req":
+                slot, idx = item
                 if slot >= len(need):
                     raise ms.StreamError(f"REQ for slot {slot}, which does not exist")
                 idx = idx[idx < len(need[slot])]
@@ -596,8 +609,8 @@ class Source:
                     self._send_sets(w, [np.zeros(0, np.uint64)] * slot + [idx], flags=1)
                     demanded += len(idx)
                     left -= len(idx)
-                    served = True
-            if served or not left:
+                continue
+            if full:
                 continue
             for pos in range(len(need)):
                 if cursor[pos] >= len(need[pos]):
@@ -614,7 +627,8 @@ class Source:
                 break
         w.send_json(ms.POSTDONE, {"pages_sent": demanded + pushed})
         return {"postcopy_pages": demanded + pushed, "postcopy_demand_served": demanded,
-                "postcopy_pushed": pushed, "postcopy_ms": (time.monotonic_ns() - t0) / 1e6}
+                "postcopy_pushed": pushed, "postcopy_ms": (time.monotonic_ns() - t0) / 1e6,
+                "postcopy_window_waits": waits}
 
 
 def _union(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
@@ -626,13 +640,17 @@ def _union(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
     return np.flatnonzero(mask).astype(np.uint64)
 
 
-def _source_inbox(r: ms.Reader, inbox: queue.Queue, reqs: queue.Queue) -> None:
-    """Read the destination's messages after GO: requests to `reqs`, the rest to `inbox`."""
+def _source_inbox(r: ms.Reader, inbox: queue.Queue, events: queue.Queue) -> None:
+    """Read the destination's messages after GO: post-copy requests and credits to `events`,
+    the rest to `inbox`; a failure to both."""
     try:
         while True:
-            mtype, pl = r.read({ms.ACK, ms.HASHES, ms.REQ, ms.REPORT, ms.ERROR})
+            mtype, pl = r.read({ms.ACK, ms.HASHES, ms.REQ, ms.REPORT, ms.ERROR, ms.CREDIT})
             if mtype == ms.REQ:
-                reqs.put(ms.decode_req(pl, r.seq - 1))
+                events.put(("req", ms.decode_req(pl, r.seq - 1)))
+                continue
+            if mtype == ms.CREDIT:
+                events.put(("credit", ms.decode_credit(pl, r.seq - 1)))
                 continue
             now = time.monotonic_ns()
             if mtype == ms.HASHES:
@@ -640,7 +658,9 @@ def _source_inbox(r: ms.Reader, inbox: queue.Queue, reqs: queue.Queue) -> None:
                 inbox.put((ms.HASHES, (slot, first, h.copy()), now))
             elif mtype == ms.ERROR:
                 msg = r.read_json(mtype, pl)
-                inbox.put(("error", ms.StreamError(f"destination failed: {msg['reason']}"), now))
+                err = ms.StreamError(f"destination failed: {msg['reason']}")
+                inbox.put(("error", err, now))
+                events.put(("error", err))
                 return
             else:
                 inbox.put((mtype, r.read_json(mtype, pl), now))
@@ -648,6 +668,7 @@ def _source_inbox(r: ms.Reader, inbox: queue.Queue, reqs: queue.Queue) -> None:
                     return
     except ms.StreamError as e:
         inbox.put(("error", e, time.monotonic_ns()))
+        events.put(("error", e))
 
 
 def _expect(inbox: queue.Queue, mtype: int, timeout: float, with_time: bool = False):
@@ -678,6 +699,8 @@ class Destination:
         self.kvm = None
         self.slots: list = []
         self.vcpus: list = []
+        self.postcopy = False
+        self.stage: list[np.ndarray] | None = None
         self.status: dict[str, Any] = {"status": None, "reason": None, "guest_resumed": False,
                                        "vcpu_runs": 0}
         self._uffd = -1
@@ -726,9 +749,10 @@ class Destination:
             raise ms.StreamError(f"LAYOUT says {layout['pages']} pages, its slots hold "
                                  f"{total // PAGE}")
         limit = self.max_mem if self.max_mem is not None else _mem_available() * 9 // 10
-        if total > limit:
-            raise ms.StreamError(f"LAYOUT asks for {total >> 20} MiB of guest memory; this "
-                                 f"destination allows {limit >> 20} MiB")
+        need = total * (2 if self.postcopy else 1)      # post-copy stages pre-copied pages
+        if need > limit:
+            raise ms.StreamError(f"LAYOUT needs {need >> 20} MiB here for {total >> 20} MiB of "
+                                 f"guest memory; this destination allows {limit >> 20} MiB")
         self.kvm = Kvm()
         self.vm = Vm(self.kvm)
         try:
@@ -740,8 +764,21 @@ class Destination:
         self.data_gpa = slots[layout["data_slot"]]["gpa"]
         self.received = [np.zeros(s.pages, dtype=bool) for s in self.slots]
         self.hashes = [np.zeros(s.pages, dtype=np.uint64) for s in self.slots]
+        # post-copy: pre-copy rounds land in a staging area, not in guest memory, so that guest
+        # memory is still wholly missing (userfaultfd reports every first touch) at the
+        # switch-over and nothing has to be discarded while the guest is paused. Valid staged
+        # pages are then installed locally; stale and unsent ones are fetched.
+        self.stage = [np.zeros(s.size, dtype=np.uint8) for s in self.slots] \
+            if self.postcopy else None
 
-    def _apply_pages(self, payload: memoryview, seq: int, installed_check: bool = True) -> int:
+    def _target(self, slot: int):
+        from ._native import ffi, lib
+
+        if self.stage is not None:
+            return ffi.from_buffer(self.stage[slot])
+        return lib.vlab_slot_hva(self.slots[slot]._h)
+
+    def _apply_pages(self, payload: memoryview, seq: int) -> int:
         from ._native import ffi, lib
 
         slot, flags, idx, hashes, data = ms.decode_pages(payload, seq)
@@ -753,7 +790,7 @@ class Destination:
             raise ms.StreamError(f"PAGES message #{seq}: page {int(idx.max())} is outside slot "
                                  f"{slot} ({s.pages} pages)")
         out = np.empty(len(idx), dtype=np.uint64)
-        if lib.vlab_mem_scatter(lib.vlab_slot_hva(s._h), s.pages,
+        if lib.vlab_mem_scatter(self._target(slot), s.pages,
                                 ffi.from_buffer("uint64_t[]", idx), len(idx),
                                 ffi.from_buffer(data), ffi.from_buffer("uint64_t[]", out)) < 0:
             from ._kvm import _raise_last
@@ -775,6 +812,7 @@ class Destination:
         hello = r.read_json(mtype, pl)
         self._check_hello(hello)
         self.status["strategy"] = hello["strategy"]
+        self.postcopy = hello["strategy"] == "postcopy"
         mtype, pl = r.read({ms.LAYOUT})
         self._build(r.read_json(mtype, pl))
         states: dict[int, bytes] = {}
@@ -864,6 +902,7 @@ class Destination:
 
     # ---- post-copy ----
     def _postcopy_setup(self) -> None:
+        """Register guest memory (all of it still missing) with userfaultfd."""
         from ._native import ffi, lib
 
         feats = ffi.new("uint64_t *")
@@ -872,38 +911,83 @@ class Destination:
             from ._kvm import _raise_last
             _raise_last()
         self._uffd = fd
-        self.installed = []
-        self.requested = []
         io = ffi.new("uint64_t *")
+        self.valid, self.installed, self.requested = [], [], []
         for i, s in enumerate(self.slots):
-            hva = lib.vlab_slot_hva(s._h)
-            if lib.vlab_uffd_register(fd, hva, s.size, io) < 0:
+            if lib.vlab_uffd_register(fd, lib.vlab_slot_hva(s._h), s.size, io) < 0:
                 from ._kvm import _raise_last
                 _raise_last()
-            miss = self.maps[i].astype(np.int64)
-            inst = np.ones(s.pages, dtype=bool)
-            inst[miss] = False
-            # drop stale copies so that the next access faults (runs of missing pages)
-            if miss.size:
-                breaks = np.flatnonzero(np.diff(miss) != 1)
-                starts = np.concatenate([[miss[0]], miss[breaks + 1]])
-                ends = np.concatenate([miss[breaks], [miss[-1]]])
-                for a, b in zip(starts, ends):
-                    if self.received[i][a:b + 1].any():
-                        if lib.vlab_mem_discard(ffi.cast("uint8_t *", hva) + int(a) * PAGE,
-                                                int(b - a + 1) * PAGE) < 0:
-                            from ._kvm import _raise_last
-                            _raise_last()
-            self.installed.append(inst)
+            ok = self.received[i].copy()
+            ok[self.maps[i].astype(np.int64)] = False
+            self.valid.append(ok)
+            self.installed.append(np.zeros(s.pages, dtype=bool))
             self.requested.append(np.zeros(s.pages, dtype=np.int64))
         self.fault_ns: list[int] = []
+        self.local_fault_ns: list[int] = []
         self.faults_seen = 0
-        self._pc_left = int(sum(len(m) for m in self.maps.values()))
+        self._left = sum(s.pages for s in self.slots)
+        self._net_left = int(sum(len(m) for m in self.maps.values()))
         self._pc_lock = threading.Lock()
         self._pc_done = threading.Event()
+        self._net_done = threading.Event()
+        self._local_done = threading.Event()
         self._pc_error: BaseException | None = None
 
+    def _uffd_install(self, slot: int, first: int, count: int, src) -> int:
+        """UFFDIO_COPY pages [first, first+count) of `slot` from `src` (count pages); skips
+        pages someone else installed meanwhile. Returns the pages this call installed."""
+        from ._native import ffi, lib
+
+        hva = int(ffi.cast("uintptr_t", lib.vlab_slot_hva(self.slots[slot]._h)))
+        copied = ffi.new("uint64_t *")
+        done = off = 0
+        while off < count:
+            rc = lib.vlab_uffd_copy(self._uffd, ffi.cast("void *", hva + (first + off) * PAGE),
+                                    src + off * PAGE, (count - off) * PAGE, copied)
+            if rc < 0:
+                from ._kvm import _raise_last
+                _raise_last()
+            n = copied[0] // PAGE
+            if n:
+                a, b = first + off, first + off + n
+                with self._pc_lock:
+                    fresh = int(np.count_nonzero(~self.installed[slot][a:b]))
+                    self.installed[slot][a:b] = True
+                    self._left -= fresh
+                done += n
+                off += n
+            if rc == 1:
+                lib.vlab_uffd_wake(self._uffd, ffi.cast("void *", hva + (first + off) * PAGE),
+                                   PAGE)
+                off += 1                    # that page is already there
+        return done
+
+    def _local_loop(self) -> None:
+        """Install every valid staged page, in runs, while the guest runs."""
+        from ._native import ffi
+
+        try:
+            for i, ok in enumerate(self.valid):
+                src = ffi.from_buffer(self.stage[i])
+                idx = np.flatnonzero(ok)
+                if not idx.size:
+                    continue
+                breaks = np.flatnonzero(np.diff(idx) != 1)
+                starts = np.concatenate([[idx[0]], idx[breaks + 1]])
+                ends = np.concatenate([idx[breaks], [idx[-1]]])
+                for a, b in zip(starts.tolist(), ends.tolist()):
+                    for c in range(a, b + 1, 512):      # 2 MiB at a time: faults get a turn
+                        n = min(512, b + 1 - c)
+                        self._uffd_install(i, c, n, src + c * PAGE)
+                    if self._pc_error is not None:
+                        return
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            self._pc_error = e
+        finally:
+            self._local_done.set()
+
     def _fault_loop(self, w: ms.Writer) -> None:
+        """Serve userfaultfd faults: valid staged pages at once, others by a request."""
         from ._native import ffi, lib
 
         addrs = ffi.new("uint64_t[64]")
@@ -915,49 +999,63 @@ class Destination:
                     from ._kvm import _raise_last
                     _raise_last()
                 want: dict[int, list[int]] = {}
-                now = time.monotonic_ns()
                 for k in range(n):
                     a = addrs[k]
+                    now = time.monotonic_ns()
                     for i, (b, size) in enumerate(bases):
-                        if b <= a < b + size:
-                            p = (a - b) // PAGE
-                            self.faults_seen += 1
-                            with self._pc_lock:
-                                if self.installed[i][p]:
-                                    lib.vlab_uffd_wake(self._uffd, ffi.cast("void *", b + p * PAGE),
-                                                       PAGE)
-                                elif not self.requested[i][p]:
-                                    self.requested[i][p] = now
-                                    want.setdefault(i, []).append(p)
-                            break
+                        if not b <= a < b + size:
+                            continue
+                        p = (a - b) // PAGE
+                        self.faults_seen += 1
+                        with self._pc_lock:
+                            state = ("installed" if self.installed[i][p] else
+                                     "local" if self.valid[i][p] else
+                                     "asked" if self.requested[i][p] else "fetch")
+                            if state == "fetch":
+                                self.requested[i][p] = now
+                        if state == "installed":
+                            lib.vlab_uffd_wake(self._uffd, ffi.cast("void *", b + p * PAGE), PAGE)
+                        elif state == "local":
+                            self._uffd_install(i, p, 1, ffi.from_buffer(self.stage[i]) + p * PAGE)
+                            self.local_fault_ns.append(time.monotonic_ns() - now)
+                        elif state == "fetch":
+                            want.setdefault(i, []).append(p)
+                        break
                 for i, ps in want.items():
                     for a0 in range(0, len(ps), ms.MAX_REQ):
                         w.send(ms.REQ, *ms.encode_req(i, np.asarray(ps[a0:a0 + ms.MAX_REQ],
                                                                      dtype=np.uint64)))
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             self._pc_error = e
-            self._pc_done.set()
+            self._net_done.set()
+            self._local_done.set()
 
-    def _install_loop(self, r: ms.Reader) -> None:
+    def _net_loop(self, r: ms.Reader, w: ms.Writer) -> None:
+        """Install the pages the source sends (requested or pushed) until POSTDONE, crediting
+        the source after every message."""
         from ._native import ffi, lib
 
-        copied = ffi.new("uint64_t *")
+        total = 0
         try:
-            postdone = False
             while True:
-                if postdone and self._pc_left == 0:
-                    break
                 mtype, pl = r.read({ms.PAGES, ms.POSTDONE})
                 seq = r.seq - 1
                 if mtype == ms.POSTDONE:
                     r.read_json(mtype, pl)
-                    postdone = True
-                    if self._pc_left:
-                        raise ms.StreamError(f"POSTDONE but {self._pc_left} pages never arrived")
-                    continue
+                    with self._pc_lock:
+                        missing = int(sum(int(np.count_nonzero(~inst[m.astype(np.int64)]))
+                                          for inst, m in zip(self.installed,
+                                                             (self.maps[i] for i in
+                                                              range(len(self.slots))))))
+                    if missing:
+                        raise ms.StreamError(f"POSTDONE but {missing} pages never arrived")
+                    return
                 slot, flags, idx, hashes, data = ms.decode_pages(pl, seq)
                 if slot >= len(self.slots) or int(idx.max()) >= self.slots[slot].pages:
                     raise ms.StreamError(f"PAGES message #{seq} outside the layout")
+                if self.valid[slot][idx.astype(np.int64)].any():
+                    raise ms.StreamError(f"PAGES message #{seq} resends a page the destination "
+                                         f"already holds")
                 got = np.empty(len(idx), dtype=np.uint64)
                 lib.vlab_mem_buffer_hashes(ffi.from_buffer(data), len(idx),
                                            ffi.from_buffer("uint64_t[]", got))
@@ -965,31 +1063,23 @@ class Destination:
                 if bad.size:
                     raise ms.StreamError(f"PAGES message #{seq}: page {int(idx[bad[0]])} of slot "
                                          f"{slot} arrived corrupted (hash mismatch)")
-                hva = int(ffi.cast("uintptr_t", lib.vlab_slot_hva(self.slots[slot]._h)))
                 src = ffi.from_buffer(data)
-                for k, p in enumerate(idx.tolist()):
-                    with self._pc_lock:
-                        if self.installed[slot][p]:
-                            continue
-                    rc = 2
-                    while rc == 2:
-                        rc = lib.vlab_uffd_copy(self._uffd, ffi.cast("void *", hva + p * PAGE),
-                                                src + k * PAGE, PAGE, copied)
-                        if rc < 0:
-                            from ._kvm import _raise_last
-                            _raise_last()
-                    now = time.monotonic_ns()
-                    with self._pc_lock:
-                        self.installed[slot][p] = True
-                        self.hashes[slot][p] = got[k]
-                        self._pc_left -= 1
-                        t_req = self.requested[slot][p]
-                    if t_req:
-                        self.fault_ns.append(now - int(t_req))
+                ii = idx.astype(np.int64)
+                cuts = np.flatnonzero(np.diff(ii) != 1) + 1
+                for k0, k1 in zip([0, *cuts.tolist()], [*cuts.tolist(), len(ii)]):
+                    self._uffd_install(slot, int(ii[k0]), k1 - k0, src + k0 * PAGE)
+                now = time.monotonic_ns()
+                with self._pc_lock:
+                    self.hashes[slot][ii] = got
+                    t_req = self.requested[slot][ii]
+                self.fault_ns.extend((now - t_req[t_req > 0]).tolist())
+                total += len(idx)
+                w.send(ms.CREDIT, ms.encode_credit(total))
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             self._pc_error = e
+            self._local_done.set()
         finally:
-            self._pc_done.set()
+            self._net_done.set()
 
     # ---- the whole destination side ----
     def serve(self, sock: socket.socket) -> dict:
@@ -1013,14 +1103,22 @@ class Destination:
             if postcopy:
                 threads = [threading.Thread(target=self._fault_loop, args=(w,), daemon=True,
                                             name="uffd-faults"),
-                           threading.Thread(target=self._install_loop, args=(r,), daemon=True,
-                                            name="uffd-install")]
+                           threading.Thread(target=self._net_loop, args=(r, w), daemon=True,
+                                            name="uffd-fetched"),
+                           threading.Thread(target=self._local_loop, daemon=True,
+                                            name="uffd-staged")]
                 for t in threads:
                     t.start()
             vcpu = self.vcpus[0]
             vcpu.record_marks(64)
-            p = params_view(self.vm)
-            p[16 + A_GEN] = int(p[16 + A_GEN]) + 1
+            # tell the guest it moved. In post-copy the parameter page may still be missing:
+            # touch it from C (Python's lock released), never from Python, or the thread that
+            # serves the fault could not run
+            from ._native import ffi, lib
+
+            gen = lib.vlab_mem_add_u64(ffi.from_buffer(self.vm.hva(
+                lib.VLAB_GPA_PARAMS + 8 * (16 + A_GEN), 8)), 1)
+            st["generation"] = int(gen)
             runner = GuestRunner(vcpu)
             t_resume = time.monotonic_ns()
             runner.start()
@@ -1041,14 +1139,25 @@ class Destination:
                                  "resumed_ns": t_resume, "pid": os.getpid()})
             st["first_mark_after_resume_ms"] = (mark_ns - t_resume) / 1e6
             if postcopy:
-                self._pc_done.wait(self.io_timeout * 10)
-                for t in threads:
-                    t.join(5)
+                t_pc = time.monotonic_ns()
+                limit = time.monotonic() + self.io_timeout * 10
+                for ev in (self._net_done, self._local_done):
+                    ev.wait(max(0.0, limit - time.monotonic()))
                 if self._pc_error is not None:
                     raise self._pc_error
+                if self._left:
+                    raise VlabError(f"post-copy did not complete: {self._left} pages missing")
+                self._pc_done.set()
+                for t in threads:
+                    t.join(5)
+                self.stage = None
                 st["demand_faults"] = len(self.fault_ns)
+                st["local_faults"] = len(self.local_fault_ns)
                 st["uffd_fault_events"] = self.faults_seen
                 st["fault_latency_ms"] = _stats_ms(self.fault_ns)
+                st["local_fault_latency_ms"] = _stats_ms(self.local_fault_ns)
+                st["postcopy_complete_after_resume_ms"] = (time.monotonic_ns() - t_resume) / 1e6
+                del t_pc
             for i, h in enumerate(self.hashes):
                 for a in range(0, len(h), ms.MAX_HASHES):
                     w.send(ms.HASHES, *ms.encode_hashes(i, a, h[a:a + ms.MAX_HASHES]))
@@ -1058,6 +1167,7 @@ class Destination:
                 time.sleep(left)
             if runner.finished:
                 raise runner.error or VlabError(f"guest stopped on its own: {runner.stop_reason}")
+            p = params_view(self.vm)            # every page is present by now
             p[16 + A_STOP] = 1
             guest_err = None
             try:
@@ -1284,8 +1394,20 @@ def run_local(cfg: RunConfig, *, run_after: float = 1.0, timeout: float = 600.0,
                      str(cfg.trace_interval_ms), "--trace-out", trace_path]
         src = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env)
-        s_out, s_err = src.communicate(timeout=timeout)
-        d_out, d_err = dst.communicate(timeout=60)
+        try:
+            s_out, s_err = src.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise VlabError(f"source did not finish within {timeout:g} s") from None
+        try:
+            d_out, d_err = dst.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            dst.send_signal(signal.SIGUSR1)         # its threads' stacks, for the report
+            time.sleep(0.5)
+            dst.kill()
+            d_out, d_err = dst.communicate()
+            d_out = json.dumps({"status": "error", "guest_resumed": None,
+                                "reason": "destination did not exit within 60 s after the "
+                                          "source; stacks: " + d_err.strip()[-2000:]})
         res = _last_json(s_out)
         if res is None:
             raise VlabError(f"source failed: {s_err.strip().splitlines()[-1] if s_err.strip() else 'no output'}")
@@ -1390,9 +1512,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                           postcopy_rounds=args.postcopy_rounds, io_timeout=args.io_timeout)
     spec.validate()
     opts.validate()
-    if args.strategy == "postcopy" and args.postcopy_rounds < 1:
-        raise UsageError("post-copy needs at least one pre-copy round (the one that starts "
-                         "dirty logging): --postcopy-rounds >= 1")
     return RunConfig(spec=spec, opts=opts, warmup_s=args.warmup_s, trace_s=args.trace_s,
                      trace_interval_ms=args.trace_interval_ms, trace_out=args.trace_out)
 
@@ -1430,8 +1549,11 @@ def format_result(res: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m vlab.migrate`: one role (--listen or --to), or both on loopback."""
+    import faulthandler
+
     from .cli import _Parser
 
+    faulthandler.register(signal.SIGUSR1)     # `kill -USR1 PID`: every thread's stack, stderr
     p = _Parser(prog="vlab migrate", description=__doc__.split("\n")[0])
     add_arguments(p)
     try:

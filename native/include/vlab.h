@@ -235,6 +235,8 @@ int vlab_mem_gather(const void *base, uint64_t n_pages, const uint64_t *idx, uin
 int vlab_mem_scatter(void *base, uint64_t n_pages, const uint64_t *idx, uint64_t n,
                      const void *in, uint64_t *hashes);
 int vlab_mem_discard(void *addr, uint64_t len);
+uint64_t vlab_mem_add_u64(void *addr, uint64_t delta);
+int vlab_mem_discard_pages(void *base, uint64_t n_pages, const uint64_t *idx, uint64_t n);
 int vlab_uffd_open(uint64_t features, uint64_t *features_out);
 int vlab_uffd_register(int fd, void *addr, uint64_t len, uint64_t *ioctls_out);
 int vlab_uffd_unregister(int fd, void *addr, uint64_t len);

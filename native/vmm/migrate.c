@@ -131,6 +131,44 @@ int vlab_mem_discard(void *addr, uint64_t len)
     return 0;
 }
 
+/* Discard the pages idx[0..n) (sorted, ascending) of the region: one madvise per run of
+ * consecutive pages. Returns the number of madvise calls made. */
+int vlab_mem_discard_pages(void *base, uint64_t n_pages, const uint64_t *idx, uint64_t n)
+{
+    uint64_t i = 0;
+    int calls = 0;
+
+    while (i < n) {
+        uint64_t a = idx[i], b = a;
+
+        if (a >= n_pages || (i && idx[i] <= idx[i - 1]))
+            return vlab_fail(EINVAL, "vlab_mem_discard_pages", "page %llu out of order or "
+                             "outside %llu pages", (unsigned long long)a,
+                             (unsigned long long)n_pages);
+        while (i + 1 < n && idx[i + 1] == b + 1 && b + 1 < n_pages) {
+            b++;
+            i++;
+        }
+        i++;
+        if (madvise((uint8_t *)base + a * VLAB_PAGE, (b - a + 1) * VLAB_PAGE, MADV_DONTNEED))
+            return vlab_fail_errno("madvise", "MADV_DONTNEED pages %llu..%llu",
+                                   (unsigned long long)a, (unsigned long long)b);
+        calls++;
+    }
+    return calls;
+}
+
+/* *addr += delta; returns the new value. For the VMM's own writes to guest memory that may
+ * still be missing under userfaultfd: the access can block until the page arrives, and it
+ * must do so here, in C, where Python's lock is released, not in Python code. */
+uint64_t vlab_mem_add_u64(void *addr, uint64_t delta)
+{
+    volatile uint64_t *p = addr;
+
+    *p = *p + delta;
+    return *p;
+}
+
 /* ---------------- userfaultfd ---------------- */
 
 /* Open a userfaultfd (the syscall, then /dev/userfaultfd) and negotiate the API. Faults from
