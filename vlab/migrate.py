@@ -352,7 +352,6 @@ class Source:
                                "max_rounds": o.max_rounds, "auto_converge": o.auto_converge,
                                "guest_pages": self.n_pages, "outcome": None, "error": None,
                                "verified": False, "guest_running": None}
-        self._res = res
         rounds: list[dict] = []
         res["rounds_detail"] = rounds
         committed = paused = False
