@@ -292,7 +292,7 @@ def _assert_verified(res: dict) -> None:
 
 
 @needs_kvm
-@pytest.mark.parametrize("mode", ["bitmap", "ring"])
+@pytest.mark.parametrize("mode", ["bitmap", "clear", "ring"])
 def test_precopy_migration_is_verified(mode):
     from vlab.migrate import run_local
 

@@ -9,7 +9,7 @@ import argparse
 from ._errors import UsageError
 
 STRATEGIES = ("precopy", "postcopy")
-MODES = ("bitmap", "ring")
+MODES = ("bitmap", "clear", "ring")
 POLICIES = ("stop_copy", "abort")
 
 _SIZE = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

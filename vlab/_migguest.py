@@ -316,22 +316,32 @@ class DirtyTracker:
     """Which pages of which slots the guest wrote since the last harvest.
 
     bitmap: KVM_GET_DIRTY_LOG per slot (fetch and re-protect in one ioctl).
+    clear: manual protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, bits initially set): the
+    harvest only reads the bitmap; the sender clears (re-protects) each batch of pages with
+    KVM_CLEAR_DIRTY_LOG just before copying it (`clear`). A page written between the harvest
+    and its copy then goes out once, with its new content, instead of being sent again in the
+    next round (what QEMU does).
     ring: the vCPUs' dirty rings are drained (also by the vCPU thread when KVM says a ring is
     full) into per-slot pending sets, then KVM_RESET_DIRTY_RINGS re-protects those pages.
-    Either way a page is re-protected before the caller copies it, so a write after the copy
+    Every way a page is re-protected before the caller copies it, so a write after the copy
     is logged again.
     """
 
     def __init__(self, vm: Vm, slots: list[MemorySlot], mode: str, vcpus: list[Vcpu]):
-        if mode not in ("bitmap", "ring"):
-            raise UsageError(f"dirty tracking mode must be 'bitmap' or 'ring', got {mode!r}")
+        if mode not in ("bitmap", "clear", "ring"):
+            raise UsageError(f"dirty tracking mode must be 'bitmap', 'clear' or 'ring', "
+                             f"got {mode!r}")
         self.vm, self.slots, self.mode, self.vcpus = vm, slots, mode, vcpus
         self._pos = {s.id: i for i, s in enumerate(slots)}
         self._pending = [np.zeros(s.pages, dtype=bool) for s in slots] if mode == "ring" else []
         self._lock = threading.Lock()
         self.active = False
         self.harvest_ns = 0
+        self.clear_ns = 0
         self.ring_entries = 0
+        if mode == "clear":
+            # ENABLE | INITIALLY_SET: logging starts with every bit set, nothing protected
+            vm.enable_cap("MANUAL_DIRTY_LOG_PROTECT2", 3)
 
     def start(self) -> None:
         for s in self.slots:
@@ -351,11 +361,19 @@ class DirtyTracker:
                 for p in self._pending:
                     p[:] = False
 
-    def harvest(self) -> list[np.ndarray]:
-        """Per slot, the sorted page indices written since the last harvest."""
+    def harvest(self, clear_all: bool = False) -> list[np.ndarray]:
+        """Per slot, the sorted page indices written since the last harvest (clear mode:
+        since they were last cleared; `clear_all` clears all of them at once)."""
         t0 = time.monotonic_ns()
         if self.mode == "bitmap":
             out = [bits_to_index(self.vm.get_dirty_log(s), s.pages) for s in self.slots]
+        elif self.mode == "clear":
+            out = []
+            for s in self.slots:
+                bm = self.vm.get_dirty_log(s)
+                if clear_all:
+                    self.vm.clear_dirty_log(s, bm, 0, s.pages)
+                out.append(bits_to_index(bm, s.pages))
         else:
             with self._lock:
                 self._drain()
@@ -364,6 +382,21 @@ class DirtyTracker:
                     p[:] = False
         self.harvest_ns += time.monotonic_ns() - t0
         return out
+
+    def clear(self, pos: int, idx: np.ndarray) -> None:
+        """clear mode: re-protect the pages `idx` (sorted) of slot `pos` before they are
+        copied. One KVM_CLEAR_DIRTY_LOG over the 64-page-aligned span they cover."""
+        if self.mode != "clear" or not self.active or not len(idx):
+            return
+        t0 = time.monotonic_ns()
+        s = self.slots[pos]
+        first = int(idx[0]) & ~63
+        num = min((int(idx[-1]) - first) // 64 * 64 + 64, s.pages - first)
+        bits = np.zeros((num + 63) // 64 * 64, dtype=np.uint8)
+        bits[idx.astype(np.int64) - first] = 1
+        self.vm.clear_dirty_log(s, np.packbits(bits, bitorder="little").view(np.uint64),
+                                first, num)
+        self.clear_ns += time.monotonic_ns() - t0
 
     def ring_full(self) -> None:
         """Called on the vCPU thread when KVM stops it because its ring is full."""

@@ -13,8 +13,9 @@ ACK, and compares those hashes with its own paused memory. The guest then runs o
 destination and reports its own invariants (REPORT).
 
 Strategies:
-* precopy: iterative pre-copy with dirty logging (bitmap: KVM_GET_DIRTY_LOG; ring: the dirty
-  ring). A round sends the pages dirtied during the previous one; when the remaining set can be
+* precopy: iterative pre-copy with dirty logging (bitmap: KVM_GET_DIRTY_LOG; clear: manual
+  protection, each batch re-protected with KVM_CLEAR_DIRTY_LOG just before it is copied, so a
+  page written before its copy is not sent again; ring: the dirty ring). A round sends the pages dirtied during the previous one; when the remaining set can be
   sent within `max_downtime_ms` (at the bandwidth limit, or the measured rate without one),
   the guest is paused and the rest sent (outcome "converged"). After `max_rounds` live rounds
   the non-convergence policy applies: "stop_copy" pauses and sends the rest anyway (outcome
@@ -254,7 +255,7 @@ class Source:
         iv = np.zeros(k, dtype=np.int64)
         self.tracker.start()
         try:
-            self.tracker.harvest()
+            self.tracker.harvest(clear_all=True)
             w0, t_last = self.writes_so_far(), time.monotonic_ns()
             t_first = t_last
             for i in range(k):
@@ -262,7 +263,7 @@ class Source:
                 delay = (target - time.monotonic_ns()) / 1e9
                 if delay > 0:
                     time.sleep(delay)
-                sets = self.tracker.harvest()
+                sets = self.tracker.harvest(clear_all=True)
                 t = time.monotonic_ns()
                 iv[i] = max(1, t - t_last)
                 t_last = t
@@ -296,7 +297,10 @@ class Source:
             self.closed = True
 
     # ---- sending ----
-    def _send_sets(self, w: ms.Writer, sets: list[np.ndarray], flags: int = 0) -> int:
+    def _send_sets(self, w: ms.Writer, sets: list[np.ndarray], flags: int = 0,
+                   clear: bool = True) -> int:
+        """Send the pages `sets[slot]` in batches; in clear mode each batch is re-protected
+        right before it is copied (unless `clear` is False: the guest is paused)."""
         from ._native import ffi, lib
 
         sent = 0
@@ -310,6 +314,8 @@ class Source:
             for a in range(0, len(idx), bp):
                 chunk = idx[a:a + bp]
                 n = len(chunk)
+                if clear:
+                    self.tracker.clear(pos, chunk)
                 if lib.vlab_mem_gather(hva, slot.pages, ffi.from_buffer("uint64_t[]", chunk), n,
                                        cbuf, chash) < 0:
                     from ._kvm import _raise_last
@@ -434,7 +440,7 @@ class Source:
             if o.strategy == "precopy":
                 nf = int(sum(len(x) for x in final))
                 w.send_json(ms.ROUND, {"round": len(rounds), "pages": nf, "final": True})
-                self._send_sets(w, final)
+                self._send_sets(w, final, clear=False)
                 rounds.append({"round": len(rounds), "pages": nf,
                                "ms": (time.monotonic_ns() - tf0) / 1e6, "bytes": w.bytes - bf0,
                                "throttle": 0.0, "dirtied": 0, "final": True})
@@ -550,6 +556,7 @@ class Source:
         res["messages_sent"] = w.messages
         res["bandwidth_wait_s"] = w.bucket.waited_s
         res["harvest_ms"] = self.tracker.harvest_ns / 1e6
+        res["clear_ms"] = self.tracker.clear_ns / 1e6
         res["ring_full_exits"] = self.runner.ring_full
         res["throttle_per_round"] = [r["throttle"] for r in rounds]
         res["resent_unchanged_pages"] = self.resent_unchanged
