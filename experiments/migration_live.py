@@ -52,6 +52,10 @@ def _config(params: dict):
     from vlab._migguest import GuestSpec
     from vlab.migrate import MigrateOptions, RunConfig
 
+    for key in ("mem", "rate", "max_rounds", "lag_us"):
+        v = params.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise UsageError(f"{key} must be an integer, got {v!r}")
     mem = int(params.get("mem", 64 << 20))
     link = params.get("link_mbit", 1000)
     if link is not None and (isinstance(link, bool) or not isinstance(link, (int, float))
