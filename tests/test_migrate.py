@@ -416,11 +416,13 @@ def test_destination_lost_at_switch_over_resumes_source():
     seen = []
 
     def fake_destination():
-        r = ms.Reader(b)
+        r, w = ms.Reader(b), ms.Writer(b)
         try:
             while True:
                 mtype, pl = r.read()
                 seen.append(mtype)
+                if mtype == ms.SYNC:
+                    w.send_json(ms.SYNCED, ms.decode_json(mtype, pl))
                 if mtype == ms.ROUND and ms.decode_json(mtype, pl)["final"]:
                     break
         finally:
@@ -490,12 +492,14 @@ def test_corrupted_or_truncated_streams_are_refused():
             return b.gettimeout()
 
     def capture():
-        r = ms.Reader(Tap())
+        r, w = ms.Reader(Tap()), ms.Writer(b)
         try:
             while True:
                 off = len(captured)
-                mtype, _ = r.read()
+                mtype, pl = r.read()
                 marks.append((off, mtype))
+                if mtype == ms.SYNC:
+                    w.send_json(ms.SYNCED, ms.decode_json(mtype, pl))
                 if mtype == ms.DONE:
                     break
         finally:

@@ -48,26 +48,28 @@ MAX_REQ = 1024
 MAX_HASHES = 1 << 17
 
 # source -> destination
-HELLO, LAYOUT, ROUND, PAGES, STATE, DONE, GO, ABORT, FIN, DIRTYMAP, POSTDONE = range(1, 12)
+HELLO, LAYOUT, ROUND, PAGES, STATE, DONE, GO, ABORT, FIN, DIRTYMAP, POSTDONE, SYNC = range(1, 13)
 # destination -> source
-READY, ACK, HASHES, REQ, REPORT, ERROR, CREDIT = range(20, 27)
+READY, ACK, HASHES, REQ, REPORT, ERROR, CREDIT, SYNCED = range(20, 28)
 
 NAMES = {HELLO: "HELLO", LAYOUT: "LAYOUT", ROUND: "ROUND", PAGES: "PAGES", STATE: "STATE",
          DONE: "DONE", GO: "GO", ABORT: "ABORT", FIN: "FIN", DIRTYMAP: "DIRTYMAP",
-         POSTDONE: "POSTDONE", READY: "READY", ACK: "ACK", HASHES: "HASHES", REQ: "REQ",
+         POSTDONE: "POSTDONE", SYNC: "SYNC", SYNCED: "SYNCED", READY: "READY", ACK: "ACK", HASHES: "HASHES", REQ: "REQ",
          REPORT: "REPORT", ERROR: "ERROR", CREDIT: "CREDIT"}
 
 _JSON_LIMIT = 1 << 16
 LIMITS = {HELLO: _JSON_LIMIT, LAYOUT: _JSON_LIMIT, ROUND: _JSON_LIMIT, DONE: _JSON_LIMIT,
           GO: _JSON_LIMIT, ABORT: _JSON_LIMIT, FIN: _JSON_LIMIT, POSTDONE: _JSON_LIMIT,
           READY: _JSON_LIMIT, ACK: _JSON_LIMIT, REPORT: _JSON_LIMIT, ERROR: _JSON_LIMIT,
+          SYNC: _JSON_LIMIT, SYNCED: _JSON_LIMIT,
           PAGES: 8 + MAX_BATCH * (16 + PAGE),
           STATE: 8 + (1 << 20),
           DIRTYMAP: 8 + (1 << 27),          # a bitmap for up to 2^30 pages (4 TiB)
           HASHES: 16 + 8 * MAX_HASHES,
           REQ: 8 + 8 * MAX_REQ,
           CREDIT: 8}
-JSON_TYPES = {HELLO, LAYOUT, ROUND, DONE, GO, ABORT, FIN, POSTDONE, READY, ACK, REPORT, ERROR}
+JSON_TYPES = {HELLO, LAYOUT, ROUND, DONE, GO, ABORT, FIN, POSTDONE, SYNC, READY, ACK, REPORT,
+              ERROR, SYNCED}
 
 # keys each JSON message must carry, with their types (more keys are allowed)
 _NUM = (int, float)
@@ -78,6 +80,7 @@ SCHEMA: dict[int, dict[str, Any]] = {
     ROUND: {"round": int, "pages": int, "final": bool},
     DONE: {"rounds": int, "pages_sent": int, "messages": int, "pause_ns": int},
     GO: {}, ABORT: {"reason": str}, FIN: {}, POSTDONE: {"pages_sent": int},
+    SYNC: {"round": int}, SYNCED: {"round": int},
     READY: {"pages_received": int}, ACK: {"mark_ns": int, "boot_id": str, "resumed_ns": int},
     REPORT: {"guest": dict}, ERROR: {"reason": str},
 }

@@ -424,6 +424,17 @@ class Source:
                 self._finish_res(res, rounds, w)
                 return res
             # ---- switch-over ----
+            # Let the destination drain what is still queued in the sockets and in its own
+            # backlog while the guest still runs here: otherwise that catching-up would count
+            # as downtime. Whatever the guest dirties meanwhile goes in the final set.
+            r = ms.Reader(sock, "destination")
+            t_sync = time.monotonic_ns()
+            w.send_json(ms.SYNC, {"round": len(rounds)})
+            mtype, pl = r.read({ms.SYNCED, ms.ERROR})
+            msg = r.read_json(mtype, pl)
+            if mtype == ms.ERROR:
+                raise ms.StreamError(f"destination failed: {msg['reason']}")
+            res["sync_ms"] = (time.monotonic_ns() - t_sync) / 1e6
             t_req = time.monotonic_ns()
             t_pause = self.runner.pause()
             t_paused = time.monotonic_ns()
@@ -464,7 +475,6 @@ class Source:
             live_s = (t_pause - t0) / 1e9
             res["writes_per_s_while_migrating"] = (self.writes_so_far() - writes0) / live_s \
                 if live_s > 0 and self.spec.workload == "uniform" else None
-            r = ms.Reader(sock, "destination")
             mtype, pl = r.read({ms.READY, ms.ERROR})
             t_ready = time.monotonic_ns()
             msg = r.read_json(mtype, pl)
@@ -810,7 +820,7 @@ class Destination:
         self.hashes[slot][ii] = out
         return len(idx)
 
-    def receive(self, r: ms.Reader) -> dict:
+    def receive(self, r: ms.Reader, w: ms.Writer) -> dict:
         """Everything up to DONE: a complete guest in memory, its vCPU state loaded."""
         from ._native import lib
 
@@ -826,9 +836,13 @@ class Destination:
         next_round, final_seen, pages_rx = 0, False, 0
         postcopy = hello["strategy"] == "postcopy"
         while True:
-            mtype, pl = r.read({ms.ROUND, ms.PAGES, ms.STATE, ms.DIRTYMAP, ms.DONE, ms.ABORT})
+            mtype, pl = r.read({ms.ROUND, ms.PAGES, ms.STATE, ms.DIRTYMAP, ms.DONE, ms.ABORT,
+                                ms.SYNC})
             seq = r.seq - 1
-            if mtype == ms.ROUND:
+            if mtype == ms.SYNC:
+                # everything before it is applied: say so (the source pauses after this)
+                w.send_json(ms.SYNCED, r.read_json(mtype, pl))
+            elif mtype == ms.ROUND:
                 rd = r.read_json(mtype, pl)
                 if rd["round"] != next_round or final_seen:
                     raise ms.StreamError(f"ROUND {rd['round']} out of order (expected "
@@ -1095,7 +1109,7 @@ class Destination:
         runner: GuestRunner | None = None
         r, w = ms.Reader(sock, "source"), ms.Writer(sock)
         try:
-            info = self.receive(r)
+            info = self.receive(r, w)
             postcopy = info["hello"]["strategy"] == "postcopy"
             if postcopy:
                 self._postcopy_setup()
