@@ -82,6 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     hres.add_argument("key", nargs="?")
     hres.add_argument("--dry-run", action="store_true")
     hs.add_parser("show", help="the settings `vlab host set` manages, as they are now")
+
+    # ---- live migration (vlab/migrate.py) ----
+    from ._migargs import add_arguments as _migrate_arguments
+
+    mg = sub.add_parser("migrate", help="live-migrate a running guest between two VMM "
+                                        "processes and verify it")
+    _migrate_arguments(mg)
+    # ---- end live migration ----
     return p
 
 
@@ -311,9 +319,21 @@ def cmd_trace(args) -> int:
     return 0 if code == 0 else 1
 
 
+# ---- live migration ----
+
+def cmd_migrate(args) -> int:
+    """`vlab migrate`: by default a destination and a source process on loopback, the
+    migration verified and set beside the pre-copy model; or one role (--listen / --to)."""
+    from .migrate import run_cli
+
+    return run_cli(args)
+
+# ---- end live migration ----
+
+
 COMMANDS = {"doctor": cmd_doctor, "list": cmd_list, "run": cmd_run, "show": cmd_show,
             "compare": cmd_compare, "plot": cmd_plot, "report": cmd_report, "host": cmd_host,
-            "trace": cmd_trace}
+            "trace": cmd_trace, "migrate": cmd_migrate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -226,6 +226,27 @@ int64_t vlab_vcpu_state_size(void);
 int vlab_vcpu_save_state(struct vlab_vcpu *vcpu, uint8_t *buf, uint64_t size);
 int vlab_vcpu_load_state(struct vlab_vcpu *vcpu, const uint8_t *buf, uint64_t size);
 
+/* ---- live migration (native/vmm/migrate.c) ---- */
+int vlab_mem_page_hashes(const void *base, uint64_t n_pages, const uint64_t *idx, uint64_t n,
+                         uint64_t *out);
+int vlab_mem_buffer_hashes(const void *buf, uint64_t n, uint64_t *out);
+int vlab_mem_gather(const void *base, uint64_t n_pages, const uint64_t *idx, uint64_t n,
+                    void *out, uint64_t *hashes);
+int vlab_mem_scatter(void *base, uint64_t n_pages, const uint64_t *idx, uint64_t n,
+                     const void *in, uint64_t *hashes);
+int vlab_mem_discard(void *addr, uint64_t len);
+uint64_t vlab_mem_add_u64(void *addr, uint64_t delta);
+int vlab_mem_discard_pages(void *base, uint64_t n_pages, const uint64_t *idx, uint64_t n);
+int vlab_uffd_open(uint64_t features, uint64_t *features_out);
+int vlab_uffd_register(int fd, void *addr, uint64_t len, uint64_t *ioctls_out);
+int vlab_uffd_unregister(int fd, void *addr, uint64_t len);
+int vlab_uffd_read(int fd, int timeout_ms, uint64_t *addrs, uint32_t cap);
+int vlab_uffd_copy(int fd, void *dst, const void *src, uint64_t len, uint64_t *copied);
+int vlab_uffd_wake(int fd, void *addr, uint64_t len);
+int vlab_vcpu_set_tsc_khz(struct vlab_vcpu *vcpu, uint32_t khz);
+int vlab_vcpu_kick(struct vlab_vcpu *vcpu);
+/* ---- end live migration ---- */
+
 /* guest images compiled into this library */
 const uint8_t *vlab_guest_image(const char *name, uint64_t *size);
 const char *vlab_guest_image_name(int index);
