@@ -15,7 +15,9 @@ Metrics of a case (one row each):
                            mode), or the two VMs' vCPU threads, or the two host threads
   ratio_to_native          (VM paths) throughput / io.native_ring's at the same size, measured
                            in the same worker right after
-  ratio_to_tcp             (io.ivshmem) throughput / io.tcp_loopback's: the seeds' "10x" claim
+  ratio_to_tcp             (io.ivshmem) throughput / io.tcp_loopback's: the seeds' "10x" claim;
+                           extra.solo_one_cpu has the ring code's cycles per message with both
+                           ends on one CPU, in the guest and on the host (compute alone)
   model_ns_per_msg         (io.virtio, flags.model) exits/msg x cost of that exit (exits.pio_user
                            or exits.pio_kernel, measured the same way here) + the guest's copy
                            (+ the backend's copy in user mode, where it runs on the vCPU thread)
@@ -97,6 +99,7 @@ class State:
         self.native: HostPath | None = None
         self.tcp: HostPath | None = None
         self.model: dict[str, Any] = {}
+        self.solo: dict[str, float] = {}
         try:
             self.chunk = _chunk_size(self.path, self.batch)
             self.rounds = _rounds(self.path)
@@ -106,6 +109,14 @@ class State:
             if exp == "io.ivshmem":
                 self.tcp = HostPath("io.tcp_loopback", msg_bytes=params["msg_bytes"])
                 self.tcp_chunk = _chunk_size(self.tcp, 1)
+                # the ring code alone, both ends on one CPU: guest vs host compute per message
+                rounds = max(1, 200_000 // (self.path.capacity * params["msg_bytes"] // 64 + 1))
+                self.solo = {
+                    "guest_cycles_per_msg": self.path.solo(rounds=rounds, chunks=5,
+                                                           batch=self.batch),
+                    "host_cycles_per_msg": _iopaths.host_solo(params["msg_bytes"],
+                                                              rounds=rounds, chunks=5,
+                                                              batch=self.batch)}
             if exp == "io.virtio":
                 self.model = _model_terms(self.path, params)
         except BaseException:
@@ -235,6 +246,8 @@ def _measure(st: State, loops: int) -> Measurement:
         tcp_gbit = float(np.median(tcp.gbit_per_s()))
         metrics["ratio_to_tcp"] = (gbit / tcp_gbit).tolist()
         extra["tcp_gbit_per_s"] = tcp_gbit
+    if st.solo:
+        extra["solo_one_cpu"] = st.solo
     if st.model:
         e = run.exits_per_msg() or 0.0
         metrics["model_ns_per_msg"] = [_model_ns(st.model, e)]

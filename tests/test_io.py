@@ -563,6 +563,17 @@ def test_ivshmem_doorbell_accounting(kvm):
 
 
 @needs_kvm
+def test_ring_code_alone_runs_in_guest_and_host(kvm):
+    P = _paths()
+    p = P.IvshmemPath(notify="poll", msg_bytes=256, kvm=kvm)
+    try:
+        assert p.solo(rounds=4, chunks=2) > 0
+    finally:
+        p.close()
+    assert P.host_solo(256, rounds=4, chunks=2) > 0
+
+
+@needs_kvm
 def test_abort_stops_a_spinning_guest(kvm):
     from vlab import Machine
     from vlab._errors import KvmError
