@@ -255,6 +255,20 @@ class VirtioPath:
         self.m.run_to_done(timeout=self.timeout)
         return self.m.results(0)[:chunks].astype(np.float64) / chunk_msgs
 
+    def kicks(self, *, chunk_msgs: int, chunks: int, live: bool) -> np.ndarray:
+        """Guest cycles per notify write with nothing posted: with `live` the backend is
+        running (kernel mode: its thread sleeps on the ioeventfd and each kick wakes it; user
+        mode: the exit runs the device on an empty queue), else nobody waits on the kick."""
+        self._args(5, self.txq, self.tx_buf, self.tx_stride, NOTIFY_PORT, 1, chunk_msgs, chunks,
+                   1, 0)
+        if live:
+            self._run(self.tx)
+        else:
+            self.m.restart()
+            self.tx.reset()
+            self.m.run_to_done(timeout=self.timeout)
+        return self.m.results(0)[:chunks].astype(np.float64) / chunk_msgs
+
     def hostile(self, what: str, timeout: float = 20.0) -> None:
         """Let the guest break the transmit queue (`what` in HOSTILE) and kick; the run must
         end in VirtqueueError, which is re-raised."""
