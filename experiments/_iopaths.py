@@ -21,7 +21,7 @@ import numpy as np
 
 from vlab import _io
 from vlab._errors import KvmError, VlabError
-from vlab._kvm import Kvm
+from vlab._kvm import Kvm, _raise_last
 from vlab._machine import Machine
 from vlab._native import ffi, lib
 from vlab._stats import diff, guest_exits
@@ -255,6 +255,20 @@ class VirtioPath:
         self.m.run_to_done(timeout=self.timeout)
         return self.m.results(0)[:chunks].astype(np.float64) / chunk_msgs
 
+    def kicks(self, *, chunk_msgs: int, chunks: int, live: bool) -> np.ndarray:
+        """Guest cycles per notify write with nothing posted: with `live` the backend is
+        running (kernel mode: its thread sleeps on the ioeventfd and each kick wakes it; user
+        mode: the exit runs the device on an empty queue), else nobody waits on the kick."""
+        self._args(5, self.txq, self.tx_buf, self.tx_stride, NOTIFY_PORT, 1, chunk_msgs, chunks,
+                   1, 0)
+        if live:
+            self._run(self.tx)
+        else:
+            self.m.restart()
+            self.tx.reset()
+            self.m.run_to_done(timeout=self.timeout)
+        return self.m.results(0)[:chunks].astype(np.float64) / chunk_msgs
+
     def hostile(self, what: str, timeout: float = 20.0) -> None:
         """Let the guest break the transmit queue (`what` in HOSTILE) and kick; the run must
         end in VirtqueueError, which is re-raised."""
@@ -398,6 +412,13 @@ class IvshmemPath:
                    sum_errors=ta["sum_errors"] + tb["sum_errors"],
                    extra={"kicks": ta["kicks"] + tb["kicks"], "waits": ta["waits"] + tb["waits"]})
 
+    def solo(self, *, rounds: int, chunks: int, batch: int = 1) -> float:
+        """Guest cycles per message of the ring code with both ends on one vCPU (no second CPU,
+        no cache-line transfers): the guest's compute cost alone."""
+        self._setup(5, 5, batch, rounds, chunks, 1, 0)
+        self.a.run_to_done(timeout=self.timeout)
+        return float(np.median(self.a.results(0)[:chunks])) / (rounds * self.capacity)
+
     def close(self) -> None:
         for m in (self.a, self.b):
             if m is not None:
@@ -452,6 +473,16 @@ class HostPath:
 
     def close(self) -> None:
         pass
+
+
+def host_solo(msg_bytes: int, *, rounds: int, chunks: int, batch: int = 1) -> float:
+    """Host TSC cycles per message of the same ring code with both ends on one thread."""
+    samples = np.zeros(chunks, dtype=np.uint64)
+    slots = lib.vlab_ring_solo(msg_bytes, batch, rounds, chunks,
+                               ffi.from_buffer("uint64_t[]", samples))
+    if slots < 0:
+        _raise_last()
+    return float(np.median(samples)) / (rounds * slots)
 
 
 def make_path(experiment: str, params: dict, *, verify: bool = False, kvm: Kvm | None = None):

@@ -357,6 +357,8 @@ int64_t vlab_task_cpu_ns(int32_t tid);
 int64_t vlab_task_wait_ns(int32_t tid);
 int64_t vlab_ring_bytes(uint32_t msg_bytes);
 int64_t vlab_ring_setup(void *mem, uint64_t size, uint32_t msg_bytes);
+int vlab_ring_solo(uint32_t msg_bytes, uint32_t batch, uint64_t rounds, uint64_t chunks,
+                   uint64_t *samples);
 int vlab_copy_cost(uint32_t msg_bytes, uint32_t nbufs, uint64_t iters, int use_memcpy,
                    uint64_t *ns);
 

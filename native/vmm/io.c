@@ -455,6 +455,55 @@ int64_t vlab_ring_setup(void *mem, uint64_t size, uint32_t msg_bytes)
     return (int64_t)vlab_spsc_bytes(slots, sb);
 }
 
+/* The ring's own cost per message on one host thread (see vlab_spsc_solo): `chunks` samples
+ * of TSC cycles, each `rounds` ring-fulls. Returns the ring's slot count. */
+int vlab_ring_solo(uint32_t msg_bytes, uint32_t batch, uint64_t rounds, uint64_t chunks,
+                   uint64_t *samples)
+{
+    struct vlab_spsc_end p, c;
+    struct host_ctx hc;
+    int64_t one = vlab_ring_bytes(msg_bytes);
+    uint8_t *mem, *src = malloc(msg_bytes), *sink = malloc(msg_bytes);
+    int r = 0;
+
+    memset(&hc, 0, sizeof(hc));
+    hc.deadline_ns = ~0ULL;
+    mem = mmap(NULL, (size_t)one, PROT_READ | PROT_WRITE,
+               MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (mem == MAP_FAILED || !src || !sink) {
+        r = vlab_fail(ENOMEM, "vlab_ring_solo", "buffers");
+        goto out;
+    }
+    vlab_ring_setup(mem, (uint64_t)one, msg_bytes);
+    memset(src, 0x5a, msg_bytes);
+    if (vlab_spsc_attach(&p, mem, (uint64_t)one, msg_bytes, 1) ||
+        vlab_spsc_attach(&c, mem, (uint64_t)one, msg_bytes, 0)) {
+        r = vlab_fail(EPROTO, "vlab_ring_solo", "attach");
+        goto out;
+    }
+    for (uint64_t i = 0; i < chunks; i++) {
+        uint64_t rounds_done = 0, t0 = vlab_tsc();
+
+        for (; rounds_done < rounds; rounds_done++) {
+            if (vlab_spsc_send(&p, p.slots, src, msg_bytes, batch, 0, &hc))
+                break;
+            for (uint64_t k = 0; k < c.slots; k++)
+                if (vlab_spsc_recv(&c, sink, msg_bytes, 0, &hc))
+                    break;
+            vlab_spsc_release(&c);
+            p.other = c.pos;
+        }
+        samples[i] = vlab_tsc() - t0;
+    }
+    r = (int)p.slots;
+out:
+    if (mem != MAP_FAILED)
+        munmap(mem, (size_t)one);
+    free(src);
+    free(sink);
+    return r;
+}
+
 int vlab_xfer_native_ring(struct vlab_xfer *x, uint64_t *samples, uint64_t cap)
 {
     struct host_ctx c;

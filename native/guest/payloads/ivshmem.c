@@ -12,7 +12,8 @@
  * that claim more than the ring holds fail the run, and slot addresses come from our own copy.
  *
  * Arguments (ARG(i)):
- *   0 role        1 producer, 2 consumer (stream); 3 echo client, 4 echo server (round trips)
+ *   0 role        1 producer, 2 consumer (stream); 3 echo client, 4 echo server (round trips);
+ *                 5 solo: both ends on this vCPU, chunks samples of chunk_msgs ring-fulls
  *   1 msg_bytes   2 batch   3 chunk_msgs   4 chunks   5 warm (chunks)
  *   6 flags       VLAB_XFER_F_*
  *   7 ring0_gpa   requests (client/producer -> server/consumer)
@@ -37,7 +38,7 @@ struct ports {
     __asm__ volatile("outb %%al, %%dx" :: "a"((u8)1), "d"(((struct ports *)(ctx))->wait) : "memory")
 #include "../../include/vlab_spsc.h"
 
-enum role { R_PRODUCER = 1, R_CONSUMER, R_CLIENT, R_SERVER };
+enum role { R_PRODUCER = 1, R_CONSUMER, R_CLIENT, R_SERVER, R_SOLO };
 
 static u64 stamps[4096 + 1];
 
@@ -114,6 +115,18 @@ void payload_main(u64 id)
             check(vlab_spsc_send(&a, 1, sink, msg, 1, flags | VLAB_XFER_F_RAW, &ports));
         }
         vlab_spsc_release(&b);
+        trailer(id, &a, &b);
+        break;
+    case R_SOLO:
+        attach(&a, ARG(7), bytes, msg, 1);
+        attach(&b, ARG(7), bytes, msg, 0);
+        for (u64 c = 0; c < warm + chunks; c++) {
+            u64 t = vlab_spsc_solo(&a, &b, src, sink, msg, chunk, batch, flags & ~VLAB_XFER_F_DOORBELL);
+
+            GUEST_ASSERT(t != 0);
+            if (c >= warm)
+                result_push(id, t);
+        }
         trailer(id, &a, &b);
         break;
     default:

@@ -23,7 +23,8 @@
  *
  * Arguments (ARG(i)):
  *   0 op          1 transmit stream, 2 echo round trips, 3 hostile (break the queue, kick, wait),
- *                 4 copy cost (the producer's copy alone, into the same slot buffers)
+ *                 4 copy cost (the producer's copy alone, into the same slot buffers),
+ *                 5 kick cost (chunk_msgs notify writes per sample, nothing posted)
  *   1 qsize       queue size (power of two)
  *   2 msg_bytes   64..65536
  *   3 batch       messages posted per publication / kick decision
@@ -52,7 +53,7 @@
 #define AVAIL_F_NO_INTERRUPT 1
 #define MAX_SLOTS        4096
 
-enum op { OP_TX = 1, OP_ECHO = 2, OP_HOSTILE = 3, OP_COPY = 4 };
+enum op { OP_TX = 1, OP_ECHO = 2, OP_HOSTILE = 3, OP_COPY = 4, OP_KICKS = 5 };
 enum hostile {
     H_LOOP = 1, H_ADDR, H_OVERSIZE, H_HEAD, H_AVAIL_IDX, H_INDIRECT, H_NEXT, H_WRITE_TX,
 };
@@ -317,7 +318,7 @@ void payload_main(u64 id)
     d.avail = (volatile u16 *)ARG(8);
     d.used = (volatile u8 *)ARG(9);
     GUEST_ASSERT(d.q && !(d.q & (d.q - 1)) && msg >= VLAB_MSG_MIN && msg <= VLAB_MSG_MAX);
-    GUEST_ASSERT(seg >= 64 && batch >= 1 && op >= OP_TX && op <= OP_COPY);
+    GUEST_ASSERT(seg >= 64 && batch >= 1 && op >= OP_TX && op <= OP_KICKS);
     d.k = (u32)chain_len(msg, seg, op == OP_ECHO);
     d.nslots = d.q / d.k;
     if (d.nslots > MAX_SLOTS)
@@ -342,7 +343,17 @@ void payload_main(u64 id)
     vlab_mfence();
     if (op == OP_HOSTILE)
         hostile(ARG(14));
-    if (op == OP_COPY) {
+    if (op == OP_KICKS) {
+        for (u64 c = 0; c < warm + chunks; c++) {
+            u64 t0 = tsc_begin(), t1;
+
+            for (u64 i = 0; i < chunk; i++)
+                kick();
+            t1 = tsc_end();
+            if (c >= warm)
+                result_push(id, t1 - t0);
+        }
+    } else if (op == OP_COPY) {
         for (u64 c = 0; c < warm + chunks; c++) {
             u64 t0 = tsc_begin(), t1;
 
