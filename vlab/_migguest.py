@@ -71,6 +71,9 @@ class GuestSpec:
                              f"(got {self.mem})")
         if self.rate < 0:
             raise UsageError("rate must be >= 0 pages/s")
+        if self.backing not in ("4k", "thp", "hugetlb-2m", "hugetlb-1g"):
+            raise UsageError(f"backing {self.backing!r} cannot be migrated; use 4k, thp, "
+                             f"hugetlb-2m or hugetlb-1g")
         if self.workload == "uniform":
             ws_pages_for(self.mem, self.ws)
 

@@ -760,6 +760,9 @@ class Destination:
             if not ok or s["gpa"] < 0 or s["size"] <= 0 or (s["gpa"] | s["size"]) % PAGE \
                     or s["gpa"] + s["size"] > 1 << 46:
                 raise ms.StreamError(f"LAYOUT slot {i} is malformed: {s!r:.120}")
+            if self.postcopy and s["backing"].startswith("hugetlb"):
+                raise ms.StreamError(f"LAYOUT slot {i} is backed by {s['backing']}: post-copy "
+                                     f"installs 4 KiB pages and supports 4k/thp backings only")
             total += s["size"]
         if total // PAGE != layout["pages"]:
             raise ms.StreamError(f"LAYOUT says {layout['pages']} pages, its slots hold "
