@@ -272,7 +272,7 @@ def _exits_figure(doc: Mapping[str, Any]) -> "Figure | None":
             ax.set_xlim(0, max(values) * 1.25)
         ax.set_xlabel(_unit_label(metric, unit) + " — bar p50, whisker p99")
         ax.set_title({"guest_cycles": "guest side (rdtsc around the operation)",
-                      "host_ns": "host side (per KVM_RUN round trip)"}.get(metric, metric))
+                      "host_ns": "host side (VMM wall time per operation)"}.get(metric, metric))
         ax.grid(axis="y", visible=False)
     axes[0].set_yticks(range(len(cases)), labels)
     axes[0].invert_yaxis()

@@ -161,14 +161,18 @@ def _rows_for(case: Case, host: dict, per_process: list[list[dict]], bench_meta:
             rows.append(results.error_row(exp.name, case.params, metric, unit,
                                           "no samples were recorded", exp_version=version))
             continue
-        means = [float(np.mean([x for r in proc for x in r["metrics"].get(metric, [])]))
-                 for proc in per_process]
+        per_proc = [[x for r in proc for x in r["metrics"].get(metric, [])] for proc in per_process]
+        means = [float(np.mean(v)) for v in per_proc if v]
+        medians = [float(np.median(v)) for v in per_proc if v]
         extra: dict[str, Any] = {
             "handled_by": exp.handled_by,
             "processes": len(per_process),
             "process_means": means,
-            "cv_between_processes": (float(np.std(means, ddof=1) / abs(np.mean(means)))
-                                     if len(means) > 1 and np.mean(means) else None),
+            "process_medians": medians,
+            # spread between worker processes: of their means (tails included) and of their
+            # medians (robust to a few descheduled samples)
+            "cv_between_processes": _cv(means),
+            "cv_between_process_medians": _cv(medians),
             "pyperf_loops": bench_meta.get("loops"),
         }
         if extras:
@@ -190,6 +194,12 @@ def _rows_for(case: Case, host: dict, per_process: list[list[dict]], bench_meta:
                                      exp_version=version, warnings=warnings, flags=flags,
                                      extra=extra))
     return rows
+
+
+def _cv(values: list[float]) -> float | None:
+    if len(values) < 2 or not np.mean(values):
+        return None
+    return float(np.std(values, ddof=1) / abs(np.mean(values)))
 
 
 def _skip_rows(case: Case, reason: str, status: str = "skip") -> list[dict]:

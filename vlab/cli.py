@@ -212,7 +212,8 @@ def cmd_compare(args) -> int:
     if len(args.files) < 2:
         raise UsageError("compare needs at least two results files")
     docs = [results.read(f) for f in args.files]
-    res = compare(docs, min_effect=args.min_effect, strict=args.strict)
+    res = compare(docs, min_effect=args.min_effect, strict=args.strict,
+                  names=[os.path.basename(f) for f in args.files])
     fmt = "json" if args.json else "md" if args.md else "text"
     print(format_compare(res, fmt=fmt))
     return 0

@@ -561,6 +561,11 @@ def host_cpl0_emulated(host: Mapping[str, Any]) -> bool:
                                  cal.get("emulated_cpl0"), cal.get("cpl0_emulated")))
 
 
+def _clip(text: str, width: int) -> str:
+    """A table cell at most `width` characters (the file keeps the full text)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def format_table(doc_or_df: Any) -> str:
     """The fixed-width table `vlab show` prints.
 
@@ -587,13 +592,13 @@ def format_table(doc_or_df: Any) -> str:
         counts[rec["status"]] += 1
         n = rec["n"]
         rows.append([
-            rec["experiment"], rec["params"] or "-", rec["metric"],
+            rec["experiment"], _clip(rec["params"] or "-", 64), rec["metric"],
             format_number(rec["median"]) if ok else "-",
             format_number(rec["p99"]) if ok else "-",
             rec["unit"],
             str(int(n)) if ok and n is not None and n == n else "-",
             " ".join(notes),
-            "ok" if ok else f"{rec['status']}: {rec['reason']}",
+            "ok" if ok else f"{rec['status']}: {_clip(str(rec['reason']), 90)}",
         ])
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
