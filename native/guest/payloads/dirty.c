@@ -81,18 +81,7 @@ static u64 paused;              /* TSC cycles spent waiting for the host between
 
 static inline u64 rnd(void)
 {
-    rng ^= rng >> 12;
-    rng ^= rng << 25;
-    rng ^= rng >> 27;
-    return rng * 0x2545F4914F6CDD1DUL;
-}
-
-static inline u64 rdtsc(void)
-{
-    u32 lo, hi;
-
-    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi) :: "memory");
-    return ((u64)hi << 32) | lo;
+    return xorshift64s(&rng);
 }
 
 static inline volatile u64 *entry(u64 e)

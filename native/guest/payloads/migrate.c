@@ -74,18 +74,7 @@ static inline u64 page_word(u64 p, u64 s)
 
 static inline u64 rnd(void)
 {
-    rng ^= rng >> 12;
-    rng ^= rng << 25;
-    rng ^= rng >> 27;
-    return rng * 0x2545F4914F6CDD1DUL;
-}
-
-static inline u64 rdtsc(void)
-{
-    u32 lo, hi;
-
-    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi) :: "memory");
-    return ((u64)hi << 32) | lo;
+    return xorshift64s(&rng);
 }
 
 /*

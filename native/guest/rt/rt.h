@@ -53,6 +53,27 @@ static inline u64 tsc_end(void)
     return ((u64)hi << 32) | lo;
 }
 
+/* A bare rdtsc (no fences): for pacing loops, not for timing brackets. */
+static inline u64 rdtsc(void)
+{
+    u32 lo, hi;
+
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi) :: "memory");
+    return ((u64)hi << 32) | lo;
+}
+
+/* xorshift64*: a fast, seedable generator for guest workloads (state must not be 0). */
+static inline u64 xorshift64s(u64 *state)
+{
+    u64 x = *state;
+
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    return x * 0x2545F4914F6CDD1DUL;
+}
+
 static inline u64 read_cr3(void)
 {
     u64 v;
