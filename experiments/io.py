@@ -338,6 +338,7 @@ def annotate(params: dict, host: dict, metric: str, samples: list, extras: list)
                             f"waited {np.mean(rings):.3f} times per message")
         if params.get("notify") == "poll" and got > 0.01:
             warnings.append(f"{got:.3f} exits per message in poll mode (expected none)")
+    # run-queue wait of the threads that never block (None for paths whose threads all sleep)
     key = {"rtt_ns": "rtt_cpu_wait_share"}.get(metric, "cpu_wait_share")
     shares = [e[key] for e in extras if e.get(key) is not None]
     if metric in ("gbit_per_s", "msgs_per_s", "ns_per_msg", "rtt_ns", "ratio_to_native",

@@ -471,6 +471,13 @@ static void *vq_thread(void *arg)
                 q->st.kicks += cnt;
         }
     }
+    if (q->kick_fd >= 0) {
+        uint64_t cnt;
+
+        /* kicks the guest made before the stop that we were not scheduled in time to see */
+        if (read(q->kick_fd, &cnt, sizeof(cnt)) == sizeof(cnt))
+            q->st.kicks += cnt;
+    }
     if (r < 0 && q->vm)
         vlab_vm_abort_with(q->vm, "virtqueue", q->st.message);
     {
