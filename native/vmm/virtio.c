@@ -462,14 +462,6 @@ static void *vq_thread(void *arg)
             if (r < 0)
                 break;
         }
-        {
-            /* kicks that arrived together with the stop request (both fds ready at once) are
-             * still counted: the eventfd is non-blocking, so this never waits */
-            uint64_t cnt;
-
-            if (read(q->kick_fd, &cnt, sizeof(cnt)) == sizeof(cnt))
-                q->st.kicks += cnt;
-        }
     }
     if (q->kick_fd >= 0) {
         uint64_t cnt;
