@@ -380,7 +380,6 @@ class Vcpu:
         self.cpl = 3
         self.prints: list[str] = []
         self._marks = None
-        self._trips = None
         self._stats: StatsReader | None = None
 
     def _ptr(self):
@@ -407,15 +406,6 @@ class Vcpu:
     def marks(self) -> np.ndarray:
         n = min(lib.vlab_vcpu_mark_count(self._ptr()), len(self._marks) if self._marks else 0)
         return np.frombuffer(ffi.buffer(self._marks, 8 * n), dtype=np.uint64).copy() if n else np.zeros(0, np.uint64)
-
-    def record_trips(self, capacity: int) -> None:
-        """Record the duration (ns) of every KVM_RUN round trip into a buffer of `capacity`."""
-        self._trips = ffi.new("uint64_t[]", max(capacity, 1))
-        lib.vlab_vcpu_set_trip_buffer(self._ptr(), self._trips, capacity)
-
-    def trips(self) -> np.ndarray:
-        n = min(lib.vlab_vcpu_trip_count(self._ptr()), len(self._trips) if self._trips else 0)
-        return np.frombuffer(ffi.buffer(self._trips, 8 * n), dtype=np.uint64).copy() if n else np.zeros(0, np.uint64)
 
     def counters(self) -> dict:
         """The VMM's own counters: KVM_RUN calls, user-space exits by reason, ucalls, sinks."""

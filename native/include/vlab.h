@@ -210,8 +210,6 @@ int vlab_vcpu_run_immediate_exit(struct vlab_vcpu *vcpu, uint64_t n, uint64_t *n
 void vlab_vcpu_set_run_flags(struct vlab_vcpu *vcpu, uint32_t flags);
 int vlab_vcpu_set_mark_buffer(struct vlab_vcpu *vcpu, uint64_t *buf, uint64_t capacity);
 uint64_t vlab_vcpu_mark_count(struct vlab_vcpu *vcpu);
-int vlab_vcpu_set_trip_buffer(struct vlab_vcpu *vcpu, uint64_t *buf, uint64_t capacity);
-uint64_t vlab_vcpu_trip_count(struct vlab_vcpu *vcpu);
 const struct vlab_vcpu_counters *vlab_vcpu_counters(struct vlab_vcpu *vcpu);
 void vlab_vcpu_reset_counters(struct vlab_vcpu *vcpu);
 int vlab_vcpu_stats_fd(struct vlab_vcpu *vcpu);

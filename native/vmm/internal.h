@@ -82,7 +82,6 @@ struct vlab_vcpu {
     uint32_t ring_next;         /* next ring index to harvest */
     uint32_t run_flags;
     uint64_t *marks; uint64_t marks_cap, marks_n;
-    uint64_t *trips; uint64_t trips_cap, trips_n;
     struct vlab_vcpu_counters c;
     timer_t timer;
     pid_t timer_tid;

@@ -292,15 +292,6 @@ int vlab_vcpu_set_mark_buffer(struct vlab_vcpu *v, uint64_t *buf, uint64_t cap)
 
 uint64_t vlab_vcpu_mark_count(struct vlab_vcpu *v) { return v->marks_n; }
 
-int vlab_vcpu_set_trip_buffer(struct vlab_vcpu *v, uint64_t *buf, uint64_t cap)
-{
-    v->trips = buf;
-    v->trips_cap = buf ? cap : 0;
-    v->trips_n = 0;
-    return 0;
-}
-
-uint64_t vlab_vcpu_trip_count(struct vlab_vcpu *v) { return v->trips_n; }
 const struct vlab_vcpu_counters *vlab_vcpu_counters(struct vlab_vcpu *v) { return &v->c; }
 void vlab_vcpu_reset_counters(struct vlab_vcpu *v) { memset(&v->c, 0, sizeof(v->c)); }
 
@@ -627,9 +618,6 @@ int vlab_vcpu_run(struct vlab_vcpu *v, uint64_t timeout_ms, struct vlab_stop *st
         t1 = vlab_now_ns();
         v->c.runs++;
         v->c.run_ns += t1 - t0;
-        if (v->trips_n < v->trips_cap)
-            v->trips[v->trips_n] = t1 - t0;
-        v->trips_n++;
         st->t_exit_ns = t1;
         if (r < 0) {
             if (errno == EINTR || errno == EAGAIN) {
