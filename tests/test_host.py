@@ -329,6 +329,8 @@ def test_doctor_pvm_host():
     assert "echo" in checks["hugetlb.2m"].advice and "nr_hugepages" in checks["hugetlb.2m"].advice
     assert checks["perf"].status == "WARN" and "no hardware PMU" in checks["perf"].detail
     assert checks["governor"].ok
+    assert checks["cpuidle"].status == "WARN" and "IPI" in checks["cpuidle"].detail
+    assert checks["cpuidle"].advice == "vlab host set haltpoll.guest_halt_poll_ns=200000"
 
 
 def test_doctor_caps_missing_aliases_and_prefixes():

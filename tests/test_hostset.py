@@ -267,3 +267,32 @@ def test_host_settings(tmp_path):
     assert s["kvm_intel.ept"] == "1" and s["kvm_amd.npt"] is None
     assert s["thp"] == "always" and s["hugepages.2m"] == "1024"
     assert _hostset.host_settings(str(DATA / "vmx_ept0"))["kvm_intel.ept"] == "0"
+
+
+HALTPOLL = "sys/module/haltpoll/parameters/guest_halt_poll_ns"
+
+
+def test_haltpoll_recorded_set_and_restored(tmp_path, state):
+    """The PVM tree is this project's build host: a guest kernel with cpuidle-haltpoll and
+    polling off (guest_halt_poll_ns=0), which makes every cross-CPU wake-up an IPI."""
+    root = tree("pvm", tmp_path)
+    assert _host.fingerprint(str(root))["cpuidle"] == {
+        "driver": "haltpoll", "governor": "haltpoll", "haltpoll_ns": 0}
+    msg = _hostset.set_host("haltpoll.guest_halt_poll_ns", "200000", str(root),
+                            state_path=state, vms=no_vms)
+    assert msg.startswith("haltpoll.guest_halt_poll_ns: 0 -> 200000: wrote 200000")
+    assert _host.fingerprint(str(root))["cpuidle"]["haltpoll_ns"] == 200000
+    _hostset.restore_host("haltpoll.guest_halt_poll_ns", str(root), state_path=state,
+                          vms=no_vms)
+    assert (root / HALTPOLL).read_text().strip() == "0"
+
+
+def test_haltpoll_absent_is_refused_with_reason(tmp_path, state):
+    root = tree("vmx", tmp_path)
+    assert _host.fingerprint(str(root))["cpuidle"]["haltpoll_ns"] is None
+    with pytest.raises(_hostset.Refused, match="cpuidle-haltpoll is not on this host"):
+        _hostset.set_host("haltpoll.guest_halt_poll_ns", "200000", str(root),
+                          state_path=state, vms=no_vms)
+    with pytest.raises(UsageError, match="integer"):
+        _hostset.set_host("haltpoll.guest_halt_poll_ns", "lots", str(root),
+                          state_path=state, vms=no_vms)

@@ -449,6 +449,16 @@ def fingerprint(root: str = "/", kvm: dict | None = None) -> dict:
         "numa_nodes": _numa_nodes(root),
         "smt": cpu["smt"],
         "governor": read_text(root, "/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
+        # How an idle CPU waits: when this host is itself a guest, cpuidle-haltpoll with
+        # guest_halt_poll_ns=0 halts at once, so waking a thread there (an ioeventfd waking a
+        # backend thread) costs an IPI through the outer hypervisor. Recorded, not in host_id,
+        # so results from before this field existed stay comparable; `vlab compare` shows it.
+        "cpuidle": {
+            "driver": read_text(root, "/sys/devices/system/cpu/cpuidle/current_driver"),
+            "governor": read_text(root, "/sys/devices/system/cpu/cpuidle/current_governor"),
+            "haltpoll_ns": to_int(read_text(
+                root, "/sys/module/haltpoll/parameters/guest_halt_poll_ns")),
+        },
         "devices": {
             "iommu_groups": sriov["vfio"]["iommu_groups"],
             "vfio": sriov["vfio"]["dev_vfio"],
@@ -665,6 +675,18 @@ def doctor_checks(host: dict, extra: Iterable[Check] = ()) -> list[Check]:
         checks.append(Check("thp", False,
                             f"transparent hugepages: {thp or 'unavailable'}: backing=thp runs "
                             "on 4 KiB pages", "vlab host set thp=madvise", level="warn"))
+
+    idle = host.get("cpuidle") or {}
+    if idle.get("driver") == "haltpoll" and idle.get("haltpoll_ns") == 0:
+        checks.append(Check("cpuidle", False,
+                            "cpuidle-haltpoll does not poll (guest_halt_poll_ns=0): every "
+                            "cross-CPU wake-up is an IPI through the outer hypervisor, paid by "
+                            "each io.virtio notify=kernel kick",
+                            "vlab host set haltpoll.guest_halt_poll_ns=200000", level="warn"))
+    elif idle.get("driver"):
+        checks.append(Check("cpuidle", True, f"cpuidle driver {idle['driver']}"
+                            + (f", polls {idle['haltpoll_ns']} ns before halting"
+                               if idle.get("haltpoll_ns") is not None else "")))
 
     pools = host.get("hugepages") or {}
     p2m = pools.get("2048kB") or {}

@@ -97,6 +97,10 @@ KNOBS: dict[str, _Knob] = {k.key: k for k in (
                  "NPT (two-dimensional paging) on SVM hosts; 0 means shadow paging", False),
     _module_knob("kvm", "halt_poll_ns", _parse_uint, "uint",
                  "how long a halted vCPU polls before sleeping (affects exits.hlt)", True),
+    _module_knob("haltpoll", "guest_halt_poll_ns", _parse_uint, "uint",
+                 "when this host is itself a guest (cpuidle-haltpoll): how long an idle CPU "
+                 "polls before halting; 0 makes every cross-CPU wake-up an IPI through the "
+                 "outer hypervisor (affects io.virtio notify=kernel)", True),
     _Knob("thp", "/sys/kernel/mm/transparent_hugepage/enabled", _parse_thp, "choice",
           doc="transparent hugepages: always, madvise or never"),
     _Knob("hugepages.2m", "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages",
@@ -206,6 +210,9 @@ def _check_module(root: str, knob: _Knob) -> None:
     """Raise Refused, saying why, when the knob's module is not on this host."""
     module = knob.module
     assert module is not None
+    if module_state(root, module) == "absent" and module == "haltpoll":
+        raise Refused("cpuidle-haltpoll is not on this host (it is the idle driver of a kernel "
+                      f"running as a guest), so {knob.key} does not apply")
     if module_state(root, module) == "absent":
         on_pvm = (module_state(root, "kvm_pvm") != "absent"
                   and module_state(root, "kvm_intel") == "absent"
@@ -306,7 +313,7 @@ def set_host(key: str, value: str, root: str = "/", dry_run: bool = False, *,
     """Set one host knob (`vlab host set KEY=VALUE`) and remember its previous value.
 
     Keys are those of `KNOBS`: kvm_intel.ept, kvm_intel.vpid, kvm_amd.npt, kvm.halt_poll_ns,
-    thp, hugepages.2m, hugepages.1g. Runtime-writable files are written; read-only module
+    haltpoll.guest_halt_poll_ns, thp, hugepages.2m, hugepages.1g. Runtime-writable files are written; read-only module
     parameters are changed by reloading the module (`modprobe -r M && modprobe M param=...`).
     `vms` (default `running_vms`) lists PIDs holding VMs and `run` executes a command; both are
     there so tests need neither VMs nor modprobe. With `dry_run` nothing is written and the
