@@ -702,3 +702,23 @@ def test_sriov_run_on_this_host_is_a_skip_row(tmp_path):
                                            "exits_per_access", "dma_map_ns_per_page",
                                            "dma_unmap_ns_per_page"}
     assert all(r["status"] == "skip" and r["reason"] == reason for r in rows)
+
+
+def test_virtio_model_row_names_the_idle_ipi_when_the_host_halts_at_once():
+    """The kernel-mode model row says why a kick costs more than exits.pio_kernel on a host
+    whose idle CPUs halt at once (recorded in host.cpuidle), and says nothing otherwise."""
+    from vlab.experiments import io as io_exp
+
+    extras = [{"ns_per_msg_mean": 21_000.0,
+               "model": {"exits_pio_plus_copy_ns": 16_400.0, "kick_live_ns": 18_800.0}}]
+    args = ("model_ns_per_msg", [20_000.0], extras)
+    halts = {"cpuidle": {"driver": "haltpoll", "governor": "haltpoll", "haltpoll_ns": 0}}
+    polls = {"cpuidle": {"driver": "haltpoll", "governor": "haltpoll", "haltpoll_ns": 200_000}}
+    warnings, flags, extra = io_exp.annotate({"notify": "kernel"}, halts, *args)
+    assert flags == {"model": True}
+    assert any("IPI" in w and "haltpoll.guest_halt_poll_ns" in w for w in warnings)
+    assert extra["measured_over_exits_pio_plus_copy"] == pytest.approx(21_000 / 16_400)
+    for params, host in (({"notify": "kernel"}, polls), ({"notify": "user"}, halts),
+                         ({"notify": "kernel"}, {})):
+        warnings, _, extra = io_exp.annotate(params, host, *args)
+        assert not any("IPI" in w for w in warnings) and "host_idle" not in extra
