@@ -419,29 +419,64 @@ def _paging_figure(doc: Mapping[str, Any]) -> "Figure | None":
     return fig
 
 
+_IO_LINESTYLES = ("-", "--", "-.", (0, (1, 1)))
+_IO_MARKERS = "oxs^vD"
+
+
 def _io_figure(doc: Mapping[str, Any]) -> "Figure | None":
+    """Throughput and exits per message against message size, one line per path and setting.
+
+    A full `vlab run io` has ~17 lines, so the encoding is factored to stay readable: colour =
+    path and notify mode (the same in both panels), line style = batch, marker = event_idx (or
+    whatever other parameter varies), and one legend below both panels.
+    """
     rows = [r for r in _ok_rows(doc, "io") if parse_size(r["params"].get("msg_bytes")) is not None]
     metrics = [m for m in ("gbit_per_s", "exits_per_msg") if any(r["metric"] == m for r in rows)]
     if not metrics:
         return None
-    fig = _new_figure(5.6 * len(metrics) + 0.8, 4.6)
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    # One colour per path+notify across both panels, so the legend of the first panel serves both.
-    all_keys: list[tuple] = []
     group_rows = [r for r in rows if r["metric"] in metrics]
     extra = _vary(group_rows, exclude={"msg_bytes", "notify"})
+    style_keys = [k for k in extra if k != "batch"]
+    families: list[tuple] = []
+    values: dict[str, list[str]] = {k: [] for k in extra}
     for r in group_rows:
-        key = (r["experiment"], r["params"].get("notify"), *(repr(r["params"].get(k))
-                                                              for k in extra))
-        if key not in all_keys:
-            all_keys.append(key)
+        fam = (r["experiment"], r["params"].get("notify"))
+        if fam not in families:
+            families.append(fam)
+        for k in extra:
+            v = repr(r["params"].get(k))
+            if v not in values[k]:
+                values[k].append(v)
+
+    def key_of(r: Mapping[str, Any]) -> tuple:
+        return (r["experiment"], r["params"].get("notify"),
+                *(repr(r["params"].get(k)) for k in extra))
+
+    def style_of(r: Mapping[str, Any], model: bool) -> dict[str, Any]:
+        p = r["params"]
+        fam = families.index((r["experiment"], p.get("notify")))
+        ls = _IO_LINESTYLES[values["batch"].index(repr(p.get("batch"))) % len(_IO_LINESTYLES)] \
+            if "batch" in extra else "-"
+        mk = "o"
+        if style_keys:
+            k = style_keys[0]
+            mk = _IO_MARKERS[values[k].index(repr(p.get(k))) % len(_IO_MARKERS)]
+        return {"color": OKABE_ITO[fam % len(OKABE_ITO)] if fam < len(OKABE_ITO) else
+                f"C{fam % 10}", "marker": mk, "linestyle": ":" if model else ls,
+                "markersize": 4, "linewidth": 1.3}
+
+    # label only what distinguishes lines: qsize is constant where it exists (None elsewhere)
+    shown = [k for k in extra if len({v for v in values[k] if v != "None"}) > 1]
+    n_lines = len({key_of(r) for r in group_rows})
+    legend_rows = -(-n_lines // 3)
+    fig = _new_figure(5.6 * len(metrics) + 0.8, 4.2 + 0.2 * legend_rows)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    handles: dict[str, Any] = {}
     for ax, metric in zip(axes, metrics):
         group = [r for r in rows if r["metric"] == metric]
         lines: dict[tuple, list[dict]] = {}
         for r in group:
-            key = (r["experiment"], r["params"].get("notify"), *(repr(r["params"].get(k))
-                                                                  for k in extra))
-            lines.setdefault(key, []).append(r)
+            lines.setdefault(key_of(r), []).append(r)
         xs_all, ys_all = [], []
         for key, members in lines.items():
             members.sort(key=lambda r: parse_size(r["params"]["msg_bytes"]))
@@ -451,16 +486,17 @@ def _io_figure(doc: Mapping[str, Any]) -> "Figure | None":
             ys_all += ys
             p = members[0]["params"]
             model = bool((members[0].get("flags") or {}).get("model"))
-            native = "native" in members[0]["experiment"] or "loopback" in members[0]["experiment"]
             label = _short(members[0]["experiment"])
             if p.get("notify") is not None:
-                label += f", notify={p['notify']}"
-            if extra:
-                label += " (" + _pstr(p, extra) + ")"
+                label += f" {p['notify']}"
+            parts = [f"{k}={_pvalue(k, p.get(k))}" if k != "batch" else f"batch {p.get(k)}"
+                     for k in shown if p.get(k) is not None]
+            if parts:
+                label += " · " + " ".join(parts)
             if model:
                 label += " — model"
-            style = _series_style(all_keys.index(key), native, model)
-            ax.plot(xs, ys, label=label, **style)
+            (line,) = ax.plot(xs, ys, label=label, **style_of(members[0], model))
+            handles.setdefault(label, line)
         _bytes_axis(ax, xs_all)
         if metric == "exits_per_msg":
             _value_scale(ax, ys_all, "y")
@@ -475,7 +511,8 @@ def _io_figure(doc: Mapping[str, Any]) -> "Figure | None":
                 ax.set_ylim(bottom=0)
         ax.set_xlabel("message size (bytes, log scale)")
         ax.set_ylabel(_unit_label(metric, group[0]["unit"]) + " — p50")
-    axes[0].legend(frameon=False)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center",
+               ncol=3, frameon=False, fontsize="small")
     _suptitle(fig, AREAS["io"], doc)
     return fig
 
