@@ -683,14 +683,28 @@ _UNION_CHUNK = 512
 
 @njit(cache=True)
 def _or_popcount_chunk(bitmaps, a, length, w0, nw, acc):
-    """popcount(OR of rows a .. a+length-1 (mod K)) over words [w0, w0+nw)."""
+    """popcount(OR of rows a .. a+length-1 (mod K)) over words [w0, w0+nw).
+
+    Four rows per pass over `acc`: one load and store of the accumulator per four row words
+    instead of per word. With one row per pass the kernel ran at ~58% of the speed of simply
+    reading the rows (a 1 TiB trace: 0.19 s for 89 rows vs 0.11 s); four per pass, ~90%."""
     k_n = bitmaps.shape[0]
     for i in range(nw):
         acc[i] = 0
-    for j in range(length):
-        k = (a + j) % k_n
+    j = 0
+    while j + 4 <= length:
+        r0 = bitmaps[(a + j) % k_n]
+        r1 = bitmaps[(a + j + 1) % k_n]
+        r2 = bitmaps[(a + j + 2) % k_n]
+        r3 = bitmaps[(a + j + 3) % k_n]
         for i in range(nw):
-            acc[i] |= bitmaps[k, w0 + i]
+            acc[i] |= r0[w0 + i] | r1[w0 + i] | r2[w0 + i] | r3[w0 + i]
+        j += 4
+    while j < length:
+        r0 = bitmaps[(a + j) % k_n]
+        for i in range(nw):
+            acc[i] |= r0[w0 + i]
+        j += 1
     s = 0
     for i in range(nw):
         s += _popc(acc[i])
