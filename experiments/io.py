@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from vlab._errors import UsageError
+from vlab._host import HALTPOLL_ADVICE, idle_halts_at_once
 from vlab._experiment import (LoopExperiment, Measurement, OneShotExperiment, Requirement,
                               needs_cap, needs_kvm, register)
 
@@ -318,14 +319,13 @@ def annotate(params: dict, host: dict, metric: str, samples: list, extras: list)
             if abs(meas / model - 1) > 0.25:
                 warnings.append(f"measured {meas:,.0f} ns/msg is {meas / model:.2f}x the model "
                                 f"({model:,.0f} ns/msg)")
-        idle = host.get("cpuidle") or {}
-        if params.get("notify") == "kernel" and idle.get("haltpoll_ns") == 0:
+        if params.get("notify") == "kernel" and idle_halts_at_once(host):
             # the kick wakes a backend thread on a CPU that halted at once: an IPI through the
             # outer hypervisor per wake-up, which exits.pio_kernel (nobody waiting) never pays
             extra["host_idle"] = "cpuidle-haltpoll, guest_halt_poll_ns=0"
             warnings.append("this host's idle CPUs halt at once (cpuidle-haltpoll polls 0 ns): "
                             "each kick that wakes the backend also pays a cross-CPU IPI; "
-                            "`vlab host set haltpoll.guest_halt_poll_ns=200000` removes it")
+                            f"`{HALTPOLL_ADVICE}` removes it")
     if metric == "exits_per_msg":
         got = float(np.mean(samples))
         kicks = [e["guest_kicks"] / e["messages"] for e in extras if "guest_kicks" in e]

@@ -717,8 +717,9 @@ def test_virtio_model_row_names_the_idle_ipi_when_the_host_halts_at_once():
     warnings, flags, extra = io_exp.annotate({"notify": "kernel"}, halts, *args)
     assert flags == {"model": True}
     assert any("IPI" in w and "haltpoll.guest_halt_poll_ns" in w for w in warnings)
+    other_driver = {"cpuidle": {"driver": "intel_idle", "governor": "menu", "haltpoll_ns": 0}}
     assert extra["measured_over_exits_pio_plus_copy"] == pytest.approx(21_000 / 16_400)
     for params, host in (({"notify": "kernel"}, polls), ({"notify": "user"}, halts),
-                         ({"notify": "kernel"}, {})):
+                         ({"notify": "kernel"}, other_driver), ({"notify": "kernel"}, {})):
         warnings, _, extra = io_exp.annotate(params, host, *args)
         assert not any("IPI" in w for w in warnings) and "host_idle" not in extra

@@ -476,6 +476,16 @@ def fingerprint(root: str = "/", kvm: dict | None = None) -> dict:
     return host
 
 
+HALTPOLL_ADVICE = "vlab host set haltpoll.guest_halt_poll_ns=200000"
+
+
+def idle_halts_at_once(host: dict) -> bool:
+    """Whether this host's idle CPUs halt without polling (cpuidle-haltpoll driving idle with
+    guest_halt_poll_ns=0): then every cross-CPU wake-up is an IPI through the outer hypervisor."""
+    idle = host.get("cpuidle") or {}
+    return idle.get("driver") == "haltpoll" and idle.get("haltpoll_ns") == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Identity and differences
 
@@ -677,12 +687,11 @@ def doctor_checks(host: dict, extra: Iterable[Check] = ()) -> list[Check]:
                             "on 4 KiB pages", "vlab host set thp=madvise", level="warn"))
 
     idle = host.get("cpuidle") or {}
-    if idle.get("driver") == "haltpoll" and idle.get("haltpoll_ns") == 0:
+    if idle_halts_at_once(host):
         checks.append(Check("cpuidle", False,
                             "cpuidle-haltpoll does not poll (guest_halt_poll_ns=0): every "
                             "cross-CPU wake-up is an IPI through the outer hypervisor, paid by "
-                            "each io.virtio notify=kernel kick",
-                            "vlab host set haltpoll.guest_halt_poll_ns=200000", level="warn"))
+                            "each io.virtio notify=kernel kick", HALTPOLL_ADVICE, level="warn"))
     elif idle.get("driver"):
         checks.append(Check("cpuidle", True, f"cpuidle driver {idle['driver']}"
                             + (f", polls {idle['haltpoll_ns']} ns before halting"

@@ -204,15 +204,15 @@ def _refuse_if_vms(root: str, key: str, vms: Callable[[str], list[int]] | None) 
     if pids:
         listed = ", ".join(map(str, pids))
         raise Refused(f"refusing to change {key} while VMs exist (pids {listed}): stop them first")
+        if module == "haltpoll":
+            raise Refused("cpuidle-haltpoll is not on this host (it is the idle driver of a "
+                          f"kernel running as a guest), so {knob.key} does not apply")
 
 
 def _check_module(root: str, knob: _Knob) -> None:
     """Raise Refused, saying why, when the knob's module is not on this host."""
     module = knob.module
     assert module is not None
-    if module_state(root, module) == "absent" and module == "haltpoll":
-        raise Refused("cpuidle-haltpoll is not on this host (it is the idle driver of a kernel "
-                      f"running as a guest), so {knob.key} does not apply")
     if module_state(root, module) == "absent":
         on_pvm = (module_state(root, "kvm_pvm") != "absent"
                   and module_state(root, "kvm_intel") == "absent"
@@ -313,8 +313,9 @@ def set_host(key: str, value: str, root: str = "/", dry_run: bool = False, *,
     """Set one host knob (`vlab host set KEY=VALUE`) and remember its previous value.
 
     Keys are those of `KNOBS`: kvm_intel.ept, kvm_intel.vpid, kvm_amd.npt, kvm.halt_poll_ns,
-    haltpoll.guest_halt_poll_ns, thp, hugepages.2m, hugepages.1g. Runtime-writable files are written; read-only module
-    parameters are changed by reloading the module (`modprobe -r M && modprobe M param=...`).
+    haltpoll.guest_halt_poll_ns, thp, hugepages.2m, hugepages.1g. Runtime-writable files are
+    written; read-only module parameters are changed by reloading the module
+    (`modprobe -r M && modprobe M param=...`).
     `vms` (default `running_vms`) lists PIDs holding VMs and `run` executes a command; both are
     there so tests need neither VMs nor modprobe. With `dry_run` nothing is written and the
     message says what would be done; the refusals still apply.

@@ -461,8 +461,8 @@ def _io_figure(doc: Mapping[str, Any]) -> "Figure | None":
         if style_keys:
             k = style_keys[0]
             mk = _IO_MARKERS[values[k].index(repr(p.get(k))) % len(_IO_MARKERS)]
-        return {"color": OKABE_ITO[fam % len(OKABE_ITO)] if fam < len(OKABE_ITO) else
-                f"C{fam % 10}", "marker": mk, "linestyle": ":" if model else ls,
+        return {"color": OKABE_ITO[fam] if fam < len(OKABE_ITO) else f"C{fam % 10}",
+                "marker": mk, "linestyle": ":" if model else ls,
                 "markersize": 4, "linewidth": 1.3}
 
     # label only what distinguishes lines: qsize is constant where it exists (None elsewhere)

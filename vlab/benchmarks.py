@@ -20,8 +20,8 @@ trace, including one of 100 rounds, within 10 s. It prints "met" or "NOT met" fo
 from __future__ import annotations
 
 import argparse
-import math
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -110,8 +110,10 @@ def run(n_pages: int, k: int, repeat: int, *, oracle: bool = True, sparse: bool 
     # while the guest runs, so its dirty set is the union of every interval it overlaps, and
     # those rows must be read at least once. Timed as a parallel numba popcount of just those
     # rows, which reads each 64-bit word once and does almost nothing else.
-    iv_s = float(np.mean(tr.interval_ns)) * 1e-9
-    round0_rows = min(k, math.ceil(n_pages * 8 * tr.page_size / kw["bandwidth_bps"] / iv_s) + 1)
+    # Round 0 starts at the start of interval 0 (the synthetic intervals are all the same
+    # length), so it overlaps intervals 0 .. floor((span - 1) / interval).
+    span_ns = math.ceil(n_pages * 8 * tr.page_size / kw["bandwidth_bps"] * 1e9)
+    round0_rows = min(k, (span_ns - 1) // int(tr.interval_ns[0]) + 1)
     head = tr.bitmaps[:round0_rows]
     t_floor, _ = _best(lambda: dirty._popcount_rows(head), repeat)
     add("read-once floor (round 0 rows)", size, t_floor, t_np,

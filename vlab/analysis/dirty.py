@@ -1060,10 +1060,11 @@ def precopy_sim(trace: AnyTrace | UnionTable, *, bandwidth_bps: float, max_downt
     "table" builds the `UnionTable` first (one pass) and looks every round up; "auto" runs
     direct but switches to the table as soon as the rounds would read more than 4*K intervals:
     building the table costs about as much as reading 4*K rows directly (per-event work), so
-    this bounds one run at about twice the cheaper of the two (the ski-rental rule). All give identical
-    results. Returns `rounds, live_rounds, pages_per_round` (the last entry is the stop-and-copy
-    round unless aborted), `round_ms, total_ms, downtime_ms, converged, outcome, bytes_sent,
-    trace_wrapped`, the inputs, `throttle_per_round` when throttling, and `model: True`.
+    this bounds one run at about twice the cheaper of the two (the ski-rental rule). All give
+    identical results. Returns `rounds, live_rounds, pages_per_round` (the last entry is the
+    stop-and-copy round unless aborted), `round_ms, total_ms, downtime_ms, converged, outcome,
+    bytes_sent, trace_wrapped`, the inputs, `throttle_per_round` when throttling, and
+    `model: True`.
     """
     ps, abort = _precopy_params(trace, bandwidth_bps, max_downtime_ms, max_rounds, page_size,
                                 policy, start_interval)
