@@ -206,9 +206,25 @@ static int set_msrs(struct vlab_vcpu *v, const uint32_t *idx, const uint64_t *va
     return 0;
 }
 
+/* CPUID must be set before EFER.LME or KVM refuses the sregs; KVM refuses to change it after
+ * the first KVM_RUN, so a re-entered (or migrated-into) vCPU keeps the CPUID it has. */
+static int set_cpuid_once(struct vlab_vcpu *v)
+{
+    struct kvm_cpuid2 *cpuid;
+
+    if (v->cpuid_set)
+        return 0;
+    cpuid = vlab_kvm_cpuid(v->vm->kvm);
+    if (!cpuid)
+        return -vlab_last_error()->err;
+    if (ioctl(v->fd, KVM_SET_CPUID2, cpuid) < 0)
+        return vlab_fail_errno("KVM_SET_CPUID2", NULL);
+    v->cpuid_set = 1;
+    return 0;
+}
+
 int vlab_vcpu_setup(struct vlab_vcpu *v, int cpl, uint64_t cr3, uint64_t entry, uint64_t stack_top)
 {
-    struct kvm_cpuid2 *cpuid = vlab_kvm_cpuid(v->vm->kvm);
     struct kvm_sregs sr;
     struct kvm_regs regs;
     uint16_t cs = cpl ? 0x33 : 0x08, ds = cpl ? 0x2b : 0x10;
@@ -218,15 +234,9 @@ int vlab_vcpu_setup(struct vlab_vcpu *v, int cpl, uint64_t cr3, uint64_t entry, 
 
     if (cpl != 0 && cpl != 3)
         return vlab_fail(EINVAL, "vlab_vcpu_setup", "cpl must be 0 or 3, not %d", cpl);
-    if (!cpuid)
-        return -vlab_last_error()->err;
-    /* CPUID must be set before EFER.LME or KVM refuses the sregs; KVM refuses to change it
-     * after the first KVM_RUN, so a re-entered vCPU keeps the CPUID it has. */
-    if (!v->cpuid_set) {
-        if (ioctl(v->fd, KVM_SET_CPUID2, cpuid) < 0)
-            return vlab_fail_errno("KVM_SET_CPUID2", NULL);
-        v->cpuid_set = 1;
-    }
+    r = set_cpuid_once(v);
+    if (r)
+        return r;
     if (ioctl(v->fd, KVM_GET_SREGS, &sr) < 0)
         return vlab_fail_errno("KVM_GET_SREGS", NULL);
     seg(&sr.cs, cs, 11, cpl, 1);
@@ -812,11 +822,11 @@ int vlab_vcpu_save_state(struct vlab_vcpu *v, uint8_t *buf, uint64_t size)
 int vlab_vcpu_load_state(struct vlab_vcpu *v, const uint8_t *buf, uint64_t size)
 {
     const struct vcpu_state *s = (const struct vcpu_state *)buf;
-    struct kvm_cpuid2 *cpuid = vlab_kvm_cpuid(v->vm->kvm);
     struct {
         struct kvm_msrs hdr;
         struct kvm_msr_entry e[NR_STATE_MSRS];
     } m;
+    int r;
 
     if (size != sizeof(*s) || s->magic != STATE_MAGIC || s->version != 1 || s->size != sizeof(*s) ||
         s->nmsrs > NR_STATE_MSRS)
@@ -825,13 +835,9 @@ int vlab_vcpu_load_state(struct vlab_vcpu *v, const uint8_t *buf, uint64_t size)
         if (s->msrs[i].index != state_msrs[i])
             return vlab_fail(EINVAL, "vlab_vcpu_load_state", "unexpected MSR %#x in state",
                              s->msrs[i].index);
-    if (!cpuid)
-        return -vlab_last_error()->err;
-    if (!v->cpuid_set) {
-        if (ioctl(v->fd, KVM_SET_CPUID2, cpuid) < 0)
-            return vlab_fail_errno("KVM_SET_CPUID2", NULL);
-        v->cpuid_set = 1;
-    }
+    r = set_cpuid_once(v);
+    if (r)
+        return r;
     if (ioctl(v->fd, KVM_SET_SREGS, &s->sregs) < 0)
         return vlab_fail_errno("KVM_SET_SREGS", "restoring state");
     if (ioctl(v->fd, KVM_SET_REGS, &s->regs) < 0)
