@@ -143,8 +143,24 @@ def _check_common(n_pages: Any, page_size: Any, interval_ns: Any) -> tuple[int, 
     return int(n_pages), int(page_size), np.ascontiguousarray(iv, dtype=np.int64)
 
 
+class _Intervals:
+    """What every trace form (and the UnionTable) derives from its `interval_ns` array."""
+
+    interval_ns: np.ndarray
+
+    @property
+    def n_intervals(self) -> int:
+        """K, the number of intervals."""
+        return int(self.interval_ns.size)
+
+    @property
+    def duration_ns(self) -> int:
+        """Total traced time."""
+        return int(self.interval_ns.sum())
+
+
 @dataclass(eq=False)
-class DirtyTrace:
+class DirtyTrace(_Intervals):
     """Dense dirty trace: `bitmaps[k, i // 64] >> (i % 64) & 1` says page i was dirtied in
     interval k, which lasted `interval_ns[k]` nanoseconds.
 
@@ -173,16 +189,6 @@ class DirtyTrace:
         tail = self.n_pages % 64
         if tail and want[1] and np.any(self.bitmaps[:, -1] >> _U64(tail)):
             raise UsageError(f"dirty trace: bits set beyond n_pages={self.n_pages}")
-
-    @property
-    def n_intervals(self) -> int:
-        """K, the number of intervals."""
-        return int(self.interval_ns.size)
-
-    @property
-    def duration_ns(self) -> int:
-        """Total traced time."""
-        return int(self.interval_ns.sum())
 
     def pages_per_interval(self) -> np.ndarray:
         """Number of pages dirtied in each interval (int64, length K)."""
@@ -228,7 +234,7 @@ class DirtyTrace:
 
 
 @dataclass(eq=False)
-class SparseDirtyTrace:
+class SparseDirtyTrace(_Intervals):
     """CSR dirty trace: the pages dirtied in interval k are
     `pages[offsets[k]:offsets[k+1]]`, strictly increasing, each in [0, n_pages)."""
 
@@ -267,16 +273,6 @@ class SparseDirtyTrace:
                 raise UsageError("sparse dirty trace: pages within an interval must be "
                                  "strictly increasing")
         self.offsets, self.pages = off, pg
-
-    @property
-    def n_intervals(self) -> int:
-        """K, the number of intervals."""
-        return int(self.interval_ns.size)
-
-    @property
-    def duration_ns(self) -> int:
-        """Total traced time."""
-        return int(self.interval_ns.sum())
 
     def pages_per_interval(self) -> np.ndarray:
         """Number of pages dirtied in each interval (int64, length K)."""
@@ -605,7 +601,7 @@ def _events_sparse(n_pages, offsets, pages, n_groups):
     return m1, mx
 
 
-class UnionTable:
+class UnionTable(_Intervals):
     """|pages dirtied in intervals a, a+1, ..., a+len-1 (mod K)| for every a and len.
 
     `counts[a, len]` (shape (K, K+1), int64), built in one pass over a trace; `counts[a, K]` is
@@ -620,10 +616,6 @@ class UnionTable:
         self.page_size = int(page_size)
         self.interval_ns = np.ascontiguousarray(interval_ns, dtype=np.int64)
         self.counts = np.ascontiguousarray(counts, dtype=np.int64)
-
-    @property
-    def n_intervals(self) -> int:
-        return int(self.interval_ns.size)
 
     def union(self, a: int, length: int) -> int:
         """Distinct pages dirtied in `length` intervals starting at interval `a` (circular)."""
