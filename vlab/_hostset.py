@@ -17,11 +17,11 @@ import json
 import os
 import stat
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
 from ._errors import UsageError, VlabError
+from ._files import atomic_open
 from ._host import bracketed, exists, listdir, module_state, param_true, read_text, rootpath
 
 STATE_SCHEMA = "vlab.host-state/1"
@@ -174,16 +174,9 @@ def _load_state(path: str) -> dict:
 
 
 def _save_state(path: str, state: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".host-state.", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", perms=0o600) as f:   # private to the user who set the host
+        json.dump(state, f, indent=1, sort_keys=True)
+        f.write("\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,9 +197,6 @@ def _refuse_if_vms(root: str, key: str, vms: Callable[[str], list[int]] | None) 
     if pids:
         listed = ", ".join(map(str, pids))
         raise Refused(f"refusing to change {key} while VMs exist (pids {listed}): stop them first")
-        if module == "haltpoll":
-            raise Refused("cpuidle-haltpoll is not on this host (it is the idle driver of a "
-                          f"kernel running as a guest), so {knob.key} does not apply")
 
 
 def _check_module(root: str, knob: _Knob) -> None:
@@ -214,6 +204,9 @@ def _check_module(root: str, knob: _Knob) -> None:
     module = knob.module
     assert module is not None
     if module_state(root, module) == "absent":
+        if module == "haltpoll":
+            raise Refused("cpuidle-haltpoll is not on this host (it is the idle driver of a "
+                          f"kernel running as a guest), so {knob.key} does not apply")
         on_pvm = (module_state(root, "kvm_pvm") != "absent"
                   and module_state(root, "kvm_intel") == "absent"
                   and module_state(root, "kvm_amd") == "absent")

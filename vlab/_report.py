@@ -19,13 +19,13 @@ import html
 import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import results
 from ._compare import compare, flatten_host, is_volatile
+from ._files import atomic_open
 from ._plot import AREAS, area_figure, area_of, compare_figure, host_caption
 
 _HOW_TO_READ = {
@@ -508,19 +508,6 @@ def report(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
         raise UsageError("report needs at least one results file")
     text = render(items, min_effect=min_effect)
     out = Path(out_html)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(out, "w", perms=0o644) as f:
+        f.write(text)
     return out

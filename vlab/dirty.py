@@ -36,6 +36,7 @@ import numpy as np
 from ._dirtyguest import WORKLOADS, Epoch, RecordLayout, WorkloadGuest, zipf_table
 from ._dirtylog import MODES, DirtyTracker, Harvest, bitmap_pages, pages_bitmap, popcount
 from ._errors import UsageError, VlabError
+from ._files import atomic_open
 
 __all__ = ["record", "DirtyRecording", "DirtyTracker", "Harvest", "WorkloadGuest", "Epoch",
            "RecordLayout", "WORKLOADS", "MODES", "REGIONS", "coarsen", "zipf_table",
@@ -164,8 +165,6 @@ class DirtyRecording:
         trace for `vlab.analysis.dirty.load_trace`."""
         from .analysis.dirty import TRACE_FORMAT
 
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}.npz"
         arrays = {
             "format": np.array(TRACE_FORMAT), "kind": np.array("dense"),
             "recording": np.array(RECORDING_FORMAT),
@@ -178,16 +177,8 @@ class DirtyRecording:
             arrays[name] = getattr(self, name)
         for r in REGIONS:
             arrays[f"outside_{r}"] = self.outside[r]
-        try:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        with atomic_open(path, "wb") as f:
+            np.savez_compressed(f, **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "DirtyRecording":

@@ -25,12 +25,12 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._errors import UsageError
+from ._files import atomic_open
 
 if TYPE_CHECKING:  # pandas is imported lazily: `vlab show` of one file should start fast
     import pandas as pd
@@ -235,50 +235,17 @@ def read(path: str | os.PathLike[str]) -> dict[str, Any]:
     return doc
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_atomic(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Validate `doc` and write it to `path` so that readers see the old file or the new one.
-
-    The JSON goes to a temporary file in the same directory (so the rename cannot cross file
-    systems), is fsync'ed, and then replaces `path` with `os.replace`; the directory is
-    fsync'ed too so the rename survives a power cut. On any failure the temporary file is
-    removed and `path` keeps its previous content. Parent directories are created.
+    """Validate `doc` and write it to `path` so that readers see the old file or the new one
+    (`vlab._files.atomic_open`: temporary file, fsync, rename, directory fsync; on failure
+    `path` keeps its previous content). Parent directories are created.
     """
     validate(doc)
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
-                                    dir=target.parent)
-    try:
-        # mkstemp makes the file 0600; a results file is meant to be shared like any other.
-        os.fchmod(fd, 0o666 & ~_current_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    try:
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-    except OSError:
-        return target
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory; the data itself is already synced
-    finally:
-        os.close(dir_fd)
+    # a results file is meant to be shared like any other: the umask decides its mode
+    with atomic_open(target, "w") as f:
+        json.dump(doc, f, indent=1, allow_nan=False)
+        f.write("\n")
     return target
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -53,6 +52,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .._errors import UsageError
+from .._files import atomic_open
 
 __all__ = ["DirtyTrace", "SparseDirtyTrace", "UnionTable", "load_trace", "union_table",
            "synthetic_trace", "wws_curve", "wws_curve_numpy", "precopy_sim", "precopy_sim_numpy",
@@ -316,21 +316,9 @@ AnyTrace = DirtyTrace | SparseDirtyTrace
 
 
 def _atomic_savez(path: str | os.PathLike[str], *, kind: str, **arrays: Any) -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".dirty-", suffix=".npz.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, format=np.array(TRACE_FORMAT), kind=np.array(kind),
-                     **{k: np.asarray(v) for k, v in arrays.items()})
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a trace is an ordinary data file
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "wb", perms=0o644) as f:   # a trace is an ordinary data file
+        np.savez(f, format=np.array(TRACE_FORMAT), kind=np.array(kind),
+                 **{k: np.asarray(v) for k, v in arrays.items()})
 
 
 _DENSE_KEYS = {"format", "kind", "n_pages", "page_size", "interval_ns", "bitmaps"}
