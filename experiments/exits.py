@@ -7,13 +7,10 @@ why (on a host that emulates CPL0, kernel-handled CPL0 operations never leave th
 """
 from __future__ import annotations
 
-import os
-from functools import partial
-
 import numpy as np
 
 from vlab._experiment import (LoopExperiment, Measurement, Requirement, needs_cap, needs_kvm,
-                              needs_vendor, register)
+                              register)
 from vlab._native import ffi, lib
 
 from . import _micro

@@ -3,7 +3,6 @@ oracle), data integrity of every path and notify mode, exit accounting, doorbell
 SR-IOV detection on recorded trees, and CLI input checks. No timed assertions."""
 from __future__ import annotations
 
-import os
 import struct
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import KVM_REASON, needs_kvm
+from conftest import needs_kvm
 from vlab import _io
 from vlab._io import QueueLayout, VirtqueueError, process_buffer
 
@@ -717,8 +716,8 @@ def test_virtio_model_row_names_the_idle_ipi_when_the_host_halts_at_once():
     warnings, flags, extra = io_exp.annotate({"notify": "kernel"}, halts, *args)
     assert flags == {"model": True}
     assert any("IPI" in w and "haltpoll.guest_halt_poll_ns" in w for w in warnings)
-    other_driver = {"cpuidle": {"driver": "intel_idle", "governor": "menu", "haltpoll_ns": 0}}
     assert extra["measured_over_exits_pio_plus_copy"] == pytest.approx(21_000 / 16_400)
+    other_driver = {"cpuidle": {"driver": "intel_idle", "governor": "menu", "haltpoll_ns": 0}}
     for params, host in (({"notify": "kernel"}, polls), ({"notify": "user"}, halts),
                          ({"notify": "kernel"}, other_driver), ({"notify": "kernel"}, {})):
         warnings, _, extra = io_exp.annotate(params, host, *args)

@@ -3,7 +3,6 @@ skip rules on recorded hosts, derived rows, and the CLI. No timings are asserted
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import KVM_REASON, needs_kvm
+from conftest import needs_kvm
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTS = Path(__file__).parent / "data" / "hosts"

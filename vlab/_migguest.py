@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from ._errors import GuestFailure, GuestFault, GuestTimeout, KvmError, UsageError, VlabError
-from ._guest import P_ARG0, P_RESULTS_BASE, P_RESULTS_STRIDE
+from ._guest import P_RESULTS_BASE, P_RESULTS_STRIDE
 from ._kvm import STOP_NAMES, MemorySlot, Vcpu, Vm, _check
 from ._native import ffi, lib
 

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import uuid

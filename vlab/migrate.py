@@ -55,7 +55,6 @@ import os
 import queue
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -1162,7 +1161,6 @@ class Destination:
                                  "resumed_ns": t_resume, "pid": os.getpid()})
             st["first_mark_after_resume_ms"] = (mark_ns - t_resume) / 1e6
             if postcopy:
-                t_pc = time.monotonic_ns()
                 limit = time.monotonic() + self.io_timeout * 10
                 for ev in (self._net_done, self._local_done):
                     ev.wait(max(0.0, limit - time.monotonic()))
@@ -1180,7 +1178,6 @@ class Destination:
                 st["fault_latency_ms"] = _stats_ms(self.fault_ns)
                 st["local_fault_latency_ms"] = _stats_ms(self.local_fault_ns)
                 st["postcopy_complete_after_resume_ms"] = (time.monotonic_ns() - t_resume) / 1e6
-                del t_pc
             for i, h in enumerate(self.hashes):
                 for a in range(0, len(h), ms.MAX_HASHES):
                     w.send(ms.HASHES, *ms.encode_hashes(i, a, h[a:a + ms.MAX_HASHES]))
