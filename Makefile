@@ -32,11 +32,11 @@ test: install
 
 # Speed goals live here, not in tests: the numba models, and what the exit tracer costs.
 bench: install
-	$(VPY) -m vlab.benchmarks
-	$(VPY) -m vlab._tracebench
+	$(VPY) -m vlab.analysis.benchmarks
+	$(VPY) -m vlab.trace.bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info vlab/_native*.so vlab/_native.c native/guest/out native/bench/out
+	rm -rf $(VENV) build *.egg-info vlab/vmm/_native*.so vlab/vmm/_native.c native/guest/out native/bench/out
 
 # The independent bare measurement of exit costs (no Python in the loop); see native/bench/.
 native/bench/out/exitbench: native/bench/exitbench.c $(wildcard native/vmm/*.c native/vmm/*.h native/include/*.h)

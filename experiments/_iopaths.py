@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from vlab import _io
+from vlab.vmm import devices as _io
 from vlab._errors import KvmError, VlabError
-from vlab._kvm import Kvm, _raise_last
-from vlab._machine import Machine
-from vlab._native import ffi, lib
-from vlab._stats import diff, guest_exits
+from vlab.vmm.kvm import Kvm, _raise_last
+from vlab.vmm.machine import Machine
+from vlab.vmm._native import ffi, lib
+from vlab.vmm.stats import diff, guest_exits
 
 NOTIFY_PORT = 0x500         # virtio notify register (a 16-bit write of the queue index)
 ECHO_PORT = 0x502           # notify register of the echo queue

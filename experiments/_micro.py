@@ -17,10 +17,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from vlab._experiment import Measurement
-from vlab._guest import MICRO_F_MARK, MICRO_F_SYNC, MICRO_OPS
-from vlab._machine import Machine
-from vlab._stats import diff, guest_exits
+from vlab.run.registry import Measurement
+from vlab.vmm.payloads import MICRO_F_MARK, MICRO_F_SYNC, MICRO_OPS
+from vlab.vmm.machine import Machine
+from vlab.vmm.stats import diff, guest_exits
 
 
 @dataclass

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from vlab._errors import VlabError
-from vlab._guest import P_CR3_ALT
-from vlab._kvm import BACKINGS
-from vlab._machine import DEFAULT_PT_POOL, Machine, pt_pool_for
-from vlab._native import ffi, lib
+from vlab.vmm.payloads import P_CR3_ALT
+from vlab.vmm.kvm import BACKINGS
+from vlab.vmm.machine import DEFAULT_PT_POOL, Machine, pt_pool_for
+from vlab.vmm._native import ffi, lib
 
 PAGE = {"4k": 4096, "2m": 2 << 20, "1g": 1 << 30}
 BACKING_PAGE = {"4k": 4096, "thp": 2 << 20, "hugetlb-2m": 2 << 20, "hugetlb-1g": 1 << 30}
@@ -67,7 +67,7 @@ class NativeMem:
         if backing not in BACKING_PAGE:
             raise VlabError(f"backing {backing!r} is not one of {', '.join(BACKING_PAGE)}")
         self._m = ffi.new("struct vlab_paging_mem *")
-        from vlab._kvm import _check
+        from vlab.vmm.kvm import _check
 
         _check(lib.vlab_paging_mem_alloc(self._m, size, BACKINGS[backing]))
         self.size = size
@@ -131,7 +131,7 @@ def touch_read(ptr, nbytes: int) -> int:
 
 def reset(ptr, nbytes: int, populate: bool) -> None:
     """Drop the pages (and any guest translation of them); re-populate them host-side if asked."""
-    from vlab._kvm import _check
+    from vlab.vmm.kvm import _check
 
     _check(lib.vlab_paging_mem_reset(ptr, nbytes, 1 if populate else 0))
 

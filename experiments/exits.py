@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlab._experiment import (LoopExperiment, Measurement, Requirement, needs_cap, needs_kvm,
+from vlab.run.registry import (LoopExperiment, Measurement, Requirement, needs_cap, needs_kvm,
                               register)
-from vlab._native import ffi, lib
+from vlab.vmm._native import ffi, lib
 
-from . import _micro
-from ._micro import MicroCase
+from vlab.experiments import _micro
+from vlab.experiments._micro import MicroCase
 
 EXIT_METRICS = {"guest_cycles": "cycles", "host_ns": "ns", "exits_per_op": "exits"}
 PIO_USER_PORT = 0x80
@@ -261,7 +261,7 @@ micro_experiment(
 
 def _probe_syscall(st) -> dict:
     """Which CS the syscall handler ran with: a guest syscall may not reach CPL0 (PVM)."""
-    from vlab._guest import MICRO_OPS
+    from vlab.vmm.payloads import MICRO_OPS
 
     m = st.machine
     m.restart()
@@ -309,7 +309,7 @@ register(LoopExperiment(
 
 
 def _run_overhead_setup(params: dict, host: dict):
-    from vlab._machine import Machine
+    from vlab.vmm.machine import Machine
 
     return {"machine": Machine(), "iters": int(params.get("iters", 200))}
 

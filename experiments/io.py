@@ -31,12 +31,12 @@ from typing import Any
 import numpy as np
 
 from vlab._errors import UsageError
-from vlab._host import HALTPOLL_ADVICE, idle_halts_at_once
-from vlab._experiment import (LoopExperiment, Measurement, OneShotExperiment, Requirement,
+from vlab.host.fingerprint import HALTPOLL_ADVICE, idle_halts_at_once
+from vlab.run.registry import (LoopExperiment, Measurement, OneShotExperiment, Requirement,
                               needs_cap, needs_kvm, register)
 
-from . import _iopaths
-from ._iopaths import HostPath, Run, make_path
+from vlab.experiments import _iopaths
+from vlab.experiments._iopaths import HostPath, Run, make_path
 
 SIZES = [64, 256, 1024, 4096, 16384, 65536]
 CHUNK_NS = 2_500_000          # target time of one throughput sample
@@ -164,8 +164,8 @@ def _model_terms(path: _iopaths.VirtioPath, params: dict) -> dict:
     guest_copy_ns / backend_copy_ns  the producer's copy (in the guest, into the slot buffers)
                   and the backend's copy into its sink (host memcpy).
     """
-    from . import _micro
-    from .exits import PIO_KERNEL_PORT, PIO_USER_PORT, _eventfd, _eventfd_count, _sink_hits, _sink_pio
+    from vlab.experiments import _micro
+    from vlab.experiments.exits import PIO_KERNEL_PORT, PIO_USER_PORT, _eventfd, _eventfd_count, _sink_hits, _sink_pio
 
     notify = params.get("notify", "kernel")
     terms: dict[str, Any] = {"kick_experiment": None, "kick_ns": 0.0, "kick_live_ns": 0.0}
@@ -191,7 +191,7 @@ def _model_terms(path: _iopaths.VirtioPath, params: dict) -> dict:
     mb = int(params["msg_bytes"])
     per = path.copy(chunk_msgs=64, chunks=8, warm=1)
     terms["guest_copy_ns"] = float(np.median(per)) / (path.tsc_khz * 1e-6)
-    from vlab import _io
+    from vlab.vmm import devices as _io
 
     iters = max(64, min(20000, (8 << 20) // mb))
     terms["backend_copy_ns"] = _io.copy_ns(mb, path.capacity, iters, memcpy=True)
@@ -451,7 +451,7 @@ def _sriov_requirement() -> Requirement:
 
 def _pick_bar(vfio, want: int) -> tuple[int, int]:
     """(index, size) of BAR `want`, or of the first BAR that can be mmapped (want < 0)."""
-    from vlab._native import lib
+    from vlab.vmm._native import lib
 
     for index in ([want] if want >= 0 else range(6)):
         try:
@@ -467,10 +467,10 @@ def _sriov_run(params: dict, host: dict, progress) -> list[dict]:
     """Map a VF BAR into a guest and time guest MMIO to it (expect no exits), and time
     VFIO_IOMMU_MAP_DMA / UNMAP_DMA of guest memory page by page."""
     from vlab import results
-    from vlab._io import Vfio
-    from vlab._machine import Machine
+    from vlab.vmm.devices import Vfio
+    from vlab.vmm.machine import Machine
 
-    from . import _micro
+    from vlab.experiments import _micro
 
     target = sriov_target(host)
     rows: list[dict] = []

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from vlab._errors import UsageError
-from vlab._experiment import OneShotExperiment, Requirement, needs_kvm, register
+from vlab.run.registry import OneShotExperiment, Requirement, needs_kvm, register
 from vlab.results import make_row
 
 MODES = ("bitmap", "clear", "ring")
@@ -67,7 +67,7 @@ def _size(v: Any, what: str) -> int:
 
 def _validate_common(p: dict, host: dict) -> None:
     from vlab.dirty import WorkloadGuest  # noqa: F401 - import check only
-    from vlab._dirtyguest import workload_args
+    from vlab.dirty.workloads import workload_args
 
     if "workload" in p:
         name, kw = workload_kwargs(p["workload"])
@@ -101,7 +101,7 @@ def _validate_common(p: dict, host: dict) -> None:
 def _mode_requirement() -> Requirement:
     """The KVM capability a mode needs, as KVM names it."""
     def check(host: dict, params: dict) -> str | None:
-        from vlab._host import cap_value
+        from vlab.host.fingerprint import cap_value
 
         caps = host.get("kvm", {}).get("caps", {})
         mode = params.get("mode", "bitmap")
@@ -228,7 +228,7 @@ def run_dirty_rate(p: dict, host: dict, progress: Callable[[str], None]) -> list
 
 
 def _finish(rows: list[dict], exp: str) -> list[dict]:
-    from vlab._experiment import get
+    from vlab.run.registry import get
 
     v = get(exp).version()
     for r in rows:

@@ -1,6 +1,6 @@
 """Live migration, measured: a guest migrated between two VMM processes, beside the model.
 
-`migration.live` runs one real migration per case (vlab.migrate.run_local: a destination and
+`migration.live` runs one real migration per case (vlab.migration.session.run_local: a destination and
 a source process on loopback). Before migrating, the source records the guest's dirty trace
 with the migration's own tracking mode; `migration.precopy_sim`'s model is then run on that
 trace for the same link, downtime budget, round limit, policy and throttle, and its rows are
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlab._experiment import OneShotExperiment, Requirement, needs_cap, needs_kvm, register
+from vlab.run.registry import OneShotExperiment, Requirement, needs_cap, needs_kvm, register
 
 METRICS = {"total_ms": "ms", "downtime_ms": "ms", "rounds": "rounds", "bytes_sent": "bytes",
            "verified": "bool"}
@@ -49,8 +49,8 @@ QUICK = {"workload": ["uniform"], "mem": [64 << 20], "rate": [10000], "link_mbit
 
 def _config(params: dict):
     from vlab._errors import UsageError
-    from vlab._migguest import GuestSpec
-    from vlab.migrate import MigrateOptions, RunConfig
+    from vlab.migration.guest import GuestSpec
+    from vlab.migration.session import MigrateOptions, RunConfig
 
     for key in ("mem", "rate", "max_rounds", "lag_us"):
         v = params.get(key)
@@ -77,7 +77,7 @@ def _config(params: dict):
     # the model resolves rounds only to one trace interval: keep it under the downtime budget,
     # but not much finer: every harvest re-protects the guest's hot pages (its sequence table),
     # which slows the writer (1 GiB, 50k pages/s asked: ~31k/s at 10 ms, ~48k/s at 50 ms).
-    # The trace is extended to cover round 0 (vlab.migrate.run_source).
+    # The trace is extended to cover round 0 (vlab.migration.session.run_source).
     interval = min(100.0, max(5.0, opts.max_downtime_ms / 2))
     # the model is of pre-copy: no trace (and no model rows) for post-copy
     trace = 1.0 if opts.strategy == "precopy" else 0.0
@@ -125,7 +125,7 @@ def _userfaultfd() -> Requirement:
         if params.get("strategy") != "postcopy":
             return None
         try:
-            from vlab.migrate import uffd_status
+            from vlab.migration.session import uffd_status
         except ImportError as e:
             return f"post-copy needs vlab's native module: {e}"
         why = uffd_status()
@@ -219,8 +219,8 @@ def _rows(params: dict, res: dict, version: str) -> list[dict]:
 def run(params: dict, host: dict, progress) -> list[dict]:
     """One migration (and the model beside it) -> rows."""
     from vlab._errors import VlabError
-    from vlab._experiment import get
-    from vlab.migrate import run_local
+    from vlab.run.registry import get
+    from vlab.migration.session import run_local
 
     cfg, run_after = _config(params)
     progress(f"{cfg.spec.mem >> 20} MiB guest ...")

@@ -42,9 +42,9 @@ from typing import Any
 import numpy as np
 
 from vlab._errors import UsageError, VlabError
-from vlab._experiment import LoopExperiment, Measurement, Requirement, register
+from vlab.run.registry import LoopExperiment, Measurement, Requirement, register
 
-from . import _paging as P
+from vlab.experiments import _paging as P
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 FULL_WSS = [16 * KiB * 4 ** i for i in range(10)]          # 16 KiB .. 4 GiB
@@ -156,7 +156,7 @@ def guest_has_1g(host: dict) -> bool | None:
     if not host.get("kvm", {}).get("usable"):
         return None
     if "v" not in _GUEST_1G:
-        from vlab._kvm import Kvm
+        from vlab.vmm.kvm import Kvm
 
         with Kvm() as k:
             _GUEST_1G["v"] = k.has_1g_pages()

@@ -1,4 +1,4 @@
-"""vlab._compare: host diff, per-case verdicts, one-sided and incomparable rows, output formats."""
+"""vlab.compare: host diff, per-case verdicts, one-sided and incomparable rows, output formats."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vlab import results
-from vlab._compare import compare, flatten_host, format_compare, host_diff, is_volatile
+from vlab.compare import compare, flatten_host, format_compare, host_diff, is_volatile
 from vlab._errors import UsageError
 
 DATA = Path(__file__).parent / "data" / "results"

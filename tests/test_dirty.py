@@ -335,7 +335,7 @@ def test_recording_round_trips_through_npz(tmp_path):
 
 
 def test_benchmark_times_numba_against_the_oracle_and_checks_the_targets():
-    from vlab import benchmarks
+    from vlab.analysis import benchmarks as benchmarks
 
     rows = benchmarks.run(1 << 16, 20, 1, wws_oracle_pages=1 << 16)
     by = {r["kernel"]: r for r in rows}

@@ -23,7 +23,7 @@ USER_EXITS_CPL0 = ["exits.hlt", "exits.msr_user"]
 @pytest.fixture(scope="module")
 def exits_run():
     """One quick-grid run of every exit experiment, through the real runner and pyperf."""
-    from vlab._runner import RunOptions, execute
+    from vlab.run.runner import RunOptions, execute
 
     doc, code = execute(RunOptions(selectors=["exits.*"], overrides={"vcpus": [1]},
                                    pyperf={"processes": 2, "values": 2}))
@@ -128,7 +128,7 @@ def test_hypercall_cases_that_cannot_run_are_skips_with_reasons(exits_run):
 
 @pytest.fixture(scope="module")
 def exitbench(tmp_path_factory):
-    from vlab._guest import load_payload
+    from vlab.vmm.payloads import load_payload
 
     d = tmp_path_factory.mktemp("exitbench")
     image = d / "micro.bin"
@@ -162,7 +162,7 @@ def test_vlab_agrees_with_the_bare_c_measurement(exitbench, exp, op):
 
     Both are medians of many samples; the two are interleaved so that host load affects both.
     """
-    from vlab._runner import RunOptions, execute
+    from vlab.run.runner import RunOptions, execute
 
     ours, bare = [], []
     for _ in range(2):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vlab import _host
+from vlab.host import fingerprint as _host
 
 DATA = Path(__file__).parent / "data" / "hosts"
 TREES = ("pvm", "vmx", "vmx_ept0", "svm", "nokvm")

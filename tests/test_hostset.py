@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from vlab import _host, _hostset
+from vlab.host import fingerprint as _host
+from vlab.host import settings as _hostset
 from vlab._errors import UsageError, VlabError
 
 DATA = Path(__file__).parent / "data" / "hosts"

@@ -33,9 +33,9 @@ def test_pip_install_non_editable_imports_and_runs(tmp_path):
                            "--target", str(target), str(src)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     code = ("import vlab, sys; assert vlab.__file__.startswith(sys.argv[1]), vlab.__file__;"
-            "from vlab._guest import payload_names; assert 'micro' in payload_names();")
+            "from vlab.vmm.payloads import payload_names; assert 'micro' in payload_names();")
     if not KVM_REASON:
-        code += ("from vlab import Machine; from vlab._guest import MICRO_OPS as O;"
+        code += ("from vlab import Machine; from vlab.vmm.payloads import MICRO_OPS as O;"
                  "m = Machine(); s = m.vm.add_pio_sink(0x80); m.set_args(O['out'], 7, 1, 0x80);"
                  "m.run_to_done(); assert s.hits == 7; m.close(); print('ran')")
     env = dict(os.environ, PYTHONPATH=str(target))

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import needs_kvm
-from vlab import _io
-from vlab._io import QueueLayout, VirtqueueError, process_buffer
+from vlab.vmm import devices as _io
+from vlab.vmm.devices import QueueLayout, VirtqueueError, process_buffer
 
 DATA = Path(__file__).parent / "data"
 KINDS = {"ring", "avail_idx", "head", "next", "loop", "addr", "oversize", "indirect", "order",
@@ -580,7 +580,7 @@ def test_ring_code_alone_runs_in_guest_and_host(kvm):
 def test_abort_stops_a_spinning_guest(kvm):
     from vlab import Machine
     from vlab._errors import KvmError
-    from vlab._guest import MICRO_OPS
+    from vlab.vmm.payloads import MICRO_OPS
 
     with Machine(kvm=kvm) as m:
         m.set_args(MICRO_OPS["spin"])
@@ -603,7 +603,7 @@ def test_ivshmem_peer_failure_does_not_hang_the_other_vm(kvm):
     P = _paths()
     p = P.IvshmemPath(notify="poll", msg_bytes=64, kvm=kvm, timeout=120)
     try:
-        from vlab._guest import P_ARG0
+        from vlab.vmm.payloads import P_ARG0
 
         p._setup(1, 2, 1, 100000, 4, 1, 0)
         p.b.params[P_ARG0 + 1] = 4096        # the consumer expects messages the ring cannot hold
@@ -622,7 +622,7 @@ def test_ivshmem_peer_failure_does_not_hang_the_other_vm(kvm):
     ("vf_vfio", None),
 ])
 def test_sriov_precondition_on_recorded_trees(tree, reason):
-    from vlab import _host
+    from vlab.host import fingerprint as _host
     from vlab.experiments import io
 
     host = _host.fingerprint(str(DATA / "sriov" / tree))
@@ -639,7 +639,8 @@ def test_sriov_precondition_on_recorded_trees(tree, reason):
 
 
 def test_sriov_requirement_skips_with_the_reason():
-    from vlab import _experiment, _host
+    from vlab.run import registry as _experiment
+    from vlab.host import fingerprint as _host
 
     exp = _experiment.get("io.sriov")
     host = _host.fingerprint(str(DATA / "sriov" / "pf_no_vfs"))
@@ -693,7 +694,7 @@ def test_sriov_run_on_this_host_is_a_skip_row(tmp_path):
     proc = _vlab("run", "io.sriov", "--processes", "1", "--values", "1", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
-    from vlab import _sriov
+    from vlab.host import sriov as _sriov
     reason = _sriov.detect("/")["reason"]
     if reason is None:
         pytest.skip("this host has a VF on vfio-pci: io.sriov runs for real")

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import needs_kvm
 
-from vlab import _migstream as ms
+from vlab.migration import stream as ms
 from vlab._errors import KvmError, UsageError
 
 PY = sys.executable
@@ -82,7 +82,7 @@ def _read_all(data: bytes, expect=None):
 
 
 def _page_hashes(data: bytes) -> np.ndarray:
-    from vlab._native import ffi, lib
+    from vlab.vmm._native import ffi, lib
 
     n = len(data) // 4096
     out = np.empty(n, dtype=np.uint64)
@@ -208,8 +208,8 @@ def test_token_bucket_limits_rate():
 
 
 def test_addresses_and_sizes():
-    from vlab._migargs import parse_rate, parse_size
-    from vlab.migrate import parse_addr
+    from vlab.migration.options import parse_rate, parse_size
+    from vlab.migration.session import parse_addr
 
     assert parse_addr("7000", listen=True) == ("127.0.0.1", 7000)
     assert parse_addr("0.0.0.0:0", listen=True) == ("0.0.0.0", 0)
@@ -227,10 +227,10 @@ def test_addresses_and_sizes():
 # ------------------------------------------------------------------ real migrations
 
 def _start_dest(*extra: str, io_timeout: float = 10.0):
-    p = subprocess.Popen([PY, "-m", "vlab.migrate", "--listen", "127.0.0.1:0", "--json",
+    p = subprocess.Popen([PY, "-m", "vlab.migration.session", "--listen", "127.0.0.1:0", "--json",
                           "--accept-timeout", "30", "--io-timeout", str(io_timeout), *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    from vlab.migrate import _read_line
+    from vlab.migration.session import _read_line
 
     line = _read_line(p, 30)
     if not line.startswith("LISTENING "):
@@ -242,14 +242,14 @@ def _start_dest(*extra: str, io_timeout: float = 10.0):
 
 def _dest_status(p, timeout: float = 60.0) -> tuple[int, dict, str]:
     out, err = p.communicate(timeout=timeout)
-    from vlab.migrate import _last_json
+    from vlab.migration.session import _last_json
 
     return p.returncode, _last_json(out) or {}, err
 
 
 def _cfg(**kw):
-    from vlab._migguest import GuestSpec
-    from vlab.migrate import MigrateOptions, RunConfig
+    from vlab.migration.guest import GuestSpec
+    from vlab.migration.session import MigrateOptions, RunConfig
 
     spec = GuestSpec(**{k: v for k, v in kw.items() if k in GuestSpec.__dataclass_fields__})
     opts = MigrateOptions(**{k: v for k, v in kw.items()
@@ -260,7 +260,7 @@ def _cfg(**kw):
 
 
 def _counter(src) -> int:
-    from vlab._migguest import counter_of
+    from vlab.migration.guest import counter_of
 
     return counter_of(src.vm, src.data_gpa)
 
@@ -294,7 +294,7 @@ def _assert_verified(res: dict) -> None:
 @needs_kvm
 @pytest.mark.parametrize("mode", ["bitmap", "clear", "ring"])
 def test_precopy_migration_is_verified(mode):
-    from vlab.migrate import run_local
+    from vlab.migration.session import run_local
 
     # a link limit makes the convergence test use a fixed rate, not a measured one that a
     # busy host can make arbitrarily low
@@ -309,7 +309,7 @@ def test_precopy_migration_is_verified(mode):
 
 @needs_kvm
 def test_counter_workload_continues():
-    from vlab.migrate import run_local
+    from vlab.migration.session import run_local
 
     res = run_local(_cfg(workload="counter", mem=2 << 20, bandwidth=200e6), run_after=0.3,
                     timeout=120)
@@ -323,7 +323,7 @@ def test_counter_workload_continues():
 def test_postcopy_demand_faults(rounds):
     """Post-copy after one pre-copy round (staged pages installed locally, dirtied ones
     fetched) and pure post-copy (everything fetched): verified, demand faults reported."""
-    from vlab.migrate import run_local, uffd_status
+    from vlab.migration.session import run_local, uffd_status
 
     why = uffd_status()
     if why:
@@ -347,7 +347,7 @@ def test_postcopy_demand_faults(rounds):
 def test_stale_page_is_caught():
     """verified is computed: a page left out of the final round makes it false, and the guest
     itself finds the stale page on the destination."""
-    from vlab.migrate import Source, connect
+    from vlab.migration.session import Source, connect
 
     dest, addr = _start_dest()
     # a limited link, so the migration lasts long enough for the writer to dirty pages in
@@ -373,7 +373,7 @@ def test_stale_page_is_caught():
 @needs_kvm
 def test_destination_killed_mid_migration():
     """The source notices, stops dirty logging, and its guest runs on with its state intact."""
-    from vlab.migrate import Source, connect
+    from vlab.migration.session import Source, connect
 
     dest, addr = _start_dest()
     cfg = _cfg(mem=SMALL, rate=5000, bandwidth=2e6)       # round 0 alone takes ~6 s
@@ -408,7 +408,7 @@ def test_destination_killed_mid_migration():
 def test_destination_lost_at_switch_over_resumes_source():
     """A destination that vanishes after the source paused (mid final round): the source
     resumes its own copy, never having sent GO."""
-    from vlab.migrate import Source
+    from vlab.migration.session import Source
 
     a, b = _pair()
     a.settimeout(10)
@@ -450,7 +450,7 @@ def test_destination_lost_at_switch_over_resumes_source():
 def test_source_killed_before_final_round():
     """The destination discards everything and exits with an error; it never runs the guest."""
     dest, addr = _start_dest()
-    src = subprocess.Popen([PY, "-m", "vlab.migrate", "--to", addr, "--mem", "4M",
+    src = subprocess.Popen([PY, "-m", "vlab.migration.session", "--to", addr, "--mem", "4M",
                             "--rate", "5000", "--bandwidth", "8M", "--warmup-s", "0.1", "--json"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -473,7 +473,7 @@ def test_source_killed_before_final_round():
 def test_corrupted_or_truncated_streams_are_refused():
     """A real stream, captured, then damaged in many ways: the destination refuses each one
     with a clear reason and never resumes the guest."""
-    from vlab.migrate import Destination, Source
+    from vlab.migration.session import Destination, Source
 
     # capture a real source's stream up to DONE
     a, b = _pair()
@@ -574,7 +574,7 @@ def test_corrupted_or_truncated_streams_are_refused():
 def test_too_slow_to_converge_follows_policy(policy):
     """A writer far faster than the link: after max_rounds the policy decides, the result says
     which, and the model agrees that it would not have converged."""
-    from vlab.migrate import run_local
+    from vlab.migration.session import run_local
 
     res = run_local(_cfg(mem=2 << 20, rate=20000, bandwidth=8e6, max_rounds=2,
                          max_downtime_ms=0.5, policy=policy, trace_s=0.3,
@@ -600,7 +600,7 @@ def test_too_slow_to_converge_follows_policy(policy):
 def test_auto_converge_throttles_the_guest():
     """Auto-converge throttles a CPU-bound writer (it drops its backlog after 1 ms) round by
     round, and the throttle is what the result records."""
-    from vlab.migrate import run_local
+    from vlab.migration.session import run_local
 
     res = run_local(_cfg(mem=2 << 20, rate=20000, lag_us=1000, bandwidth=8e6, max_rounds=4,
                          max_downtime_ms=0.5, auto_converge=True), run_after=0.2, timeout=120)
@@ -630,7 +630,7 @@ def test_cli_migrate_end_to_end(tmp_path):
 
 @needs_kvm
 def test_experiment_rows_measured_beside_model():
-    from vlab import _experiment as reg
+    from vlab.run import registry as reg
     from vlab import results
 
     exp = reg.get("migration.live")
@@ -655,7 +655,7 @@ def test_experiment_rows_measured_beside_model():
 def test_userfaultfd_reasons_from_recorded_settings():
     import errno
 
-    from vlab.migrate import uffd_reason
+    from vlab.migration.session import uffd_reason
 
     why = uffd_reason(errno.ENOSYS, "userfaultfd", unprivileged=None, euid=0, dev_exists=False)
     assert "CONFIG_USERFAULTFD" in why

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import needs_kvm
-from vlab import UsageError, _host, results
-from vlab._experiment import get
+from vlab import UsageError, results
+from vlab.host import fingerprint as _host
+from vlab.run.registry import get
 
 DATA = Path(__file__).parent / "data" / "hosts"
 PVM_CAPS = {"DIRTY_LOG_RING": 1048576, "DIRTY_LOG_RING_ACQ_REL": 1048576,
@@ -179,7 +180,7 @@ def test_precopy_over_2m_pages_coarsens_the_trace(tmp_path):
 # ------------------------------------------------------------------------ under real KVM
 
 def _rows(name: str, **over) -> list[dict]:
-    from vlab._calibrate import collect_host
+    from vlab.host.calibrate import collect_host
 
     e = get(name)
     p = dict(e.grid(quick=True)[0], **over)

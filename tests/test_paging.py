@@ -22,7 +22,7 @@ PVM_KVM = {"api_version": 12, "tsc_khz": 2700000, "nr_vcpus": 2, "max_vcpus": 10
 
 
 def host(name: str) -> dict:
-    from vlab import _host
+    from vlab.host import fingerprint as _host
 
     return _host.fingerprint(str(HOSTS / name), PVM_KVM)
 
@@ -112,8 +112,8 @@ def test_both_builds_include_the_same_kernel_file():
 
 
 def test_grid_normalizes_page_names_and_drops_guest_params_natively():
-    from vlab import _experiment
-    from vlab._experiment import parse_param
+    from vlab.run import registry as _experiment
+    from vlab.run.registry import parse_param
 
     exp = _experiment.get("paging.first_touch")
     _, pages = parse_param("guest_page=2m,4K")
@@ -150,7 +150,7 @@ def test_bad_values_are_usage_errors(params, word):
 
 
 def skip_reason(name: str, params: dict, h: dict) -> str | None:
-    from vlab import _experiment
+    from vlab.run import registry as _experiment
 
     return _experiment.get(name).check(h, params)
 
@@ -554,7 +554,7 @@ def test_cr3_switch_reads_each_address_space(rig_factory):
 @needs_kvm
 def test_cr3_switch_detects_a_second_space_that_is_not_different(rig_factory):
     from vlab._errors import GuestFailure
-    from vlab._guest import P_CR3_ALT
+    from vlab.vmm.payloads import P_CR3_ALT
 
     p = P()
     n = 4
@@ -622,8 +622,8 @@ def test_cli_small_sweep_gives_measured_and_derived_rows(tmp_path):
 
 
 def test_runner_derive_hook_runs_once_per_experiment_and_survives_failures():
-    from vlab._experiment import LoopExperiment
-    from vlab._runner import Case, derived_rows
+    from vlab.run.registry import LoopExperiment
+    from vlab.run.runner import Case, derived_rows
 
     calls = []
 

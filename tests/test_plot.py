@@ -1,4 +1,4 @@
-"""vlab._plot: every figure type renders from the recorded files, with the conventions readers
+"""vlab.plot: every figure type renders from the recorded files, with the conventions readers
 rely on (emulated CPL0 hatched and labelled, native dashed, model dotted, host in the title),
 and no figure is drawn for an area without ok rows."""
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from vlab import results
-from vlab._compare import compare
+from vlab.compare import compare
 from vlab._errors import UsageError
-from vlab._plot import OKABE_ITO, area_figure, area_of, parse_size, plot, plot_compare
+from vlab.plot import OKABE_ITO, area_figure, area_of, parse_size, plot, plot_compare
 
 DATA = Path(__file__).parent / "data" / "results"
 QUICK = DATA / "pvm_quick.json"

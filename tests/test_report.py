@@ -1,4 +1,4 @@
-"""vlab._report: one self-contained HTML file with every figure, table, warning and skip reason,
+"""vlab.report: one self-contained HTML file with every figure, table, warning and skip reason,
 and (when Chromium is installed) proof that it renders in a real browser without console errors.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 from vlab import results
 from vlab._errors import UsageError
-from vlab._report import render, report
+from vlab.report import render, report
 
 DATA = Path(__file__).parent / "data" / "results"
 QUICK = DATA / "pvm_quick.json"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vlab import _host, _sriov
+from vlab.host import fingerprint as _host
+from vlab.host import sriov as _sriov
 
 DATA = Path(__file__).parent / "data" / "sriov"
 

@@ -27,11 +27,11 @@ TRACE_REASON = _trace_ok()
 pytestmark = pytest.mark.skipif(TRACE_REASON is not None, reason=f"tracing: {TRACE_REASON}")
 
 
-def test_tracer_counts_a_vlab_guest_exactly():
+def test_tracer_counts_a_vlab_guest_exactly(cpuid_exits_counted):
     from vlab import Machine, trace
-    from vlab._guest import MICRO_OPS as O
-    from vlab._native import lib
-    from vlab._stats import diff, guest_exits
+    from vlab.vmm.payloads import MICRO_OPS as O
+    from vlab.vmm._native import lib
+    from vlab.vmm.stats import diff, guest_exits
 
     with trace.Tracer([os.getpid()]) as tr, Machine() as m:
         sink = m.vm.add_pio_sink(0x80)
@@ -46,15 +46,18 @@ def test_tracer_counts_a_vlab_guest_exactly():
         res = tr.snapshot()
         delta = diff(v.stats(), k0)
     c = res.counts
-    assert c.get("cpuid") == N
+    # kvm_cpuid fires once per cpuid wherever KVM handles it; a PVM switcher that answers CPUID
+    # itself (see conftest.cpuid_exits_counted) leaves both KVM's counter and the tracepoint at 0
+    n_cpuid = N if cpuid_exits_counted else 0
+    assert c.get("cpuid", 0) == n_cpuid
     assert c.get("pio:out:0x80") == N == sink.hits
     assert c.get("mmio:write") == N == mmio.hits
     # user-space exits: N outs + N MMIO writes + one DONE ucall per run
     assert c.get("userspace_exit:IO") == N + 3
     assert c.get("userspace_exit:MMIO") == N
     # KVM's own exit counter agrees with the traced exits
-    assert guest_exits(delta) - 3 <= 3 * N + 3
-    assert guest_exits(delta) >= 3 * N
+    assert guest_exits(delta) - 3 <= 2 * N + n_cpuid + 3
+    assert guest_exits(delta) >= 2 * N + n_cpuid
 
 
 @pytest.mark.skipif(shutil.which("perf") is None, reason="perf is not installed")
@@ -62,7 +65,7 @@ def test_perf_agrees_with_the_tracer(tmp_path):
     """perf stat counts the same tracepoints for the same guest program."""
     script = tmp_path / "guest.py"
     script.write_text(
-        "from vlab import Machine\nfrom vlab._guest import MICRO_OPS as O\n"
+        "from vlab import Machine\nfrom vlab.vmm.payloads import MICRO_OPS as O\n"
         f"m = Machine(); s = m.vm.add_pio_sink(0x80); m.set_args(O['out'], {N}, 1, 0x80)\n"
         "m.run_to_done(); assert s.hits == %d\n" % N)
     proc = subprocess.run(["perf", "stat", "-x,", "-e", "kvm:kvm_pio", "-e", "kvm:kvm_userspace_exit",
@@ -97,7 +100,7 @@ def test_vlab_trace_command_saves_a_results_file(tmp_path):
     from vlab import results
 
     out = tmp_path / "t.json"
-    code = ("from vlab import Machine\nfrom vlab._guest import MICRO_OPS as O\n"
+    code = ("from vlab import Machine\nfrom vlab.vmm.payloads import MICRO_OPS as O\n"
             "m = Machine(); s = m.vm.add_pio_sink(0x80); m.set_args(O['out'], 200, 1, 0x80)\n"
             "m.run_to_done()\n")
     proc = subprocess.run([sys.executable, "-m", "vlab", "trace", "-o", str(out), "--",
@@ -110,7 +113,7 @@ def test_vlab_trace_command_saves_a_results_file(tmp_path):
 
 def test_unavailable_tracing_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
     from vlab import trace
-    from vlab._runner import RunOptions, execute
+    from vlab.run.runner import RunOptions, execute
 
     monkeypatch.setattr(trace, "status", lambda mount=False: (False, "no BPF here (test)", {}))
     doc, code = execute(RunOptions(selectors=["native.syscall"], trace=True,

@@ -6,14 +6,14 @@ The native binding is imported lazily so that reading results works without /dev
 """
 from __future__ import annotations
 
-from ._errors import (GuestFailure, GuestFault, GuestTimeout, KvmError, MissingCapability,
+from vlab._errors import (GuestFailure, GuestFault, GuestTimeout, KvmError, MissingCapability,
                       UsageError, VlabError)
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Kvm": "._kvm", "Vm": "._kvm", "Vcpu": "._kvm", "MemorySlot": "._kvm",
-    "Machine": "._machine", "Payload": "._guest", "load_payload": "._guest",
+    "Kvm": "vlab.vmm.kvm", "Vm": "vlab.vmm.kvm", "Vcpu": "vlab.vmm.kvm", "MemorySlot": "vlab.vmm.kvm",
+    "Machine": "vlab.vmm.machine", "Payload": "vlab.vmm.payloads", "load_payload": "vlab.vmm.payloads",
 }
 
 __all__ = ["GuestFailure", "GuestFault", "GuestTimeout", "KvmError", "MissingCapability",
@@ -26,6 +26,6 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'vlab' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(mod, __name__), name)
+    value = getattr(importlib.import_module(mod), name)
     globals()[name] = value
     return value

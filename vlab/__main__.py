@@ -1,6 +1,6 @@
 """`python -m vlab` is the `vlab` command."""
 import sys
 
-from .cli import main
+from vlab.cli import main
 
 sys.exit(main())

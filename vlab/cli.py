@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Sequence
 
-from ._errors import KvmError, UsageError, VlabError
+from vlab._errors import KvmError, UsageError, VlabError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     hs.add_parser("show", help="the settings `vlab host set` manages, as they are now")
 
     # ---- live migration (vlab/migrate.py) ----
-    from ._migargs import add_arguments as _migrate_arguments
+    from vlab.migration.options import add_arguments as _migrate_arguments
 
     mg = sub.add_parser("migrate", help="live-migrate a running guest between two VMM "
                                         "processes and verify it")
@@ -96,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- commands
 
 def cmd_doctor(args) -> int:
-    from ._calibrate import calibrate, collect_host
-    from ._host import doctor_checks, format_doctor
+    from vlab.host.calibrate import calibrate, collect_host
+    from vlab.host.fingerprint import doctor_checks, format_doctor
 
     host = collect_host()
     if host.get("kvm", {}).get("usable"):
@@ -116,8 +116,8 @@ def cmd_doctor(args) -> int:
 def _trace_checks(host: dict) -> list:
     """Tracing capability rows for the doctor (empty when the tracing module is absent)."""
     try:
-        from . import trace
-        from ._host import Check
+        from vlab import trace
+        from vlab.host.fingerprint import Check
     except ImportError:
         return []
     ok, reason, detail = trace.status(mount=os.geteuid() == 0)
@@ -132,8 +132,8 @@ def _trace_checks(host: dict) -> list:
 
 
 def cmd_list(args) -> int:
-    from . import _experiment as reg
-    from ._calibrate import collect_host
+    from vlab.run import registry as reg
+    from vlab.host.calibrate import collect_host
 
     host = collect_host()
     out = []
@@ -160,10 +160,10 @@ def cmd_list(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from . import _experiment as reg
-    from . import results
-    from ._runner import RunOptions, default_output, execute
-    from ._summary import summary
+    from vlab.run import registry as reg
+    from vlab import results
+    from vlab.run.runner import RunOptions, default_output, execute
+    from vlab.run.summary import summary
 
     overrides: dict[str, list] = {}
     for text in args.param:
@@ -198,7 +198,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from . import results
+    from vlab import results
 
     doc = results.read(args.file)
     print(results.to_csv(doc) if args.csv else results.format_table(doc), end="")
@@ -206,8 +206,8 @@ def cmd_show(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from . import results
-    from ._compare import compare, format_compare
+    from vlab import results
+    from vlab.compare import compare, format_compare
 
     if len(args.files) < 2:
         raise UsageError("compare needs at least two results files")
@@ -220,8 +220,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from . import results
-    from ._plot import plot
+    from vlab import results
+    from vlab.plot import plot
 
     docs = [results.read(f) for f in args.files]
     paths = plot(docs, args.output)
@@ -233,7 +233,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from ._report import report
+    from vlab.report import report
 
     path = report(args.files, args.output)
     print(path)
@@ -241,7 +241,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_host(args) -> int:
-    from . import _hostset
+    from vlab.host import settings as _hostset
 
     if args.host_command == "set":
         key, value = _hostset.parse_assignment(args.assignment)
@@ -259,10 +259,10 @@ def cmd_trace(args) -> int:
     import time
     import uuid
 
-    from . import __version__, results, trace
-    from ._calibrate import collect_host
-    from ._runner import default_output
-    from ._tracerows import trace_rows
+    from vlab import __version__, results, trace
+    from vlab.host.calibrate import collect_host
+    from vlab.run.runner import default_output
+    from vlab.run.tracerows import trace_rows
 
     command = args.cmdline[1:] if args.cmdline[:1] == ["--"] else args.cmdline
     if bool(args.pid) == bool(command):
@@ -325,7 +325,7 @@ def cmd_trace(args) -> int:
 def cmd_migrate(args) -> int:
     """`vlab migrate`: by default a destination and a source process on loopback, the
     migration verified and set beside the pre-copy model; or one role (--listen / --to)."""
-    from .migrate import run_cli
+    from vlab.migration.session import run_cli
 
     return run_cli(args)
 

@@ -29,8 +29,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._errors import UsageError
-from ._files import atomic_open
+from vlab._errors import UsageError
+from vlab._files import atomic_open
 
 if TYPE_CHECKING:  # pandas is imported lazily: `vlab show` of one file should start fast
     import pandas as pd
@@ -319,7 +319,7 @@ def make_row(experiment: str, params: Mapping[str, Any], metric: str, unit: str,
         raise ValueError(f"{experiment} {metric}: an ok row needs at least one sample")
     if any(v is None for v in values):
         raise ValueError(f"{experiment} {metric}: samples must be finite numbers")
-    from .analysis.stats import summarize  # lazily: the analysis package may pull in numba
+    from vlab.analysis.stats import summarize  # lazily: the analysis package may pull in numba
 
     stats = summarize(values)
     row: dict[str, Any] = {"experiment": experiment, "params": dict(params), "metric": metric,

@@ -8,7 +8,7 @@
  *   - time VFIO_IOMMU_MAP_DMA / VFIO_IOMMU_UNMAP_DMA of guest memory page by page (what
  *     pinning and mapping guest RAM for device DMA costs).
  * Every ioctl failure names the ioctl. Hosts without VFIO never get here: io.sriov skips with
- * the reason vlab._sriov.detect gives.
+ * the reason vlab.host.sriov.detect gives.
  */
 #include "internal.h"
 #include <fcntl.h>

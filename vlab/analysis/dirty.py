@@ -51,8 +51,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .._errors import UsageError
-from .._files import atomic_open
+from vlab._errors import UsageError
+from vlab._files import atomic_open
 
 __all__ = ["DirtyTrace", "SparseDirtyTrace", "UnionTable", "load_trace", "union_table",
            "synthetic_trace", "wws_curve", "wws_curve_numpy", "precopy_sim", "precopy_sim_numpy",

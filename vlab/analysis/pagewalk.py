@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from .._errors import UsageError
+from vlab._errors import UsageError
 
 __all__ = ["PAGE_SIZES", "MODES", "page_bytes", "walk_refs", "model_table", "predicted_cycles",
            "tlb_miss_rate", "tlb_miss_curve", "predicted_curve"]

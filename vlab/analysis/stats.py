@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import UsageError
+from vlab._errors import UsageError
 
 __all__ = ["summarize", "cv", "mann_whitney_u", "compare_samples"]
 

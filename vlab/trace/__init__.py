@@ -15,11 +15,11 @@ Importing this package is cheap and never imports bcc; bcc is loaded only when a
 """
 from __future__ import annotations
 
-from ._bpf import (FALLBACK_EVENTS, Decoder, Histogram, RawMaps, TraceResult, Tracer,
+from vlab.trace._bpf import (FALLBACK_EVENTS, Decoder, Histogram, RawMaps, TraceResult, Tracer,
                    bpf_syscall_permitted, event_key, format_table, kvm_backend, run_traced,
                    status)
-from ._headers import HeaderStatus, ensure_headers
-from ._tracefs import (Field, SymbolicTable, TraceFormat, TracingUnavailable, ensure_tracefs,
+from vlab.trace._headers import HeaderStatus, ensure_headers
+from vlab.trace._tracefs import (Field, SymbolicTable, TraceFormat, TracingUnavailable, ensure_tracefs,
                        eval_c_int, event_exists, list_events, parse_format, parse_symbolic,
                        read_format, select_table, symbolic_tables, tracefs_path)
 

@@ -28,9 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from .._errors import UsageError
-from ._headers import HeaderStatus, ensure_headers
-from ._tracefs import (SymbolicTable, TracingUnavailable, ensure_tracefs, event_exists,
+from vlab._errors import UsageError
+from vlab.trace._headers import HeaderStatus, ensure_headers
+from vlab.trace._tracefs import (SymbolicTable, TracingUnavailable, ensure_tracefs, event_exists,
                        list_events, parse_format, read_format, select_table, symbolic_tables,
                        tracefs_path)
 

@@ -24,7 +24,7 @@ import os
 import re
 from dataclasses import dataclass, field as dc_field
 
-from .._errors import VlabError
+from vlab._errors import VlabError
 
 #: Where tracefs may be mounted, in order of preference.
 TRACEFS_CANDIDATES: tuple[str, ...] = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")

@@ -24,7 +24,7 @@ N = 20  # samples per row: enough for the statistics, small enough for a < 200 K
 
 
 def host(thp: str, mem_available_kb: int, cal_cpl0: int) -> dict:
-    """A host record shaped like `vlab._host.fingerprint()` on the PVM CI machines (trimmed)."""
+    """A host record shaped like `vlab.host.fingerprint.fingerprint()` on the PVM CI machines (trimmed)."""
     record = {
         "host_id": None, "hostname": "ci-runner-2",
         "cpu_model": "Intel Xeon Processor (Icelake)", "cpu_vendor": "intel",
@@ -53,7 +53,7 @@ def host(thp: str, mem_available_kb: int, cal_cpl0: int) -> dict:
         "calibration": {"nop_cpl3_cycles": 60, "nop_cpl0_cycles": cal_cpl0,
                         "rdtsc_cycles": 96, "emulated_cpl0": True},
     }
-    from vlab._host import host_id
+    from vlab.host.fingerprint import host_id
 
     record["host_id"] = host_id(record)
     return record

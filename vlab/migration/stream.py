@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import VlabError
+from vlab._errors import VlabError
 
 MAGIC = 0x474D4C56          # "VLMG" little-endian
 VERSION = 1

@@ -85,7 +85,7 @@ def exits_table(doc: dict) -> str:
 
 def summary(doc: dict) -> str:
     """The whole summary: the exit table (if any), then the generic table for the rest."""
-    from . import results
+    from vlab import results
 
     parts = []
     ex = exits_table(doc)

@@ -15,12 +15,12 @@ from typing import Callable
 
 import numpy as np
 
-from ._errors import GuestFailure, GuestFault, GuestTimeout, KvmError, UsageError, VlabError
-from ._guest import P_RESULTS_BASE, P_RESULTS_STRIDE
-from ._kvm import STOP_NAMES, MemorySlot, Vcpu, Vm, _check
-from ._native import ffi, lib
+from vlab._errors import GuestFailure, GuestFault, GuestTimeout, KvmError, UsageError, VlabError
+from vlab.vmm.payloads import P_RESULTS_BASE, P_RESULTS_STRIDE
+from vlab.vmm.kvm import STOP_NAMES, MemorySlot, Vcpu, Vm, _check
+from vlab.vmm._native import ffi, lib
 
-log = logging.getLogger("vlab.migrate")
+log = logging.getLogger("vlab.migration.session")
 
 PAGE = 4096
 WORKLOADS = {"counter": 0, "uniform": 1}
@@ -80,7 +80,7 @@ class GuestSpec:
 
 def build_guest(spec: GuestSpec, *, dirty_ring: int = 0):
     """A Machine running the migrate payload with `spec`, not yet started."""
-    from ._machine import Machine, pt_pool_for
+    from vlab.vmm.machine import Machine, pt_pool_for
 
     spec.validate()
     pool = pt_pool_for(spec.mem, PAGE) + (512 << 10)   # the guest's tables, the system area's

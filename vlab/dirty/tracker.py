@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._errors import MissingCapability, UsageError, VlabError
-from ._kvm import KvmError, MemorySlot, Vm
+from vlab._errors import MissingCapability, UsageError, VlabError
+from vlab.vmm.kvm import KvmError, MemorySlot, Vm
 
 MODES = ("bitmap", "clear", "ring")
 RING_ENTRY_BYTES = 16            # struct kvm_dirty_gfn

@@ -404,7 +404,7 @@ def fingerprint(root: str = "/", kvm: dict | None = None) -> dict:
     the record says why. Everything else is read from files, so this never needs privileges and
     never fails: what cannot be read is recorded as None.
     """
-    from . import _sriov  # _sriov reads files with this module's helpers
+    from vlab.host import sriov as _sriov
 
     cpu = _cpu(root)
     release = read_text(root, "/proc/sys/kernel/osrelease")

@@ -1,6 +1,6 @@
 """Benchmark: what the exit tracer costs the thing it traces.
 
-`python -m vlab._tracebench` runs `exits.pio_user` (out, one vCPU) alternately without and with
+`python -m vlab.trace.bench` runs `exits.pio_user` (out, one vCPU) alternately without and with
 `--trace` and prints the median guest cycles per exit of each, and the overhead. Alternating
 keeps slow drifts in host load out of the comparison.
 """
@@ -14,8 +14,8 @@ import numpy as np
 
 
 def measure(rounds: int = 3, experiment: str = "exits.pio_user") -> dict:
-    from ._runner import RunOptions, execute
-    from . import trace
+    from vlab.run.runner import RunOptions, execute
+    from vlab import trace
 
     ok, reason, _ = trace.status(mount=True)
     if not ok:
@@ -35,7 +35,7 @@ def measure(rounds: int = 3, experiment: str = "exits.pio_user") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vlab._tracebench")
+    p = argparse.ArgumentParser(prog="python -m vlab.trace.bench")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)

@@ -22,8 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import results
-from ._errors import UsageError
+from vlab import results
+from vlab._errors import UsageError
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._errors import KvmError
-from ._kvm import EventFd, MemorySlot, Vm, _check, _raise_last
-from ._native import ffi, lib
+from vlab._errors import KvmError
+from vlab.vmm.kvm import EventFd, MemorySlot, Vm, _check, _raise_last
+from vlab.vmm._native import ffi, lib
 
 NOTIFY = {"user": lib.VLAB_VQ_NOTIFY_USER, "kernel": lib.VLAB_VQ_NOTIFY_KERNEL,
           "poll": lib.VLAB_VQ_NOTIFY_POLL}

@@ -23,10 +23,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import results
-from ._compare import compare, flatten_host, is_volatile
-from ._files import atomic_open
-from ._plot import AREAS, area_figure, area_of, compare_figure, host_caption
+from vlab import results
+from vlab.compare import compare, flatten_host, is_volatile
+from vlab._files import atomic_open
+from vlab.plot import AREAS, area_figure, area_of, compare_figure, host_caption
 
 _HOW_TO_READ = {
     "exits": (
@@ -419,7 +419,7 @@ def render(docs: Sequence[tuple[Mapping[str, Any], str]], *, min_effect: float =
     items = [(doc, name) for doc, name in docs]
     figs = _Figures()
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    from . import __version__
+    from vlab import __version__
 
     present = []
     for area in (*AREAS, "other"):
@@ -503,7 +503,7 @@ def report(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
         paths = [paths]
     items = [(results.read(p), str(p)) for p in paths]
     if not items:
-        from ._errors import UsageError
+        from vlab._errors import UsageError
 
         raise UsageError("report needs at least one results file")
     text = render(items, min_effect=min_effect)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._errors import GuestFailure, GuestFault, GuestTimeout, KvmError, MissingCapability
-from ._native import ffi, lib
-from ._stats import StatsReader
+from vlab._errors import GuestFailure, GuestFault, GuestTimeout, KvmError, MissingCapability
+from vlab.vmm._native import ffi, lib
+from vlab.vmm.stats import StatsReader
 
 log = logging.getLogger("vlab")
 

@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from ._dirtyguest import WORKLOADS, Epoch, RecordLayout, WorkloadGuest, zipf_table
-from ._dirtylog import MODES, DirtyTracker, Harvest, bitmap_pages, pages_bitmap, popcount
-from ._errors import UsageError, VlabError
-from ._files import atomic_open
+from vlab.dirty.workloads import WORKLOADS, Epoch, RecordLayout, WorkloadGuest, zipf_table
+from vlab.dirty.tracker import MODES, DirtyTracker, Harvest, bitmap_pages, pages_bitmap, popcount
+from vlab._errors import UsageError, VlabError
+from vlab._files import atomic_open
 
 __all__ = ["record", "DirtyRecording", "DirtyTracker", "Harvest", "WorkloadGuest", "Epoch",
            "RecordLayout", "WORKLOADS", "MODES", "REGIONS", "coarsen", "zipf_table",
@@ -163,7 +163,7 @@ class DirtyRecording:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write an .npz (atomically) that `load` reads back and that is also a dense dirty
         trace for `vlab.analysis.dirty.load_trace`."""
-        from .analysis.dirty import TRACE_FORMAT
+        from vlab.analysis.dirty import TRACE_FORMAT
 
         arrays = {
             "format": np.array(TRACE_FORMAT), "kind": np.array("dense"),
@@ -183,7 +183,7 @@ class DirtyRecording:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "DirtyRecording":
         """Read a recording written by `save`; a bad file raises `UsageError` (one line)."""
-        from .analysis.dirty import DirtyTrace, load_trace
+        from vlab.analysis.dirty import DirtyTrace, load_trace
 
         name = os.fspath(path)
         trace = load_trace(name)                 # validates the trace part
@@ -231,7 +231,7 @@ _ARRAYS = ("tsc_go", "tsc_ack", "tsc_idle", "writes", "reads", "lag_cycles", "ha
 def coarsen(trace: Any, page_size: int) -> Any:
     """The same trace at a larger page granularity (`page_size` a multiple of the trace's): a
     large page is dirty when any of its small pages is. For pre-copy over huge pages."""
-    from .analysis.dirty import DirtyTrace
+    from vlab.analysis.dirty import DirtyTrace
 
     if page_size == trace.page_size:
         return trace
@@ -426,7 +426,7 @@ def _outside_counts(h: Harvest, regions: dict[str, tuple[int, int, int]]) -> dic
 
 def _assemble(g: WorkloadGuest, rows: list[tuple], regions: dict[str, tuple[int, int, int]],
               meta: dict) -> DirtyRecording:
-    from .analysis.dirty import DirtyTrace
+    from vlab.analysis.dirty import DirtyTrace
 
     n = g.n_pages
     buf_id = regions["buffer"][0]

@@ -1,4 +1,4 @@
-"""Benchmarks of the analysis kernels: `python -m vlab.benchmarks [--quick]`.
+"""Benchmarks of the analysis kernels: `python -m vlab.analysis.benchmarks [--quick]`.
 
 Measures the numba kernels of `vlab.analysis` against their NumPy oracles on synthetic traces
 (`vlab.analysis.dirty.synthetic_trace`: a hot set dirtied every interval, a warm set dirtied at
@@ -30,7 +30,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from .analysis import dirty, pagewalk
+from vlab.analysis import dirty, pagewalk
 
 TIB_PAGES = 1 << 28          # 1 TiB of 4 KiB pages
 GIB16_PAGES = 1 << 22        # 16 GiB
@@ -249,7 +249,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vlab.benchmarks",
+    p = argparse.ArgumentParser(prog="python -m vlab.analysis.benchmarks",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="16 GiB guest instead of 1 TiB")
     p.add_argument("--pages", type=int, default=None, help="guest size in 4 KiB pages")
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     n_pages = args.pages or (GIB16_PAGES if args.quick else TIB_PAGES)
     repeat = args.repeat or (2 if n_pages >= TIB_PAGES else 3)
     log = (lambda s: print(s, file=sys.stderr, flush=True))
-    log(f"vlab.benchmarks: numba {numba.__version__}, numpy {np.__version__}, "
+    log(f"vlab.analysis.benchmarks: numba {numba.__version__}, numpy {np.__version__}, "
         f"{numba.get_num_threads()} threads")
     rows = run(n_pages, args.intervals, repeat, oracle=not args.no_oracle,
                sparse=not args.no_sparse, log=log)

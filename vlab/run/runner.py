@@ -22,10 +22,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from . import __version__
-from . import _experiment as registry
-from ._errors import UsageError, VlabError
-from ._experiment import Experiment
+from vlab import __version__
+from vlab.run import registry as registry
+from vlab._errors import UsageError, VlabError
+from vlab.run.registry import Experiment
 
 DEFAULT_PYPERF = {"processes": 3, "values": 3, "warmups": 1, "min_time": 0.02}
 
@@ -110,7 +110,7 @@ def _new_runner(pyperf_opts: dict, plan_path: str):
 
     # pyperf allows one Runner per process; a run creates its own, so let go of an old one
     pyperf.Runner._created.clear()
-    runner = pyperf.Runner(program_args=("-m", "vlab._worker", plan_path))
+    runner = pyperf.Runner(program_args=("-m", "vlab.run.worker", plan_path))
     args = ["--quiet", "--processes", str(pyperf_opts["processes"]),
             "--values", str(pyperf_opts["values"]), "--warmups", str(pyperf_opts["warmups"]),
             "--min-time", str(pyperf_opts["min_time"])]
@@ -148,7 +148,7 @@ def _error_text(side: dict[int, list[dict]], exc: BaseException) -> str:
 
 
 def _rows_for(case: Case, host: dict, per_process: list[list[dict]], bench_meta: dict) -> list[dict]:
-    from . import results
+    from vlab import results
 
     exp = case.exp
     version = exp.version()
@@ -202,7 +202,7 @@ def _cv(values: list[float]) -> float | None:
 
 
 def _skip_rows(case: Case, reason: str, status: str = "skip") -> list[dict]:
-    from . import results
+    from vlab import results
 
     make = results.skip_row if status == "skip" else results.error_row
     return [make(case.exp.name, case.params, m, u, reason, exp_version=case.exp.version())
@@ -211,7 +211,7 @@ def _skip_rows(case: Case, reason: str, status: str = "skip") -> list[dict]:
 
 def execute(opts: RunOptions) -> tuple[dict, int]:
     """Run what `opts` selects on this host; return the results document and an exit code."""
-    from ._calibrate import calibrate, collect_host
+    from vlab.host.calibrate import calibrate, collect_host
 
     started = _dt.datetime.now(_dt.timezone.utc)
     t_start = time.monotonic()
@@ -310,7 +310,7 @@ def _open_tracer(opts: RunOptions):
     """The exit tracer over this process and every pyperf worker it spawns, or the reason why
     tracing is unavailable (then each case gets skip rows saying so; the run goes on)."""
     try:
-        from . import trace
+        from vlab import trace
     except ImportError as e:
         return None, f"tracing module unavailable: {e}"
     ok, reason, _detail = trace.status(mount=True)
@@ -328,7 +328,7 @@ def _open_tracer(opts: RunOptions):
 
 
 def _trace_case_rows(tracer, reason: str | None, of: str) -> list[dict]:
-    from ._tracerows import trace_rows, unavailable_rows
+    from vlab.run.tracerows import trace_rows, unavailable_rows
 
     if tracer is None:
         return unavailable_rows(reason or "tracing unavailable", of)
@@ -339,7 +339,7 @@ def derived_rows(cases: list[Case], rows: list[dict], host: dict,
     """Rows computed from several cases' rows, once per experiment that declares `derive`
     (e.g. the paging area's guest/native ratios, TLB-reach knees and model rows). A derive
     that raises gives an error row for that experiment, and the run goes on."""
-    from . import results
+    from vlab import results
 
     out: list[dict] = []
     failed = False

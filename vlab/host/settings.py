@@ -20,9 +20,9 @@ import subprocess
 from dataclasses import dataclass
 from typing import Callable
 
-from ._errors import UsageError, VlabError
-from ._files import atomic_open
-from ._host import bracketed, exists, listdir, module_state, param_true, read_text, rootpath
+from vlab._errors import UsageError, VlabError
+from vlab._files import atomic_open
+from vlab.host.fingerprint import bracketed, exists, listdir, module_state, param_true, read_text, rootpath
 
 STATE_SCHEMA = "vlab.host-state/1"
 

@@ -28,7 +28,7 @@ def hist_samples(buckets: dict[int, int], cap: int = 2000) -> list[float]:
 
 def trace_rows(result: Any, of: str, version: str = "") -> list[dict]:
     """Rows for one TraceResult; `of` names what was traced (a case label, a pid, a command)."""
-    from . import results
+    from vlab import results
 
     base: dict[str, Any] = {"source": result.source, "backend": result.backend}
     if result.unavailable:
@@ -51,7 +51,7 @@ def trace_rows(result: Any, of: str, version: str = "") -> list[dict]:
 
 
 def unavailable_rows(reason: str, of: str) -> list[dict]:
-    from . import results
+    from vlab import results
 
     return [results.skip_row("trace.exits", {"of": of}, "count", "events", reason),
             results.skip_row("trace.exit_ns", {"of": of}, "latency_ns", "ns", reason)]

@@ -14,6 +14,7 @@ Requirements are checked against the host record before anything runs; a failing
 """
 from __future__ import annotations
 
+import ast
 import fnmatch
 import hashlib
 import importlib
@@ -25,7 +26,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from ._errors import UsageError
+from vlab._errors import UsageError
 
 AREAS = ("exits", "paging", "io", "migration")
 
@@ -120,7 +121,7 @@ class Experiment:
         h = hashlib.sha256(self.source_hash.encode())
         if self.payload:
             try:
-                from ._guest import load_payload
+                from vlab.vmm.payloads import load_payload
 
                 h.update(load_payload(self.payload).image)
             except Exception:  # noqa: BLE001 - native part missing: source hash alone
@@ -152,9 +153,38 @@ class OneShotExperiment(Experiment):
 _REGISTRY: dict[str, Experiment] = {}
 
 
+class _Unimported(ast.NodeTransformer):
+    """Drops import statements and docstrings: where a helper comes from, and what the prose
+    says, is not what an experiment measures."""
+
+    def visit_Import(self, node: ast.AST) -> None:
+        return None
+
+    visit_ImportFrom = visit_Import
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        super().generic_visit(node)
+        body = getattr(node, "body", None)
+        if isinstance(body, list):
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                body.pop(0)
+            if not body and not isinstance(node, ast.Module):
+                body.append(ast.Pass())
+        return node
+
+
+def measuring_code(source: str) -> str:
+    """The code of a module as far as it measures anything: its syntax tree without import
+    statements, docstrings, comments, layout or line numbers. Moving a helper to another package
+    rewrites import lines only, so it leaves this (and the experiment's version) unchanged."""
+    return ast.dump(_Unimported().visit(ast.parse(source)))
+
+
 def _source_hash(fn: Callable) -> str:
-    """Hash of the module defining `fn` and of the private helper modules of the experiments
-    package it imports (e.g. experiments/_micro.py), so a change to either bumps the version."""
+    """Hash of the measuring code (see `measuring_code`) of the module defining `fn` and of the
+    private helper modules of the experiments package it imports (e.g. experiments/_micro.py),
+    so a change to either bumps the version and a move of code between packages does not."""
     mod = inspect.getmodule(fn)
     mods = [mod] if mod else []
     if mod:
@@ -164,8 +194,8 @@ def _source_hash(fn: Callable) -> str:
     h = hashlib.sha256()
     for m in mods:
         try:
-            h.update(inspect.getsource(m).encode())
-        except (OSError, TypeError):
+            h.update(measuring_code(inspect.getsource(m)).encode())
+        except (OSError, TypeError, SyntaxError):
             pass
     return h.hexdigest()
 
@@ -187,7 +217,7 @@ def discover() -> dict[str, Experiment]:
     """Import every module of vlab.experiments (each registers its experiments)."""
     global _DISCOVERED
     if not _DISCOVERED:
-        from . import experiments as pkg  # vlab.experiments (the top-level experiments/ dir)
+        from vlab import experiments as pkg  # vlab.experiments (the top-level experiments/ dir)
 
         for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
             if not info.name.startswith("_"):
@@ -228,7 +258,7 @@ def select(selectors: Iterable[str]) -> list[Experiment]:
 # ---- suites ----
 
 def suite_dir() -> str:
-    from . import experiments as pkg  # vlab.experiments (the top-level experiments/ dir)
+    from vlab import experiments as pkg  # vlab.experiments (the top-level experiments/ dir)
 
     return os.path.dirname(pkg.__file__)
 

@@ -1,4 +1,4 @@
-"""Command-line options of live migration (`vlab migrate`, `python -m vlab.migrate`).
+"""Command-line options of live migration (`vlab migrate`, `python -m vlab.migration.session`).
 
 Kept apart from vlab/migrate.py so that building the `vlab` parser imports nothing heavy.
 """
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._errors import UsageError
+from vlab._errors import UsageError
 
 STRATEGIES = ("precopy", "postcopy")
 MODES = ("bitmap", "clear", "ring")
@@ -45,7 +45,7 @@ def parse_rate(text: str, what: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `vlab migrate` and `python -m vlab.migrate`."""
+    """The options of `vlab migrate` and `python -m vlab.migration.session`."""
     role = p.add_mutually_exclusive_group()
     role.add_argument("--listen", metavar="[HOST:]PORT",
                       help="be the destination: accept one migration on this address")

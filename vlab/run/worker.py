@@ -1,4 +1,4 @@
-"""pyperf worker: `python -m vlab._worker PLAN.json <pyperf worker args>`.
+"""pyperf worker: `python -m vlab.run.worker PLAN.json <pyperf worker args>`.
 
 The runner (pyperf's manager side) spawns this for every process of every loop case. pyperf's
 `--worker-task` picks which case of the plan this process measures; the others are registered
@@ -19,9 +19,9 @@ def main() -> None:
         plan = json.load(f)
     import pyperf
 
-    from . import _experiment
+    from vlab.run import registry as _experiment
 
-    runner = pyperf.Runner(program_args=("-m", "vlab._worker", plan_path))
+    runner = pyperf.Runner(program_args=("-m", "vlab.run.worker", plan_path))
     runner.parse_args(sys.argv[2:])
     host = plan["host"]
     for case in plan["cases"]:

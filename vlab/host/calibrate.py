@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._errors import KvmError, VlabError
+from vlab._errors import KvmError, VlabError
 
 # A CPL0 nop-loop iteration this many times the CPL3 one means KVM emulates CPL0 code.
 EMULATION_FACTOR = 50
@@ -18,7 +18,7 @@ EMULATION_FACTOR = 50
 def kvm_info() -> tuple[dict | None, str | None]:
     """What /dev/kvm says (for the fingerprint), or None and the reason it cannot be used."""
     try:
-        from ._kvm import Kvm
+        from vlab.vmm.kvm import Kvm
     except ImportError as e:  # native part not built
         return None, f"vlab's native module is not built ({e})"
     try:
@@ -35,7 +35,7 @@ def kvm_info() -> tuple[dict | None, str | None]:
 
 def collect_host(root: str = "/") -> dict:
     """The fingerprint of this host, with what KVM itself reports."""
-    from ._host import fingerprint
+    from vlab.host.fingerprint import fingerprint
 
     info, why = kvm_info()
     host = fingerprint(root, info)
@@ -46,7 +46,7 @@ def collect_host(root: str = "/") -> dict:
 
 
 def _median_samples(m, op: str, iters: int, samples: int) -> np.ndarray:
-    from ._guest import MICRO_F_MARK, MICRO_OPS
+    from vlab.vmm.payloads import MICRO_F_MARK, MICRO_OPS
 
     m.restart()
     m.set_args(MICRO_OPS[op], iters, samples, 0, 0, MICRO_F_MARK, 0)
@@ -57,7 +57,7 @@ def _median_samples(m, op: str, iters: int, samples: int) -> np.ndarray:
 
 def calibrate() -> dict:
     """Measure the calibration figures on this host (about a second)."""
-    from ._machine import Machine
+    from vlab.vmm.machine import Machine
 
     out: dict = {}
     try:

@@ -10,7 +10,7 @@ import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ._native import ffi, lib
+from vlab.vmm._native import ffi, lib
 
 PARAM_MAGIC = 0x564C4142504152   # "VLABPAR"
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._errors import GuestTimeout, UsageError, VlabError
-from ._kvm import PAGE_SIZES, Kvm, MemorySlot
-from ._machine import DEFAULT_PT_POOL, Machine, pt_pool_for
+from vlab._errors import GuestTimeout, UsageError, VlabError
+from vlab.vmm.kvm import PAGE_SIZES, Kvm, MemorySlot
+from vlab.vmm.machine import DEFAULT_PT_POOL, Machine, pt_pool_for
 
 WORKLOADS = {"uniform": 0, "hotcold": 1, "sequential": 2, "ratelimited": 3, "readmostly": 4,
              "counts": 5}

@@ -13,7 +13,7 @@ import subprocess
 
 from cffi import FFI
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NATIVE = os.path.join(ROOT, "native")
 GEN = os.path.join(ROOT, "build", "vlab-gen")
 
@@ -114,7 +114,7 @@ ffibuilder = FFI()
 ffibuilder.cdef(_cdef_text())
 _images_c = write_image_source(build_guest_images())
 ffibuilder.set_source(
-    "vlab._native",
+    "vlab.vmm._native",
     '#include "vlab.h"\n',
     sources=[_rel(p) for p in sorted(glob.glob(os.path.join(NATIVE, "vmm", "*.c")))]
     + [_rel(_images_c)],

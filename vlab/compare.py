@@ -21,8 +21,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import results
-from ._errors import UsageError
+from vlab import results
+from vlab._errors import UsageError
 
 COMPARE_SCHEMA = "vlab.compare/1"
 
@@ -118,7 +118,7 @@ def _direction(ratio: float | None, significant: bool, higher_is_better: bool,
 
 def _compare_pair(a: Mapping[str, Any], b: Mapping[str, Any], *, min_effect: float,
                   ia: int, ib: int, names: Sequence[str | None]) -> dict[str, Any]:
-    from .analysis.stats import compare_samples  # lazily: analysis may pull in numba
+    from vlab.analysis.stats import compare_samples  # lazily: analysis may pull in numba
 
     rows_a, dupes_a = _index(a)
     rows_b, dupes_b = _index(b)

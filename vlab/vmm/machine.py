@@ -11,12 +11,12 @@ import threading
 
 import numpy as np
 
-from ._errors import VlabError
-from ._guest import (P_CR3, P_DATA_BASE, P_DATA_SIZE, P_MAGIC, P_MMIO_BASE, P_NR_VCPUS,
+from vlab._errors import VlabError
+from vlab.vmm.payloads import (P_CR3, P_DATA_BASE, P_DATA_SIZE, P_MAGIC, P_MMIO_BASE, P_NR_VCPUS,
                      P_RESULTS_BASE, P_RESULTS_STRIDE, P_SHARED_BASE, P_SHARED_SIZE, P_TSC_KHZ,
                      PARAM_MAGIC, P_ARG0, Payload, load_payload)
-from ._kvm import PAGE_SIZES, Kvm, MemorySlot, Stop, Vcpu, Vm
-from ._native import lib
+from vlab.vmm.kvm import PAGE_SIZES, Kvm, MemorySlot, Stop, Vcpu, Vm
+from vlab.vmm._native import lib
 
 SYS_FIXED = lib.VLAB_GPA_PTPOOL          # everything below the page-table pool
 DEFAULT_PT_POOL = 8 << 20
