@@ -191,7 +191,10 @@ def test_every_workload_is_recorded_exactly(workload, kw):
     if workload == "readmostly":
         assert r.reads.sum() > 5 * r.writes.sum()
     if workload == "sequential":
-        assert np.all(r.writes == 512 * r.truth.pages_per_interval())
+        # whole pages, one after the other: an interval dirties as many pages as it wrote, or
+        # every page once it wrapped around the buffer (a long interval on a loaded host)
+        assert np.all(r.writes % 512 == 0)
+        assert np.all(r.truth.pages_per_interval() == np.minimum(r.writes // 512, r.n_pages))
 
 
 @needs_kvm
