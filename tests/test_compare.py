@@ -202,3 +202,86 @@ def test_format_compare_text_md_json():
     assert back["comparisons"][0]["rows"][0]["verdict"] == "1.50x slower"
     with pytest.raises(UsageError):
         format_compare(result, "xml")
+
+
+# ----------------------------------------------- worker processes and false-discovery control
+
+def proc_row(medians: list[float], experiment="exits.cpuid", params=None, n_per=20) -> dict:
+    """A row whose samples came from len(medians) worker processes with those medians."""
+    s = [m * (1 + 0.01 * (i - n_per / 2) / n_per) for m in medians for i in range(n_per)]
+    return row(s, experiment=experiment, params=params,
+               extra={"process_medians": medians, "processes": len(medians)})
+
+
+def test_rows_with_process_medians_are_tested_on_processes_and_say_so():
+    a = doc([proc_row([1000.0, 1010.0, 990.0])])
+    b = doc([proc_row([2000.0, 2030.0, 1985.0])])
+    c = only(compare([a, b]))
+    (r,) = c["rows"]
+    assert r["tested_unit"] == "process" and r["test"] == "welch" and r["n_a"] == 3
+    assert r["significant"] and r["q_value"] == pytest.approx(r["p_value"])
+    assert c["tested"] == 1 and c["significant"] == 1
+    text = format_compare(compare([a, b]))
+    assert "1 rows tested (worker-process medians); Benjamini-Hochberg false-discovery rate 5%: " \
+           "1 significant" in text
+
+
+def test_pooled_samples_of_few_processes_no_longer_make_a_change_significant():
+    """Three processes a side whose medians overlap: thousands of pooled samples used to give a
+    tiny p-value; the process is the unit now, and nothing is called."""
+    a = doc([proc_row([1000.0, 1040.0, 980.0], n_per=500)])
+    b = doc([proc_row([1030.0, 990.0, 1045.0], n_per=500)])
+    (r,) = only(compare([a, b]))["rows"]
+    assert not r["significant"] and r["verdict"] == "not significant"
+
+
+def test_benjamini_hochberg_runs_across_all_rows_of_a_comparison():
+    rows_a, rows_b = [], []
+    rng = np.random.default_rng(5)
+    for i in range(40):
+        ma = list(1000 * (1 + 0.05 * rng.standard_normal(3)))
+        mb = list(1000 * (1 + 0.05 * rng.standard_normal(3)))
+        rows_a.append(proc_row(ma, params={"cpl": 3, "leaf": i}))
+        rows_b.append(proc_row(mb, params={"cpl": 3, "leaf": i}))
+    c = only(compare([doc(rows_a), doc(rows_b)], fdr=0.05))
+    assert c["tested"] == 40
+    qs = [r["q_value"] for r in c["rows"]]
+    ps = [r["p_value"] for r in c["rows"]]
+    assert all(q >= p for p, q in zip(ps, qs))
+    assert c["significant"] <= 1
+    with pytest.raises(UsageError, match="false-discovery"):
+        compare([doc(rows_a), doc(rows_b)], fdr=1.5)
+
+
+def test_rows_without_process_medians_fall_back_to_samples_and_say_so():
+    c = only(compare([doc([row(samples(seed=1))]), doc([row(samples(1.5, seed=2))])]))
+    (r,) = c["rows"]
+    assert r["tested_unit"] == "sample" and r["test"] == "mann-whitney" and r["significant"]
+
+
+def test_a_versus_a_on_this_host_finds_essentially_nothing(tmp_path):
+    """Two real runs of the same code on this host: the comparison must call essentially no
+    row changed (at most one, by the false-discovery rate)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import KVM_REASON
+
+    if KVM_REASON:
+        pytest.skip(KVM_REASON)
+    outs = []
+    for name in ("a.json", "b.json"):
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, "-m", "vlab", "run", "exits.nop", "exits.pio_user",
+                               "-p", "vcpus=1", "-p", "cpl=3", "-p", "direction=out",
+                               "--processes", "3", "--values", "3", "-o", str(out)],
+                              capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append(results.read(out))
+    c = only(compare(outs))
+    assert c["tested"] >= 4
+    assert all(r["tested_unit"] == "process" for r in c["rows"] if r["p_value"] is not None)
+    assert c["significant"] <= 1, [(r["experiment"], r["metric"], r["p_value"], r["q_value"])
+                                   for r in c["rows"] if r["significant"]]

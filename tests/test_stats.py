@@ -150,3 +150,73 @@ def test_zero_median_and_bad_input():
         compare_samples([], [1.0])
     with pytest.raises(UsageError):
         compare_samples([1.0, 2.0], [1.0, 2.0], alpha=1.5)
+
+
+# ------------------------------------------------------- worker processes as the unit, FDR
+
+from vlab.analysis.stats import compare_units, fdr_bh  # noqa: E402
+
+
+def _processes(rng, n_proc: int, center: float, between: float = 0.05, within: float = 0.3,
+               n: int = 300) -> list[np.ndarray]:
+    """Samples of `n_proc` worker processes: each process has its own offset (placement,
+    caches), and its samples scatter widely around it."""
+    return [center * (1 + between * rng.standard_normal()) * (1 + within * rng.standard_normal(n))
+            for _ in range(n_proc)]
+
+
+def test_fdr_bh_matches_the_textbook_values_and_keeps_untested_rows():
+    q = fdr_bh([0.01, None, 0.04, 0.03, 0.2])
+    assert q[1] is None
+    assert q[0] == pytest.approx(0.04) and q[2] == pytest.approx(0.04 / 3 * 4)
+    assert q[3] == pytest.approx(0.04 / 3 * 4) and q[4] == pytest.approx(0.2)
+    assert fdr_bh([]) == [] and fdr_bh([None]) == [None]
+
+
+def test_compare_units_finds_a_real_change_with_three_processes_a_side():
+    rng = np.random.default_rng(1)
+    a = [float(np.median(p)) for p in _processes(rng, 3, 100.0)]
+    b = [float(np.median(p)) for p in _processes(rng, 3, 200.0)]
+    r = compare_units(a, b)
+    assert r["test"] == "welch" and r["ci_method"] == "welch"
+    assert r["significant"] and r["verdict"].endswith("slower")
+    assert r["ci_low"] < r["ratio"] < r["ci_high"] and r["ci_low"] > 1.5
+
+
+def test_compare_units_uses_an_exact_permutation_test_when_it_can_reach_alpha():
+    rng = np.random.default_rng(2)
+    a = [float(np.median(p)) for p in _processes(rng, 5, 100.0)]
+    b = [float(np.median(p)) for p in _processes(rng, 5, 150.0)]
+    r = compare_units(a, b)
+    assert r["test"] == "permutation" and r["ci_method"] == "bootstrap"
+    assert r["significant"] and r["p_value"] <= 2 / 252 + 1e-9
+    # 3 against 3 has 20 arrangements: a permutation test could never reach 0.05
+    assert compare_units(a[:3], b[:3])["test"] == "welch"
+
+
+def test_compare_units_with_one_process_tests_nothing():
+    r = compare_units([100.0], [150.0, 151.0])
+    assert r["p_value"] is None and not r["significant"] and "no test" in r["verdict"]
+
+
+def test_a_versus_a_over_many_rows_finds_nothing_when_processes_are_the_unit():
+    """Same distribution on both sides, 200 rows, process-level offsets: pooling samples would
+    call many rows changed (their samples are not independent); process medians with BH must
+    call essentially none."""
+    rng = np.random.default_rng(3)
+    p_units, p_pooled = [], []
+    for _ in range(200):
+        pa, pb = _processes(rng, 3, 100.0), _processes(rng, 3, 100.0)
+        p_units.append(compare_units([np.median(p) for p in pa], [np.median(p) for p in pb])
+                       ["p_value"])
+        p_pooled.append(mann_whitney_u(np.concatenate(pa), np.concatenate(pb))["p_value"])
+    q_units = fdr_bh(p_units)
+    assert sum(q < 0.05 for q in q_units) <= 1
+    # the pooled test is fooled by the process offsets: the reason for the unit
+    assert sum(p < 0.05 for p in p_pooled) > 50
+
+
+def test_compare_units_handles_non_positive_values_on_a_linear_scale():
+    r = compare_units([-1.0, 1.0, 3.0], [9.0, 10.0, 11.0])
+    assert r["ratio"] == pytest.approx(10.0) and r["p_value"] < 0.05
+    assert compare_units([-1.0, 0.0, 1.0], [9.0, 10.0, 11.0])["verdict"] == "ratio undefined (A is 0)"

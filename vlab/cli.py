@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.add_argument("--md", action="store_true")
     c.add_argument("--strict", action="store_true", help="refuse any experiment-version mismatch")
+    c.add_argument("--fdr", type=float, default=0.05,
+                   help="false-discovery rate across the rows of a comparison "
+                        "(Benjamini-Hochberg; default 0.05)")
 
     pl = sub.add_parser("plot", help="PNG/SVG figures per area")
     pl.add_argument("files", nargs="+", metavar="FILE")
@@ -212,7 +215,7 @@ def cmd_compare(args) -> int:
     if len(args.files) < 2:
         raise UsageError("compare needs at least two results files")
     docs = [results.read(f) for f in args.files]
-    res = compare(docs, min_effect=args.min_effect, strict=args.strict,
+    res = compare(docs, min_effect=args.min_effect, strict=args.strict, fdr=args.fdr,
                   names=[os.path.basename(f) for f in args.files])
     fmt = "json" if args.json else "md" if args.md else "text"
     print(format_compare(res, fmt=fmt))

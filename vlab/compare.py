@@ -5,9 +5,13 @@ Two questions, answered together because one explains the other:
 * which host keys differ (THP, paging mode, kernel, kvm params ...), flattened to dotted paths
   and with volatile keys (free memory, free huge pages, timestamps, calibration measurements)
   left out so that the list shows configuration, not noise;
-* per case (experiment, params, metric) present in both files: the ratio B/A with a bootstrap
-  confidence interval and a verdict from `vlab.analysis.stats.compare_samples`, which flags a
-  change only when it is significant *and* bigger than `min_effect` (Firecracker's A/B rule).
+* per case (experiment, params, metric) present in both files: the ratio B/A of the row
+  medians, a confidence interval and a p-value, and a verdict that flags a change only when it
+  is significant *and* bigger than `min_effect` (Firecracker's A/B rule). The unit of
+  replication is the worker process (each process counts once, by its median; see
+  `vlab.analysis.stats.compare_units`), and Benjamini-Hochberg controls the false-discovery rate
+  across all rows of one comparison, so testing hundreds of rows at once does not produce a
+  handful of "changes" by chance.
 
 A case whose `exp_version` differs between the files measured different code: comparing it
 would be meaningless, so it is listed as incomparable (or, with `strict`, the whole comparison is
@@ -116,10 +120,73 @@ def _direction(ratio: float | None, significant: bool, higher_is_better: bool,
     return "better" if up == higher_is_better else "worse"
 
 
-def _compare_pair(a: Mapping[str, Any], b: Mapping[str, Any], *, min_effect: float,
-                  ia: int, ib: int, names: Sequence[str | None]) -> dict[str, Any]:
-    from vlab.analysis.stats import compare_samples  # lazily: analysis may pull in numba
+def _process_medians(row: Mapping[str, Any]) -> list[float] | None:
+    """The row's per-worker-process medians, when the file recorded them."""
+    v = (row.get("extra") or {}).get("process_medians")
+    if isinstance(v, list) and v and all(isinstance(x, (int, float)) and math.isfinite(x)
+                                         for x in v):
+        return [float(x) for x in v]
+    return None
 
+
+def _test_case(ra: Mapping[str, Any], rb: Mapping[str, Any], *, min_effect: float, alpha: float,
+               hib: bool) -> dict[str, Any]:
+    """Ratio, interval, p-value and test of one case measured in both files.
+
+    The worker process is the unit of replication: its samples share a CPU placement, caches and
+    calibration, so each process counts once, by its median (`compare_units`). Rows from files
+    that recorded no per-process medians, or from one-shot experiments with a single process,
+    fall back to the samples (`compare_samples`), and the row's `unit` says which was tested.
+    """
+    # lazily: the analysis package pulls in scipy (and may pull in numba)
+    from vlab.analysis.stats import compare_samples, compare_units
+
+    ratio = (rb["median"] / ra["median"]) if ra["median"] else None
+    pa, pb = _process_medians(ra), _process_medians(rb)
+    if pa and pb and (len(pa) >= 2 or len(pb) >= 2):
+        res = compare_units(pa, pb, ratio=ratio, min_effect=min_effect, alpha=alpha,
+                            higher_is_better=hib)
+        unit = "process"
+    elif ra["samples"] and rb["samples"]:
+        res = compare_samples(ra["samples"], rb["samples"], min_effect=min_effect, alpha=alpha,
+                              higher_is_better=hib)
+        res["test"] = "mann-whitney"
+        unit = "sample"
+    else:
+        # A row may carry its statistics without the raw samples; there is nothing to test
+        # then, so say so rather than pretend to a significance we cannot compute.
+        return {"ratio": ratio, "ci_low": None, "ci_high": None, "p_value": None, "q_value": None,
+                "significant": False, "test": None, "tested_unit": None,
+                "verdict": "no samples to test"}
+    entry = {"tested_unit": unit, "test": res.get("test"), "n_a": res.get("n_a"),
+             "n_b": res.get("n_b")}
+    for k in ("ratio", "ci_low", "ci_high", "p_value"):
+        v = res.get(k)
+        entry[k] = None if v is None or not math.isfinite(v) else float(v)
+    entry["significant"] = bool(res.get("significant"))
+    entry["verdict"] = str(res.get("verdict"))
+    return entry
+
+
+def _control_fdr(rows: list[dict[str, Any]], *, fdr: float, min_effect: float) -> None:
+    """Benjamini-Hochberg across every tested row of one comparison: a row stays significant
+    only when its q-value is below `fdr` (and its interval excludes 1, as before)."""
+    from vlab.analysis.stats import fdr_bh, verdict
+
+    qs = fdr_bh([r.get("p_value") for r in rows])
+    for r, q in zip(rows, qs):
+        r["q_value"] = q
+        if q is not None:
+            r["significant"] = bool(r["significant"] and q < fdr)
+            r["verdict"] = verdict(r["significant"], r["ratio"], min_effect,
+                                   r["higher_is_better"])
+        r["direction"] = _direction(r["ratio"], r["significant"], r["higher_is_better"],
+                                    min_effect)
+
+
+def _compare_pair(a: Mapping[str, Any], b: Mapping[str, Any], *, min_effect: float,
+                  ia: int, ib: int, names: Sequence[str | None], alpha: float = 0.05,
+                  fdr: float = 0.05) -> dict[str, Any]:
     rows_a, dupes_a = _index(a)
     rows_b, dupes_b = _index(b)
     out: dict[str, Any] = {
@@ -155,23 +222,9 @@ def _compare_pair(a: Mapping[str, Any], b: Mapping[str, Any], *, min_effect: flo
         hib = bool(flags.get("higher_is_better", False))
         entry = {**base, "higher_is_better": hib, "a": _side(ra), "b": _side(rb),
                  "flags": {k: v for k, v in flags.items() if k != "higher_is_better"}}
-        if not ra["samples"] or not rb["samples"]:
-            # A row may carry its statistics without the raw samples; there is nothing to
-            # test then, so say so rather than pretend to a significance we cannot compute.
-            ratio = (rb["median"] / ra["median"]) if ra["median"] else None
-            entry.update(ratio=ratio, ci_low=None, ci_high=None, p_value=None,
-                         significant=False, verdict="no samples to test")
-        else:
-            res = compare_samples(ra["samples"], rb["samples"], min_effect=min_effect,
-                                  higher_is_better=hib)
-            entry.update({k: v for k, v in res.items() if k not in entry})
-            for k in ("ratio", "ci_low", "ci_high", "p_value"):
-                v = res.get(k)
-                entry[k] = None if v is None or not math.isfinite(v) else float(v)
-            entry["significant"] = bool(res.get("significant"))
-            entry["verdict"] = str(res.get("verdict"))
-        entry["direction"] = _direction(entry["ratio"], entry["significant"], hib, min_effect)
+        entry.update(_test_case(ra, rb, min_effect=min_effect, alpha=alpha, hib=hib))
         out["rows"].append(entry)
+    _control_fdr(out["rows"], fdr=fdr, min_effect=min_effect)
     for key, rb in rows_b.items():
         if key not in rows_a:
             experiment, pkey, metric = key
@@ -182,12 +235,14 @@ def _compare_pair(a: Mapping[str, Any], b: Mapping[str, Any], *, min_effect: flo
 
 
 def compare(docs: Sequence[Mapping[str, Any]], *, min_effect: float = 0.02,
-            strict: bool = False, names: Sequence[str] | None = None) -> dict[str, Any]:
+            strict: bool = False, names: Sequence[str] | None = None,
+            fdr: float = 0.05) -> dict[str, Any]:
     """Compare results documents: each one after the first against the first.
 
     Returns ``{"schema": "vlab.compare/1", "min_effect", "files": [...], "comparisons": [...]}``
     where each comparison holds `a`, `b` (file labels), `host_diff`, `rows` (ratio, CI, p-value,
-    significant, verdict, direction per case), `only_in_a`, `only_in_b`, `incomparable`
+    its Benjamini-Hochberg q-value across the comparison's rows, the test and the unit tested,
+    significant, verdict, direction per case), `tested` and `significant` (row counts), `only_in_a`, `only_in_b`, `incomparable`
     (experiment version differs), `not_compared` (skipped or failed on a side) and `warnings`.
 
     Raises `UsageError` when fewer than two documents are given, when their schemas differ,
@@ -212,8 +267,14 @@ def compare(docs: Sequence[Mapping[str, Any]], *, min_effect: float = 0.02,
             raise UsageError(f"{names_list[i] or f'file {i + 1}'}: {e}") from None
     if not (0 <= min_effect < 1):
         raise UsageError(f"min_effect must be in [0, 1), got {min_effect}")
+    if not (0 < fdr < 1):
+        raise UsageError(f"the false-discovery rate must be in (0, 1), got {fdr}")
     comparisons = [_compare_pair(docs[0], docs[i], min_effect=min_effect, ia=0, ib=i,
-                                 names=names_list) for i in range(1, len(docs))]
+                                 names=names_list, fdr=fdr) for i in range(1, len(docs))]
+    for c in comparisons:
+        tested = [r for r in c["rows"] if r.get("q_value") is not None]
+        c["tested"] = len(tested)
+        c["significant"] = sum(1 for r in tested if r["significant"])
     if strict:
         bad = [(c["b"]["name"], r) for c in comparisons for r in c["incomparable"]]
         if bad:
@@ -221,7 +282,7 @@ def compare(docs: Sequence[Mapping[str, Any]], *, min_effect: float = 0.02,
             more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
             raise UsageError(f"refusing to compare (--strict): {r['experiment']} "
                              f"{r['params_str']} {r['metric']} in {name}: {r['reason']}{more}")
-    return {"schema": COMPARE_SCHEMA, "min_effect": min_effect,
+    return {"schema": COMPARE_SCHEMA, "min_effect": min_effect, "fdr": fdr,
             "files": [_label(d, names_list[i], i) for i, d in enumerate(docs)],
             "comparisons": comparisons}
 
@@ -247,6 +308,15 @@ def _fmt_p(r: Mapping[str, Any]) -> str:
     if p is None:
         return "-"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _fdr_line(c: Mapping[str, Any], result: Mapping[str, Any]) -> str:
+    """How many rows were tested, at what false-discovery rate, and on what unit."""
+    units = sorted({r.get("tested_unit") for r in c["rows"] if r.get("tested_unit")})
+    on = {"process": "worker-process medians", "sample": "samples (no per-process medians)"}
+    return (f"{c.get('tested', 0)} rows tested ({', '.join(on[u] for u in units) or 'none'}); "
+            f"Benjamini-Hochberg false-discovery rate {result.get('fdr', 0.05) * 100:g}%: "
+            f"{c.get('significant', 0)} significant")
 
 
 def _fmt_value(v: Any) -> str:
@@ -324,9 +394,12 @@ def format_compare(result: Mapping[str, Any], fmt: str = "text") -> str:
                 rows.append([r["experiment"], r["params_str"] or "-", r["metric"],
                              results.format_number(r["a"]["median"]),
                              results.format_number(r["b"]["median"]), r["unit"],
-                             _fmt_ratio(r), _fmt_ci(r), _fmt_p(r), r["verdict"]])
+                             _fmt_ratio(r), _fmt_ci(r), _fmt_p(r),
+                             _fmt_p({"p_value": r.get("q_value")}), r["verdict"]])
             out.extend(table(["experiment", "params", "metric", "A median", "B median", "unit",
-                              "B/A", "95% CI", "p", "verdict"], rows, {3, 4, 6, 8}))
+                              "B/A", "95% CI", "p", "q", "verdict"], rows, {3, 4, 6, 8, 9}))
+            out.append("")
+            out.append(_fdr_line(c, result))
         else:
             out.append("no case was measured in both files")
         out.append("")
