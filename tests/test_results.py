@@ -156,12 +156,15 @@ def test_write_atomic_crash_keeps_old_content(tmp_path, monkeypatch):
     results.write_atomic(old, target)
     before = target.read_bytes()
 
-    def crashing_dump(obj, fp, **kwargs):
-        fp.write('{"schema": "vlab.run/1", "rows": [')  # half a document ...
-        fp.flush()
-        raise OSError(28, "No space left on device")  # ... then the disk fills up
+    real_fsync = os.fsync
 
-    monkeypatch.setattr(json, "dump", crashing_dump)
+    def crashing_fsync(fd):
+        # the new document went into the temporary file's buffers: the disk fills up as they
+        # are written back (where ENOSPC shows with buffered writes)
+        real_fsync(fd)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", crashing_fsync)
     new = minimal_doc()
     new["run_id"] = "r2"
     with pytest.raises(OSError):
@@ -173,11 +176,10 @@ def test_write_atomic_crash_keeps_old_content(tmp_path, monkeypatch):
 def test_write_atomic_crash_leaves_no_partial_new_file(tmp_path, monkeypatch):
     target = tmp_path / "new.json"
 
-    def crashing_dump(obj, fp, **kwargs):
-        fp.write("{")
-        raise KeyboardInterrupt
+    def interrupted_fsync(fd):
+        raise KeyboardInterrupt          # Ctrl-C while the new file is being written back
 
-    monkeypatch.setattr(json, "dump", crashing_dump)
+    monkeypatch.setattr(os, "fsync", interrupted_fsync)
     with pytest.raises(KeyboardInterrupt):
         results.write_atomic(minimal_doc(), target)
     assert list(tmp_path.iterdir()) == []
@@ -331,3 +333,51 @@ def test_format_number():
     assert f(15600) == "15,600" and f(15636.4) == "15,636" and f(752.0) == "752"
     assert f(84.44) == "84.44" and f(0.0039) == "0.0039" and f(None) == "-"
     assert f(0) == "0" and f(float("nan")) == "-"
+
+
+# --------------------------------------------------------------------------------------------
+# compact and compressed files
+
+
+def test_gzip_results_round_trip_and_are_read_whatever_their_name(tmp_path):
+    doc = minimal_doc()
+    gz = results.write_atomic(doc, tmp_path / "run.json.gz")
+    assert gz.read_bytes()[:2] == b"\x1f\x8b"
+    assert results.read(gz) == results.read(results.write_atomic(doc, tmp_path / "run.json"))
+    renamed = tmp_path / "renamed.json"
+    renamed.write_bytes(gz.read_bytes())
+    assert results.read(renamed)["run_id"] == doc["run_id"]
+    assert len(results.load(tmp_path)) > 0          # a directory holds .json and .json.gz
+
+
+def test_a_corrupt_or_truncated_gzip_is_one_line(tmp_path):
+    gz = results.write_atomic(minimal_doc(), tmp_path / "run.json.gz")
+    data = gz.read_bytes()
+    (tmp_path / "cut.json.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UsageError, match="truncated gzip"):
+        results.read(tmp_path / "cut.json.gz")
+    (tmp_path / "bad.json.gz").write_bytes(b"\x1f\x8b" + b"\x00" * 40)
+    with pytest.raises(UsageError, match="not a valid gzip"):
+        results.read(tmp_path / "bad.json.gz")
+
+
+def test_a_gzip_bomb_is_refused(tmp_path, monkeypatch):
+    import gzip
+
+    monkeypatch.setattr(results, "MAX_INFLATED", 1 << 20)
+    (tmp_path / "bomb.json.gz").write_bytes(gzip.compress(b" " * (4 << 20)))
+    with pytest.raises(UsageError, match="inflates to more than 1 MiB"):
+        results.read(tmp_path / "bomb.json.gz")
+
+
+def test_samples_are_stored_to_six_significant_digits_and_rows_one_per_line(tmp_path):
+    row = results.make_row("exits.cpuid", {"cpl": 3}, "guest_cycles", "cycles",
+                           [15583.333333333334, 2.0 / 3.0, 7, 0.0])
+    assert row["samples"] == [15583.3, 0.666667, 7, 0.0]
+    assert row["median"] == pytest.approx((0.666667 + 7) / 2)
+    doc = minimal_doc()
+    doc["rows"] = [row, row]
+    text = results.dumps(doc)
+    assert json.loads(text) == doc
+    lines = text.splitlines()
+    assert sum(1 for ln in lines if ln.startswith(' {"experiment":')) == 2

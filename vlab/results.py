@@ -21,10 +21,12 @@ The native extension is never imported here: reading results must work on any ma
 """
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import math
 import os
+import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +52,12 @@ OPTIONAL_ROW_KEYS = {"exp_version": (str, type(None)), "warnings": list, "flags"
 STATUSES = ("ok", "skip", "error")
 #: Above this coefficient of variation a result is flagged as noisy (pyperf uses the same 10%).
 NOISY_CV = 0.10
+#: Significant digits a float sample keeps in a results file (see `_compact`).
+SAMPLE_DIGITS = 6
+#: The first bytes of a gzip file: `read` takes `.json.gz` files whatever their name.
+GZIP_MAGIC = b"\x1f\x8b"
+#: The most a gzip'ed results file may inflate to.
+MAX_INFLATED = 1 << 30
 
 #: Columns of the DataFrame `load` returns, before the per-parameter `p_*` columns.
 COLUMNS = ("experiment", "params", "metric", "unit", "status", "reason", *STAT_KEYS, "cv",
@@ -217,6 +225,8 @@ def read(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise UsageError(f"{p}: is a directory, not a results file") from None
     except OSError as e:
         raise UsageError(f"{p}: cannot read: {e.strerror or e}") from None
+    if text[:2] == GZIP_MAGIC:
+        text = _gunzip(p, text)
     if not text.strip():
         raise UsageError(f"{p}: empty file, not a vlab results file")
     try:
@@ -235,22 +245,73 @@ def read(path: str | os.PathLike[str]) -> dict[str, Any]:
     return doc
 
 
+def _gunzip(p: Path, data: bytes) -> bytes:
+    """The content of a gzip'ed results file, refusing one that inflates past the limit (a
+    results file of a full suite is a few MB; a gzip bomb should not fill the memory)."""
+    d = zlib.decompressobj(wbits=31)
+    try:
+        out = d.decompress(data, MAX_INFLATED)
+    except zlib.error as e:
+        raise UsageError(f"{p}: not a valid gzip file ({e})") from None
+    if d.unconsumed_tail:
+        raise UsageError(f"{p}: inflates to more than {MAX_INFLATED >> 20} MiB, "
+                         "not a vlab results file")
+    if not d.eof:
+        raise UsageError(f"{p}: truncated gzip file")
+    return out
+
+
+def dumps(doc: Mapping[str, Any]) -> str:
+    """The JSON text of a results document: the header indented, one row per line.
+
+    One row per line keeps a file readable and diffable (`grep exits.cpuid`) at a fraction of
+    the size of indenting every sample on its own line.
+    """
+    lines = ["{"]
+    items = list(doc.items())
+    for i, (key, value) in enumerate(items):
+        if key == "rows":
+            body = ",\n".join(" " + json.dumps(r, separators=(",", ":"), allow_nan=False)
+                              for r in value)
+            text = "[\n" + body + "\n ]" if value else "[]"
+        else:
+            text = json.dumps(value, indent=1, allow_nan=False).replace("\n", "\n ")
+        lines.append(f" {json.dumps(key)}: {text}" + ("," if i < len(items) - 1 else ""))
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
 def write_atomic(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Validate `doc` and write it to `path` so that readers see the old file or the new one
     (`vlab._files.atomic_open`: temporary file, fsync, rename, directory fsync; on failure
-    `path` keeps its previous content). Parent directories are created.
+    `path` keeps its previous content). Parent directories are created. A path ending in
+    `.gz` is written gzip-compressed (as pyperf does); `read` takes either form.
     """
     validate(doc)
     target = Path(path)
+    data = dumps(doc).encode("utf-8")
+    if target.name.endswith(".gz"):
+        data = gzip.compress(data, compresslevel=6, mtime=0)
     # a results file is meant to be shared like any other: the umask decides its mode
-    with atomic_open(target, "w") as f:
-        json.dump(doc, f, indent=1, allow_nan=False)
-        f.write("\n")
+    with atomic_open(target, "wb") as f:
+        f.write(data)
     return target
 
 
 # --------------------------------------------------------------------------------------------
 # Building rows
+
+
+def _compact(v: int | float | None) -> int | float | None:
+    """A sample as stored: floats to SAMPLE_DIGITS significant digits.
+
+    Samples are per-operation figures from batches (cycles or ns over k operations) whose
+    resolution is one cycle or ns per batch and whose spread is percent, not parts per million:
+    `15583.333333333334` carries nothing that `15583.3` does not, at three times the bytes.
+    """
+    if isinstance(v, float) and v != 0.0:
+        return float(f"{v:.{SAMPLE_DIGITS}g}")
+    return v
 
 
 def _clean_number(v: Any) -> int | float | None:
@@ -314,7 +375,7 @@ def make_row(experiment: str, params: Mapping[str, Any], metric: str, unit: str,
     when stdev is more than 10% of the mean, as pyperf does, so noisy numbers are never
     presented as if they were steady.
     """
-    values = [_clean_number(s) for s in samples]
+    values = [_compact(_clean_number(s)) for s in samples]
     if not values:
         raise ValueError(f"{experiment} {metric}: an ok row needs at least one sample")
     if any(v is None for v in values):
@@ -379,9 +440,9 @@ def _expand_paths(path_or_paths: Any) -> list[Path]:
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(p.rglob("*.json"))
+            found = sorted({*p.rglob("*.json"), *p.rglob("*.json.gz")})
             if not found:
-                raise UsageError(f"{p}: directory holds no results files (*.json)")
+                raise UsageError(f"{p}: directory holds no results files (*.json, *.json.gz)")
             out.extend(found)
         else:
             out.append(p)
