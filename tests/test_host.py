@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vlab.host import fingerprint as _host
+from vlab import host as _host
+from vlab.host.fingerprint import _lookup
 
 DATA = Path(__file__).parent / "data" / "hosts"
 TREES = ("pvm", "vmx", "vmx_ept0", "svm", "nokvm")
@@ -261,7 +262,7 @@ def test_host_id_changes_with_each_key(path, value):
 def test_every_host_id_key_exists_somewhere():
     records = [fp(name) for name in TREES]
     for key in _host.HOST_ID_KEYS:
-        assert any(_host._lookup(r, key) is not None for r in records), key
+        assert any(_lookup(r, key) is not None for r in records), key
 
 
 def test_host_diff_vmx_vs_ept0():

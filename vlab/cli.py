@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_doctor(args) -> int:
     from vlab.host.calibrate import calibrate, collect_host
-    from vlab.host.fingerprint import doctor_checks, format_doctor
+    from vlab.host import doctor_checks, format_doctor
 
     host = collect_host()
     if host.get("kvm", {}).get("usable"):
@@ -117,7 +117,7 @@ def _trace_checks(host: dict) -> list:
     """Tracing capability rows for the doctor (empty when the tracing module is absent)."""
     try:
         from vlab import trace
-        from vlab.host.fingerprint import Check
+        from vlab.host import Check
     except ImportError:
         return []
     ok, reason, detail = trace.status(mount=os.geteuid() == 0)

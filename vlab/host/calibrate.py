@@ -35,7 +35,7 @@ def kvm_info() -> tuple[dict | None, str | None]:
 
 def collect_host(root: str = "/") -> dict:
     """The fingerprint of this host, with what KVM itself reports."""
-    from vlab.host.fingerprint import fingerprint
+    from vlab.host import fingerprint
 
     info, why = kvm_info()
     host = fingerprint(root, info)
