@@ -288,6 +288,39 @@ def test_host_diff_ignores_volatile_and_shows_missing_keys():
                                      ("hugepages.1048576kB.nr", 4, 8)]
 
 
+def test_one_volatile_definition_for_host_diff_compare_and_report():
+    from vlab import compare, report
+    from vlab.host import diff
+
+    assert compare.host_diff is diff.host_diff is _host.host_diff
+    assert report.is_volatile is diff.is_volatile is _host.is_volatile
+    # every key of the former glob list is still volatile ...
+    for key in ("mem_available_kb", "hugepages.2048kB.free", "hugepages.1048576kB.free"):
+        assert _host.is_volatile(key), key
+    # ... and configuration is not, even where a component reads like memory
+    assert not _host.is_volatile("tooling.perf_events.available")
+    assert _host.is_volatile("mem.available") and _host.is_volatile("calibration.tsc_khz")
+    a = fp("vmx")
+    b = copy.deepcopy(a)
+    b["tooling"]["perf_events"]["available"] = not a["tooling"]["perf_events"]["available"]
+    assert [p for p, _, _ in _host.host_diff(a, b)] == ["tooling.perf_events.available"]
+
+
+def test_no_import_circle_between_host_modules():
+    import ast
+
+    src = Path(_host.__file__).parent
+    for name, forbidden in (("sysfs", ("vlab.host.fingerprint", "vlab.host.sriov",
+                                       "vlab.host.doctor", "vlab.host.diff")),
+                            ("sriov", ("vlab.host.fingerprint", "vlab.host.doctor")),
+                            ("diff", ("vlab.host.fingerprint", "vlab.host.doctor")),
+                            ("fingerprint", ("vlab.host.doctor", "vlab.host.diff"))):
+        tree = ast.parse((src / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not imported & set(forbidden), (name, imported & set(forbidden))
+
+
 def test_host_diff_between_flavors_names_params():
     diff = dict((p, (o, n)) for p, o, n in _host.host_diff(fp("pvm"), fp("svm")))
     assert diff["kvm.flavor"] == ("pvm", "svm")
