@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vlab.host import fingerprint as _host
+from vlab import host as _host
+from vlab.host.fingerprint import _lookup
 
 DATA = Path(__file__).parent / "data" / "hosts"
 TREES = ("pvm", "vmx", "vmx_ept0", "svm", "nokvm")
@@ -261,7 +262,7 @@ def test_host_id_changes_with_each_key(path, value):
 def test_every_host_id_key_exists_somewhere():
     records = [fp(name) for name in TREES]
     for key in _host.HOST_ID_KEYS:
-        assert any(_host._lookup(r, key) is not None for r in records), key
+        assert any(_lookup(r, key) is not None for r in records), key
 
 
 def test_host_diff_vmx_vs_ept0():
@@ -285,6 +286,39 @@ def test_host_diff_ignores_volatile_and_shows_missing_keys():
     del b["governor"]
     assert _host.host_diff(a, b) == [("governor", "performance", None),
                                      ("hugepages.1048576kB.nr", 4, 8)]
+
+
+def test_one_volatile_definition_for_host_diff_compare_and_report():
+    from vlab import compare, report
+    from vlab.host import diff
+
+    assert compare.host_diff is diff.host_diff is _host.host_diff
+    assert report.is_volatile is diff.is_volatile is _host.is_volatile
+    # every key of the former glob list is still volatile ...
+    for key in ("mem_available_kb", "hugepages.2048kB.free", "hugepages.1048576kB.free"):
+        assert _host.is_volatile(key), key
+    # ... and configuration is not, even where a component reads like memory
+    assert not _host.is_volatile("tooling.perf_events.available")
+    assert _host.is_volatile("mem.available") and _host.is_volatile("calibration.tsc_khz")
+    a = fp("vmx")
+    b = copy.deepcopy(a)
+    b["tooling"]["perf_events"]["available"] = not a["tooling"]["perf_events"]["available"]
+    assert [p for p, _, _ in _host.host_diff(a, b)] == ["tooling.perf_events.available"]
+
+
+def test_no_import_circle_between_host_modules():
+    import ast
+
+    src = Path(_host.__file__).parent
+    for name, forbidden in (("sysfs", ("vlab.host.fingerprint", "vlab.host.sriov",
+                                       "vlab.host.doctor", "vlab.host.diff")),
+                            ("sriov", ("vlab.host.fingerprint", "vlab.host.doctor")),
+                            ("diff", ("vlab.host.fingerprint", "vlab.host.doctor")),
+                            ("fingerprint", ("vlab.host.doctor", "vlab.host.diff"))):
+        tree = ast.parse((src / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not imported & set(forbidden), (name, imported & set(forbidden))
 
 
 def test_host_diff_between_flavors_names_params():

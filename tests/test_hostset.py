@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vlab.host import fingerprint as _host
+from vlab import host as _host
 from vlab.host import settings as _hostset
 from vlab._errors import UsageError, VlabError
 

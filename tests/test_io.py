@@ -622,7 +622,7 @@ def test_ivshmem_peer_failure_does_not_hang_the_other_vm(kvm):
     ("vf_vfio", None),
 ])
 def test_sriov_precondition_on_recorded_trees(tree, reason):
-    from vlab.host import fingerprint as _host
+    from vlab import host as _host
     from vlab.experiments import io
 
     host = _host.fingerprint(str(DATA / "sriov" / tree))
@@ -640,7 +640,7 @@ def test_sriov_precondition_on_recorded_trees(tree, reason):
 
 def test_sriov_requirement_skips_with_the_reason():
     from vlab.run import registry as _experiment
-    from vlab.host import fingerprint as _host
+    from vlab import host as _host
 
     exp = _experiment.get("io.sriov")
     host = _host.fingerprint(str(DATA / "sriov" / "pf_no_vfs"))

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import needs_kvm
 from vlab import UsageError, results
-from vlab.host import fingerprint as _host
+from vlab import host as _host
 from vlab.run.registry import get
 
 DATA = Path(__file__).parent / "data" / "hosts"

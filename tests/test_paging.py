@@ -22,7 +22,7 @@ PVM_KVM = {"api_version": 12, "tsc_khz": 2700000, "nr_vcpus": 2, "max_vcpus": 10
 
 
 def host(name: str) -> dict:
-    from vlab.host import fingerprint as _host
+    from vlab import host as _host
 
     return _host.fingerprint(str(HOSTS / name), PVM_KVM)
 

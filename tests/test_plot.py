@@ -11,7 +11,7 @@ import pytest
 from vlab import results
 from vlab.compare import compare
 from vlab._errors import UsageError
-from vlab.plot import OKABE_ITO, area_figure, area_of, parse_size, plot, plot_compare
+from vlab.plot import OKABE_ITO, area_figure, area_of, plot, plot_compare
 
 DATA = Path(__file__).parent / "data" / "results"
 QUICK = DATA / "pvm_quick.json"
@@ -133,9 +133,3 @@ def test_bad_format_and_area():
         plot([QUICK], "/tmp/never-written", formats=("gif",))
     with pytest.raises(UsageError):
         area_figure(results.read(QUICK), "tracing")
-
-
-def test_parse_size():
-    assert parse_size(4096) == 4096 and parse_size("64M") == 64 << 20
-    assert parse_size("1GiB") == 1 << 30 and parse_size("4k") == 4096
-    assert parse_size("fast") is None and parse_size(True) is None

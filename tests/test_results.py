@@ -335,6 +335,25 @@ def test_format_number():
     assert f(0) == "0" and f(float("nan")) == "-"
 
 
+def test_new_document_is_the_one_header():
+    import datetime as dt
+    import re
+
+    started = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    host = {"host_id": "h1"}
+    doc = results.new_document(host, [], argv=["run"], suite="quick", started=started,
+                               duration_s=1.5)
+    results.validate(doc)
+    assert doc["schema"] == results.SCHEMA and re.fullmatch(r"[0-9a-f]{12}", doc["run_id"])
+    assert doc["started_at"] == "2026-01-01T00:00:00+00:00" and doc["finished_at"]
+    assert doc["duration_s"] == 1.5 and doc["host"] is host and doc["suite"] == "quick"
+    assert list(doc)[-2:] == ["host", "rows"]
+    trace = results.new_document(host, [], argv=[], suite=None, started=started,
+                                 finished=started)
+    assert "duration_s" not in trace and trace["finished_at"] == trace["started_at"]
+    assert trace["run_id"] != doc["run_id"]
+
+
 # --------------------------------------------------------------------------------------------
 # compact and compressed files
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vlab.host import fingerprint as _host
+from vlab import host as _host
 from vlab.host import sriov as _sriov
 
 DATA = Path(__file__).parent / "data" / "sriov"

@@ -99,15 +99,11 @@ def _parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- commands
 
 def cmd_doctor(args) -> int:
-    from vlab.host.calibrate import calibrate, collect_host
-    from vlab.host.fingerprint import doctor_checks, format_doctor
+    from vlab.host.calibrate import calibrate_host, collect_host
+    from vlab.host import doctor_checks, format_doctor
 
     host = collect_host()
-    if host.get("kvm", {}).get("usable"):
-        cal = calibrate()
-        host["calibration"] = cal
-        if "emulated_cpl0" in cal:
-            host["emulated_cpl0"] = cal["emulated_cpl0"]
+    calibrate_host(host)
     extra = _trace_checks(host)
     if args.json:
         print(json.dumps(host, indent=1, sort_keys=True))
@@ -120,7 +116,7 @@ def _trace_checks(host: dict) -> list:
     """Tracing capability rows for the doctor (empty when the tracing module is absent)."""
     try:
         from vlab import trace
-        from vlab.host.fingerprint import Check
+        from vlab.host import Check
     except ImportError:
         return []
     ok, reason, detail = trace.status(mount=os.geteuid() == 0)
@@ -260,9 +256,8 @@ def cmd_host(args) -> int:
 def cmd_trace(args) -> int:
     import datetime as dt
     import time
-    import uuid
 
-    from vlab import __version__, results, trace
+    from vlab import results, trace
     from vlab.host.calibrate import collect_host
     from vlab.run.runner import default_output
     from vlab.run.tracerows import trace_rows
@@ -309,11 +304,8 @@ def cmd_trace(args) -> int:
             except KeyboardInterrupt:
                 pass
             total = tracer.snapshot(total=True)
-    doc = {"schema": "vlab.run/1", "run_id": uuid.uuid4().hex[:12],
-           "started_at": started.isoformat(timespec="seconds"),
-           "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "vlab_version": __version__, "argv": sys.argv[1:], "suite": None,
-           "host": collect_host(), "rows": trace_rows(total, of)}
+    doc = results.new_document(collect_host(), trace_rows(total, of), argv=sys.argv[1:],
+                               suite=None, started=started)
     doc["host"]["trace"] = {"source": total.source, "unavailable": total.unavailable,
                             "notes": total.notes}
     path = args.output or default_output(doc).replace(os.sep + doc["started_at"][:4],

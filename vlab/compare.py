@@ -4,7 +4,8 @@ Two questions, answered together because one explains the other:
 
 * which host keys differ (THP, paging mode, kernel, kvm params ...), flattened to dotted paths
   and with volatile keys (free memory, free huge pages, timestamps, calibration measurements)
-  left out so that the list shows configuration, not noise;
+  left out so that the list shows configuration, not noise (`vlab.host.diff`, the one
+  definition of both);
 * per case (experiment, params, metric) present in both files: the ratio B/A of the row
   medians, a confidence interval and a p-value, and a verdict that flags a change only when it
   is significant *and* bigger than `min_effect` (Firecracker's A/B rule). The unit of
@@ -21,63 +22,28 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vlab import results
 from vlab._errors import UsageError
+from vlab.host.diff import host_diff
 
 COMPARE_SCHEMA = "vlab.compare/1"
 
-# Host keys that change from one run to the next without anyone changing the host. Matched
-# against each component of a dotted key path.
-_VOLATILE_PARTS = re.compile(
-    r"^(mem_available(_kb)?|mem_free(_kb)?|memfree|memavailable|free(_kb|_pages)?|surplus"
-    r"|surplus_pages|available|uptime(_s)?|boot_time|loadavg|load_avg|load|timestamp|time"
-    r"|date|now|pid|ppid|hostname_seen_at|calibration)$|(_free|_free_kb|_free_pages|_at"
-    r"|_timestamp|_time_s)$|^(free|nr_free)_")
 # Top-level run keys worth showing next to host keys (a new vlab version can explain a change).
 _RUN_KEYS = ("vlab_version", "suite")
 
 
-def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
-    if isinstance(value, Mapping) and value:
-        for k in value:
-            _flatten(value[k], f"{prefix}.{k}" if prefix else str(k), out)
-    else:
-        out[prefix] = value
-
-
-def flatten_host(host: Mapping[str, Any]) -> dict[str, Any]:
-    """The host record as {dotted.key: value}, nested dicts flattened, lists kept whole."""
-    out: dict[str, Any] = {}
-    _flatten(host, "", out)
-    return out
-
-
-def is_volatile(key: str) -> bool:
-    """True for host keys that vary between runs of an unchanged host (not configuration)."""
-    return any(_VOLATILE_PARTS.search(part) for part in key.split("."))
-
-
-def host_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Keys (dotted, host plus `run.vlab_version`/`run.suite`) whose values differ, volatile
-    keys and the derived `host_id` left out. A key missing on one side shows as None there."""
-    fa = flatten_host(a.get("host", {}))
-    fb = flatten_host(b.get("host", {}))
+def run_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What differs between two results documents' settings: `vlab.host.host_diff` of their
+    host records (volatile and derived keys left out, sorted by key), then `run.vlab_version`
+    and `run.suite`. Each entry is `{"key", "a", "b"}`; a key missing on one side is None."""
+    out = [{"key": key, "a": va, "b": vb}
+           for key, va, vb in host_diff(a.get("host", {}), b.get("host", {}))]
     for key in _RUN_KEYS:
-        fa[f"run.{key}"] = a.get(key)
-        fb[f"run.{key}"] = b.get(key)
-    keys = list(fa) + [k for k in fb if k not in fa]
-    out = []
-    for key in keys:
-        # host_id is a hash of other host keys: when it differs, those keys are listed.
-        if key == "host_id" or is_volatile(key):
-            continue
-        va, vb = fa.get(key), fb.get(key)
-        if va != vb:
-            out.append({"key": key, "a": va, "b": vb})
+        if a.get(key) != b.get(key):
+            out.append({"key": f"run.{key}", "a": a.get(key), "b": b.get(key)})
     return out
 
 
@@ -191,7 +157,7 @@ def _compare_pair(a: Mapping[str, Any], b: Mapping[str, Any], *, min_effect: flo
     rows_b, dupes_b = _index(b)
     out: dict[str, Any] = {
         "a": _label(a, names[ia], ia), "b": _label(b, names[ib], ib),
-        "host_diff": host_diff(a, b), "rows": [], "only_in_a": [], "only_in_b": [],
+        "host_diff": run_diff(a, b), "rows": [], "only_in_a": [], "only_in_b": [],
         "incomparable": [], "not_compared": [], "warnings": []}
     for which, dupes in (("a", dupes_a), ("b", dupes_b)):
         for d in dupes:

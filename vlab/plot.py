@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from vlab import results
 from vlab._errors import UsageError
+from vlab._units import format_size, size_bytes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -106,33 +107,6 @@ def _short(experiment: str) -> str:
     return experiment.split(".", 1)[1] if "." in experiment else experiment
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(value: Any) -> float | None:
-    """Bytes from 4096, "4K", "64KiB", "1G" ...; None when it is not a size."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if not isinstance(value, str):
-        return None
-    m = _SIZE_RE.match(value)
-    if not m:
-        return None
-    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-    return float(m.group(1)) * scale
-
-
-def format_bytes(v: float) -> str:
-    """4096 -> '4K', 1073741824 -> '1G' (binary units, as page sizes are written)."""
-    for suffix, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if v >= scale:
-            q = v / scale
-            return f"{q:g}{suffix}" if q == int(q) else f"{q:.3g}{suffix}"
-    return f"{v:g}"
-
-
 def _bytes_axis(ax: "Axes", values: Iterable[float], axis: str = "x") -> None:
     from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
@@ -145,7 +119,7 @@ def _bytes_axis(ax: "Axes", values: Iterable[float], axis: str = "x") -> None:
     step = max(1, math.ceil(len(vals) / 10))
     ticks = vals[::step]
     target.set_major_locator(FixedLocator(ticks))
-    target.set_major_formatter(_FuncFmt(format_bytes))
+    target.set_major_formatter(_FuncFmt(format_size))
     target.set_minor_locator(NullLocator())
     target.set_minor_formatter(NullFormatter())
 
@@ -191,7 +165,7 @@ def _pvalue(key: str, value: Any) -> str:
     numbers; a figure wants to be read)."""
     if key in _SIZE_KEYS and isinstance(value, int) and not isinstance(value, bool) \
             and value >= 1024:
-        return format_bytes(value)
+        return format_size(value)
     return results.params_key({key: value}).split("=", 1)[1]
 
 
@@ -309,7 +283,7 @@ def _is_native(params: Mapping[str, Any]) -> bool:
 
 def _paging_figure(doc: Mapping[str, Any]) -> "Figure | None":
     rows = _ok_rows(doc, "paging")
-    sweep = [r for r in rows if parse_size(r["params"].get("wss")) is not None]
+    sweep = [r for r in rows if size_bytes(r["params"].get("wss")) is not None]
     single = [r for r in rows if r not in sweep]
     experiments: list[tuple[str, str]] = []
     for r in sweep:
@@ -346,8 +320,8 @@ def _paging_figure(doc: Mapping[str, Any]) -> "Figure | None":
         xs_all = []
         for key, members in lines.items():
             native, model, gp, backing = key[:4]
-            members.sort(key=lambda r: parse_size(r["params"]["wss"]))
-            xs = [parse_size(r["params"]["wss"]) for r in members]
+            members.sort(key=lambda r: size_bytes(r["params"]["wss"]))
+            xs = [size_bytes(r["params"]["wss"]) for r in members]
             ys = [r["median"] for r in members]
             up = [max(0.0, (r["p99"] or r["median"]) - r["median"]) for r in members]
             xs_all += xs
@@ -430,7 +404,7 @@ def _io_figure(doc: Mapping[str, Any]) -> "Figure | None":
     path and notify mode (the same in both panels), line style = batch, marker = event_idx (or
     whatever other parameter varies), and one legend below both panels.
     """
-    rows = [r for r in _ok_rows(doc, "io") if parse_size(r["params"].get("msg_bytes")) is not None]
+    rows = [r for r in _ok_rows(doc, "io") if size_bytes(r["params"].get("msg_bytes")) is not None]
     metrics = [m for m in ("gbit_per_s", "exits_per_msg") if any(r["metric"] == m for r in rows)]
     if not metrics:
         return None
@@ -479,8 +453,8 @@ def _io_figure(doc: Mapping[str, Any]) -> "Figure | None":
             lines.setdefault(key_of(r), []).append(r)
         xs_all, ys_all = [], []
         for key, members in lines.items():
-            members.sort(key=lambda r: parse_size(r["params"]["msg_bytes"]))
-            xs = [parse_size(r["params"]["msg_bytes"]) for r in members]
+            members.sort(key=lambda r: size_bytes(r["params"]["msg_bytes"]))
+            xs = [size_bytes(r["params"]["msg_bytes"]) for r in members]
             ys = [r["median"] for r in members]
             xs_all += xs
             ys_all += ys

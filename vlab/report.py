@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from vlab import results
-from vlab.compare import compare, flatten_host, is_volatile
+from vlab.compare import compare
 from vlab._files import atomic_open
+from vlab.host.diff import flatten_host, is_volatile
 from vlab.plot import AREAS, area_figure, area_of, compare_figure, host_caption
 
 _HOW_TO_READ = {

@@ -21,11 +21,13 @@ The native extension is never imported here: reading results must work on any ma
 """
 from __future__ import annotations
 
+import datetime as _dt
 import gzip
 import io
 import json
 import math
 import os
+import uuid
 import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -296,6 +298,33 @@ def write_atomic(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     with atomic_open(target, "wb") as f:
         f.write(data)
     return target
+
+
+# --------------------------------------------------------------------------------------------
+# Building documents
+
+
+def new_document(host: dict[str, Any], rows: list[dict[str, Any]], *, argv: list[str],
+                 suite: str | None, started: _dt.datetime,
+                 finished: _dt.datetime | None = None,
+                 duration_s: float | None = None) -> dict[str, Any]:
+    """A `vlab.run/1` document: the header every results file starts with (schema, a fresh
+    12-hex-digit run id, start and finish times in UTC to the second, vlab's version, argv,
+    suite), then `duration_s` when given, the host record and the rows. `finished` defaults to
+    now. The one place the header is built, for `vlab run` and `vlab trace` alike."""
+    from vlab import __version__
+
+    finished = finished or _dt.datetime.now(_dt.timezone.utc)
+    doc: dict[str, Any] = {
+        "schema": SCHEMA, "run_id": uuid.uuid4().hex[:12],
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": finished.isoformat(timespec="seconds"),
+        "vlab_version": __version__, "argv": list(argv), "suite": suite}
+    if duration_s is not None:
+        doc["duration_s"] = duration_s
+    doc["host"] = host
+    doc["rows"] = rows
+    return doc
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ the CPL3 one, the host emulates CPL0 and every CPL0 figure carries that flag.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from vlab._errors import KvmError, VlabError
@@ -35,7 +37,7 @@ def kvm_info() -> tuple[dict | None, str | None]:
 
 def collect_host(root: str = "/") -> dict:
     """The fingerprint of this host, with what KVM itself reports."""
-    from vlab.host.fingerprint import fingerprint
+    from vlab.host import fingerprint
 
     info, why = kvm_info()
     host = fingerprint(root, info)
@@ -85,3 +87,26 @@ def calibrate() -> dict:
     out["emulated_cpl0"] = bool(out["cpl0_nop_cycles_per_iter"]
                                 > EMULATION_FACTOR * max(out["cpl3_nop_cycles_per_iter"], 1.0))
     return out
+
+
+def merge_calibration(host: dict, cal: dict) -> dict:
+    """Put calibration figures `cal` into the host record: `host["calibration"]`, and
+    `host["emulated_cpl0"]` replaced by what the calibration measured (the record's value is
+    only the flavor's expectation). Returns `host`."""
+    host["calibration"] = cal
+    if "emulated_cpl0" in cal:
+        host["emulated_cpl0"] = cal["emulated_cpl0"]
+    return host
+
+
+def calibrate_host(host: dict, on_start: Callable[[], None] | None = None) -> dict | None:
+    """Calibrate when the host record says /dev/kvm is usable, and merge the figures into it
+    (`merge_calibration`); `on_start` is called just before measuring. Returns the figures, or
+    None when KVM is not usable and nothing was measured."""
+    if not (host.get("kvm") or {}).get("usable"):
+        return None
+    if on_start is not None:
+        on_start()
+    cal = calibrate()
+    merge_calibration(host, cal)
+    return cal

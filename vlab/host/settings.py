@@ -22,7 +22,7 @@ from typing import Callable
 
 from vlab._errors import UsageError, VlabError
 from vlab._files import atomic_open
-from vlab.host.fingerprint import bracketed, exists, listdir, module_state, param_true, read_text, rootpath
+from vlab.host.sysfs import bracketed, exists, listdir, module_state, param_true, read_text, rootpath
 
 STATE_SCHEMA = "vlab.host-state/1"
 

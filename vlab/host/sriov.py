@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlab.host.fingerprint import to_int, exists, kernel_config, link_name, listdir, read_int, read_text
+from vlab.host.sysfs import exists, kernel_config, link_name, listdir, read_int, read_text, to_int
 
 _PCI = "/sys/bus/pci/devices"
 

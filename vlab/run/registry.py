@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from vlab._errors import UsageError
+from vlab._units import size_bytes
 
 AREAS = ("exits", "paging", "io", "migration")
 
@@ -304,10 +305,9 @@ def parse_param(text: str) -> tuple[str, list]:
     return key, [parse_value(v.strip()) for v in raw.split(",")]
 
 
-_SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
 def parse_value(v: str) -> Any:
+    """One `-p` value: true/false, an integer (decimal or 0x hex), a float, a size with a unit
+    ("4k", "64M", "1GiB" -> bytes, as `vlab._units.size_bytes` reads it), else the string."""
     low = v.lower()
     if low in ("true", "false"):
         return low == "true"
@@ -316,11 +316,5 @@ def parse_value(v: str) -> Any:
             return conv(v, 0) if conv is int else conv(v)
         except ValueError:
             pass
-    for suffix in ("kib", "mib", "gib", "tib", "k", "m", "g", "t"):
-        if low.endswith(suffix):
-            num = low[: -len(suffix)]
-            try:
-                return int(float(num) * _SUFFIX[suffix[0]])
-            except ValueError:
-                break
-    return v
+    size = size_bytes(v)
+    return v if size is None else size

@@ -16,13 +16,11 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import numpy as np
 
-from vlab import __version__
 from vlab.run import registry as registry
 from vlab._errors import UsageError, VlabError
 from vlab.run.registry import Experiment
@@ -211,18 +209,15 @@ def _skip_rows(case: Case, reason: str, status: str = "skip") -> list[dict]:
 
 def execute(opts: RunOptions) -> tuple[dict, int]:
     """Run what `opts` selects on this host; return the results document and an exit code."""
-    from vlab.host.calibrate import calibrate, collect_host
+    from vlab import results
+    from vlab.host.calibrate import calibrate_host, collect_host
 
     started = _dt.datetime.now(_dt.timezone.utc)
     t_start = time.monotonic()
     host = collect_host()
     cases, pyperf_opts, suite = plan(opts, host)
-    if host.get("kvm", {}).get("usable"):
-        _progress(opts, "calibrating ...", end=" ")
-        cal = calibrate()
-        host["calibration"] = cal
-        if "emulated_cpl0" in cal:
-            host["emulated_cpl0"] = cal["emulated_cpl0"]
+    cal = calibrate_host(host, on_start=lambda: _progress(opts, "calibrating ...", end=" "))
+    if cal is not None:
         _progress(opts, f"CPL3 nop {cal.get('cpl3_nop_cycles_per_iter', 0):.1f} cycles, "
                         f"CPL0 nop {cal.get('cpl0_nop_cycles_per_iter', 0):.0f} cycles"
                         + (" (CPL0 is emulated on this host)" if cal.get("emulated_cpl0") else ""))
@@ -296,13 +291,8 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
             host["trace"] = {"source": last.source, "notes": last.notes,
                              "unavailable": last.unavailable}
             tracer.close(wait=True)
-    finished = _dt.datetime.now(_dt.timezone.utc)
-    doc = {"schema": "vlab.run/1", "run_id": uuid.uuid4().hex[:12],
-           "started_at": started.isoformat(timespec="seconds"),
-           "finished_at": finished.isoformat(timespec="seconds"),
-           "vlab_version": __version__, "argv": opts.argv, "suite": suite,
-           "duration_s": round(time.monotonic() - t_start, 2),
-           "host": host, "rows": rows}
+    doc = results.new_document(host, rows, argv=opts.argv, suite=suite, started=started,
+                               duration_s=round(time.monotonic() - t_start, 2))
     return doc, (1 if failed else 0)
 
 

@@ -1,0 +1,304 @@
+"""`vlab doctor`: a host record turned into a table of named checks, each saying what it found
+and, when it fails, what that costs and how to fix it.
+
+The checks come in groups (KVM and its capabilities, what virtualization the numbers include,
+noise sources, hugetlb pools, device assignment, tracing tools), each a function of the host
+record alone, so recorded trees test every row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from vlab.host.fingerprint import HALTPOLL_ADVICE, cap_value, idle_halts_at_once
+
+_KVM_API_VERSION = 12
+
+
+@dataclass
+class Check:
+    """One row of `vlab doctor`: a named requirement, whether it holds, and what to do if not.
+
+    `level` decides how a failed check is shown: "missing" for a capability some experiments need
+    (they will be skipped), "warn" for a condition that makes results noisy or different.
+    """
+
+    name: str
+    ok: bool
+    detail: str
+    advice: str = ""
+    level: str = "missing"
+
+    @property
+    def status(self) -> str:
+        """"OK", "MISSING" or "WARN"."""
+        return "OK" if self.ok else ("WARN" if self.level == "warn" else "MISSING")
+
+
+# (capability names accepted, the experiments that need it)
+NEEDED_CAPS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("IOEVENTFD",), "exits.pio_kernel, exits.mmio_kernel, io.virtio notify=kernel"),
+    (("IRQFD",), "io.virtio interrupts"),
+    (("DIRTY_LOG_RING", "DIRTY_LOG_RING_ACQ_REL"), "migration.* mode=ring"),
+    (("MANUAL_DIRTY_LOG_PROTECT2",), "migration.* mode=clear"),
+    (("X86_USER_SPACE_MSR",), "exits.msr_user"),
+    (("BINARY_STATS_FD", "STATS_BINARY_FD"), "per-vCPU exit counters without tracing"),
+    (("READONLY_MEM",), "read-only memory slots"),
+    (("EXIT_HYPERCALL",), "exits.hypercall"),
+    (("SYNC_REGS",), "cheap register access on exits"),
+    (("IMMEDIATE_EXIT",), "exits.run_overhead and the watchdog"),
+    (("GET_TSC_KHZ",), "converting guest cycles to time"),
+)
+
+
+def _cap_checks(kvm: dict) -> list[Check]:
+    if not kvm.get("usable"):
+        return [Check("kvm.caps", False, "not checked: /dev/kvm is not usable")]
+    caps = kvm.get("caps") or {}
+    checks = []
+    for names, needed_for in NEEDED_CAPS:
+        values = {n: cap_value(caps, n) for n in names}
+        present = {n: v for n, v in values.items() if v}
+        label = names[0]
+        if present:
+            detail = ", ".join(f"{n}={v}" for n, v in present.items())
+            checks.append(Check(f"cap.{label}", True, detail))
+        else:
+            checks.append(Check(f"cap.{label}", False, f"not offered (needed for {needed_for})"))
+    return checks
+
+
+def _kvm_checks(host: dict) -> list[Check]:
+    """/dev/kvm itself, the API version and the capabilities experiments need."""
+    kvm = host.get("kvm") or {}
+    flavor = kvm.get("flavor", "none")
+    flags = (host.get("cpu") or {}).get("flags") or {}
+    checks: list[Check] = []
+    if kvm.get("usable"):
+        checks.append(Check("kvm.dev", True, f"/dev/kvm usable (flavor {flavor})"))
+    else:
+        if kvm.get("dev_kvm"):
+            advice = "run as root or as a member of the kvm group; build vlab's native layer"
+        elif flags.get("vmx") or flags.get("svm"):
+            advice = "modprobe kvm_intel (or kvm_amd)"
+        elif host.get("nested"):
+            advice = ("the CPU offers neither vmx nor svm: enable nested virtualization in the "
+                      "outer hypervisor, or use a host with KVM on PVM")
+        else:
+            advice = "enable VT-x/AMD-V in the firmware, then modprobe kvm_intel (or kvm_amd)"
+        checks.append(Check("kvm.dev", False, kvm.get("reason") or "/dev/kvm is not usable",
+                            advice))
+    api = kvm.get("api_version")
+    if kvm.get("usable"):
+        checks.append(Check("kvm.api_version", api == _KVM_API_VERSION,
+                            f"KVM_GET_API_VERSION = {api}",
+                            "" if api == _KVM_API_VERSION else "vlab needs API version 12"))
+    checks.extend(_cap_checks(kvm))
+    return checks
+
+
+def _virtualization_checks(host: dict) -> list[Check]:
+    """What the numbers mean here: paging mode, whether CPL0 is emulated, nesting."""
+    flavor = (host.get("kvm") or {}).get("flavor", "none")
+    checks: list[Check] = []
+    paging = host.get("paging")
+    if paging in ("ept", "npt"):
+        checks.append(Check("paging", True, f"{paging.upper()}: hardware two-dimensional paging"))
+    elif paging == "shadow":
+        why = {"pvm": "KVM on PVM has no EPT/NPT",
+               "vmx": "kvm_intel.ept=0", "svm": "kvm_amd.npt=0"}.get(flavor, "")
+        checks.append(Check(
+            "paging", False,
+            f"shadow paging ({why}): guest page faults and page-table writes trap to KVM, so "
+            "paging.first_touch/pte_update/cr3_switch measure the shadow MMU", level="warn",
+            advice="compare paging results only with other shadow-paging hosts"
+                   + ("; vlab host set kvm_intel.ept=1" if flavor == "vmx" else "")
+                   + ("; vlab host set kvm_amd.npt=1" if flavor == "svm" else "")))
+    else:
+        checks.append(Check("paging", False, "no KVM: nothing to measure"))
+
+    if host.get("cpl0_emulated_expected"):
+        emulated = host.get("emulated_cpl0")
+        detail = ("guest CPL0 code runs in KVM's instruction emulator (~500 ns an instruction)"
+                  if emulated is not False else "expected emulated CPL0, calibration says native")
+        checks.append(Check("cpl0", False, detail, level="warn",
+                            advice="timed loops run at CPL3; CPL0 exit costs are reported against "
+                                   "a CPL0 nop calibration and compare only with PVM hosts"))
+    elif flavor in ("vmx", "svm"):
+        checks.append(Check("cpl0", True, "guest CPL0 runs natively"))
+
+    if host.get("nested"):
+        checks.append(Check("nested", False,
+                            "running under a hypervisor (cpu flag 'hypervisor'): every exit also "
+                            "pays the outer hypervisor", level="warn",
+                            advice="use bare metal for absolute numbers; compare nested hosts "
+                                   "with each other"))
+    else:
+        checks.append(Check("nested", True, "bare metal (no 'hypervisor' cpu flag)"))
+    return checks
+
+
+def _noise_checks(host: dict) -> list[Check]:
+    """Host settings that make results noisy or different: CPU frequency, THP, idle polling."""
+    checks: list[Check] = []
+    governor = host.get("governor")
+    if governor is None:
+        checks.append(Check("governor", True, "no cpufreq driver (frequency not managed here)"))
+    elif governor == "performance":
+        checks.append(Check("governor", True, "governor is performance"))
+    else:
+        checks.append(Check("governor", False, f"governor is {governor}: results will be noisy",
+                            "cpupower frequency-set -g performance", level="warn"))
+
+    thp = (host.get("thp") or {}).get("enabled")
+    if thp in ("always", "madvise"):
+        checks.append(Check("thp", True, f"transparent hugepages: {thp}"))
+    else:
+        checks.append(Check("thp", False,
+                            f"transparent hugepages: {thp or 'unavailable'}: backing=thp runs "
+                            "on 4 KiB pages", "vlab host set thp=madvise", level="warn"))
+
+    idle = host.get("cpuidle") or {}
+    if idle_halts_at_once(host):
+        checks.append(Check("cpuidle", False,
+                            "cpuidle-haltpoll does not poll (guest_halt_poll_ns=0): every "
+                            "cross-CPU wake-up is an IPI through the outer hypervisor, paid by "
+                            "each io.virtio notify=kernel kick", HALTPOLL_ADVICE, level="warn"))
+    elif idle.get("driver"):
+        checks.append(Check("cpuidle", True, f"cpuidle driver {idle['driver']}"
+                            + (f", polls {idle['haltpoll_ns']} ns before halting"
+                               if idle.get("haltpoll_ns") is not None else "")))
+    return checks
+
+
+def _hugetlb_checks(host: dict) -> list[Check]:
+    """Reserved 2 MiB and 1 GiB hugetlb pools (backing=hugetlb-2m / hugetlb-1g)."""
+    checks: list[Check] = []
+    pools = host.get("hugepages") or {}
+    p2m = pools.get("2048kB") or {}
+    if p2m.get("nr"):
+        checks.append(Check("hugetlb.2m", True,
+                            f"{p2m['nr']} x 2 MiB pages reserved ({p2m.get('free')} free)"))
+    else:
+        checks.append(Check(
+            "hugetlb.2m", False, "no 2 MiB hugetlb pages reserved: backing=hugetlb will skip",
+            "echo 512 > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages; "
+            "or vlab host set hugepages.2m=512", level="warn"))
+
+    p1g = pools.get("1048576kB") or {}
+    if not (host.get("cpu") or {}).get("flags", {}).get("pdpe1gb"):
+        checks.append(Check("hugetlb.1g", False, "CPU has no pdpe1gb flag: no 1 GiB pages"))
+    elif p1g.get("nr"):
+        checks.append(Check("hugetlb.1g", True,
+                            f"{p1g['nr']} x 1 GiB pages reserved ({p1g.get('free')} free)"))
+    else:
+        checks.append(Check(
+            "hugetlb.1g", False, "pdpe1gb present but no 1 GiB hugetlb pages reserved",
+            "echo 2 > /sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages; "
+            "or vlab host set hugepages.1g=2", level="warn"))
+    return checks
+
+
+def _device_checks(host: dict) -> list[Check]:
+    """Device assignment: a usable SR-IOV VF, and VFIO itself."""
+    checks: list[Check] = []
+    dev = host.get("devices") or {}
+    vf = dev.get("sriov_usable_vf")
+    if vf:
+        checks.append(Check("sriov", True,
+                            f"VF {vf['bdf']} on vfio-pci, IOMMU group {vf['iommu_group']}"))
+    else:
+        checks.append(Check("sriov", False, dev.get("sriov_reason") or "no usable SR-IOV VF",
+                            dev.get("sriov_advice") or ""))
+    if dev.get("vfio"):
+        checks.append(Check("vfio", True,
+                            f"/dev/vfio/vfio present, {dev.get('iommu_groups', 0)} IOMMU groups"))
+    else:
+        checks.append(Check("vfio", False, dev.get("vfio_reason") or "/dev/vfio/vfio missing",
+                            dev.get("vfio_advice") or ""))
+    return checks
+
+
+def _tooling_checks(host: dict) -> list[Check]:
+    """Observation tools: perf events and a PMU, bpf with bcc and headers, kvm tracepoints."""
+    checks: list[Check] = []
+    tooling = host.get("tooling") or {}
+    perf = tooling.get("perf_events") or {}
+    if not perf.get("available"):
+        checks.append(Check("perf", False, perf.get("reason") or "perf events not available"))
+    elif not perf.get("pmu"):
+        checks.append(Check("perf", False,
+                            f"perf_event_paranoid={perf.get('paranoid')}; no hardware PMU: "
+                            "tracepoints and software events only", level="warn"))
+    else:
+        checks.append(Check("perf", True, f"perf_event_paranoid={perf.get('paranoid')}, "
+                                          "hardware PMU present"))
+
+    bpf = tooling.get("bpf") or {}
+    if not bpf.get("syscall"):
+        checks.append(Check("bpf", False, "kernel has no bpf() syscall (CONFIG_BPF_SYSCALL)"))
+    else:
+        parts = [f"jit={bpf.get('jit')}", "BTF" if bpf.get("btf") else "no BTF",
+                 "bcc installed" if bpf.get("bcc") else "bcc not installed"]
+        headers = bpf.get("kernel_headers") or bpf.get("bcc_kernel_source")
+        parts.append("kernel headers found" if headers else "no kernel headers")
+        ok = bool(bpf.get("bcc") and headers)
+        advice = ""
+        if not bpf.get("bcc"):
+            advice = "apt-get install python3-bpfcc"
+        elif not headers:
+            advice = "install kernel headers or point BCC_KERNEL_SOURCE at a headers tree"
+        checks.append(Check("bpf", ok, ", ".join(parts), advice, level="warn"))
+
+    trace = tooling.get("tracing") or {}
+    if trace.get("kvm_events"):
+        checks.append(Check("tracefs", True, f"kvm tracepoints under {trace['tracefs']}"))
+    else:
+        checks.append(Check("tracefs", False,
+                            "tracefs not mounted" if not trace.get("tracefs")
+                            else f"no kvm events under {trace['tracefs']}",
+                            "mount -t tracefs nodev /sys/kernel/tracing", level="warn"))
+    return checks
+
+
+# The doctor's groups, in the order their rows are shown.
+CHECK_GROUPS = (_kvm_checks, _virtualization_checks, _noise_checks, _hugetlb_checks,
+                _device_checks, _tooling_checks)
+
+
+def doctor_checks(host: dict, extra: Iterable[Check] = ()) -> list[Check]:
+    """The `vlab doctor` checks for a host record, followed by `extra` (e.g. tracing checks).
+
+    Every check states what it found; failed ones say what it costs and how to fix it.
+    """
+    checks = [c for group in CHECK_GROUPS for c in group(host)]
+    checks.extend(extra)
+    return checks
+
+
+def format_doctor(host: dict, checks: Iterable[Check]) -> str:
+    """`vlab doctor` as text: a header describing the host, then one aligned row per check."""
+    cpu = host.get("cpu") or {}
+    kvm = host.get("kvm") or {}
+    count = cpu.get("count")
+    api = kvm.get("api_version") if kvm.get("api_version") is not None else "-"
+    cpl0 = {True: "emulated", False: "native"}.get(host.get("emulated_cpl0"), "-")
+    lines = [
+        f"host     {host.get('host_id')}  ({host.get('hostname') or '?'})",
+        f"cpu      {host.get('cpu_model') or '?'}  [{host.get('cpu_vendor')}, family "
+        f"{cpu.get('family')} model {cpu.get('model')} stepping {cpu.get('stepping')}, "
+        f"microcode {cpu.get('microcode')}, {count} CPUs]",
+        f"kernel   {host.get('kernel') or '?'}",
+        f"kvm      flavor {kvm.get('flavor')}, paging {host.get('paging')}, api {api}, nested "
+        f"{'yes' if host.get('nested') else 'no'}, CPL0 {cpl0}",
+        f"tsc      {host.get('tsc_khz')} kHz" if host.get("tsc_khz") else "tsc      unknown",
+        "",
+    ]
+    checks = list(checks)
+    width = max((len(c.name) for c in checks), default=0)
+    for c in checks:
+        row = f"{c.status:<8} {c.name:<{width}}  {c.detail}"
+        if c.advice and not c.ok:
+            row += f" ({c.advice})"
+        lines.append(row)
+    return "\n".join(lines) + "\n"
