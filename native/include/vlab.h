@@ -197,6 +197,8 @@ int vlab_vm_clear_dirty_log(struct vlab_vm *vm, struct vlab_slot *slot, uint64_t
                             uint32_t num_pages, uint64_t *bitmap);
 int vlab_vm_enable_dirty_ring(struct vlab_vm *vm, uint32_t bytes);
 int vlab_vm_reset_dirty_rings(struct vlab_vm *vm);
+/* stop every vCPU of the VM (any thread): their runs fail with ECANCELED naming msg */
+int vlab_vm_abort(struct vlab_vm *vm, const char *msg);
 
 /* vCPU */
 int vlab_vcpu_create(struct vlab_vm *vm, int id, struct vlab_vcpu **out);
@@ -217,6 +219,9 @@ int vlab_vcpu_get_rip(struct vlab_vcpu *vcpu, uint64_t *rip, int *cpl);
 int vlab_vcpu_io_data(struct vlab_vcpu *vcpu, uint8_t **data, uint32_t *size);
 int vlab_vcpu_mmio_data(struct vlab_vcpu *vcpu, uint8_t **data, uint32_t *len);
 uint64_t vlab_vcpu_tsc_khz(struct vlab_vcpu *vcpu);
+int vlab_vcpu_set_tsc_khz(struct vlab_vcpu *vcpu, uint32_t khz);
+/* make a run in progress on another thread return (VLAB_STOP_INTR); 1 if signalled */
+int vlab_vcpu_kick(struct vlab_vcpu *vcpu);
 int vlab_vcpu_dirty_ring_harvest(struct vlab_vcpu *vcpu, uint32_t *slots, uint64_t *offsets,
                                  uint64_t capacity);
 /* the whole vCPU state as an opaque, length-checked blob (migration) */
@@ -224,7 +229,7 @@ int64_t vlab_vcpu_state_size(void);
 int vlab_vcpu_save_state(struct vlab_vcpu *vcpu, uint8_t *buf, uint64_t size);
 int vlab_vcpu_load_state(struct vlab_vcpu *vcpu, const uint8_t *buf, uint64_t size);
 
-/* ---- live migration (native/vmm/migrate.c) ---- */
+/* ---- live migration: guest memory in bulk (native/vmm/mem.c), userfaultfd (uffd.c) ---- */
 int vlab_mem_page_hashes(const void *base, uint64_t n_pages, const uint64_t *idx, uint64_t n,
                          uint64_t *out);
 int vlab_mem_buffer_hashes(const void *buf, uint64_t n, uint64_t *out);
@@ -241,21 +246,20 @@ int vlab_uffd_unregister(int fd, void *addr, uint64_t len);
 int vlab_uffd_read(int fd, int timeout_ms, uint64_t *addrs, uint32_t cap);
 int vlab_uffd_copy(int fd, void *dst, const void *src, uint64_t len, uint64_t *copied);
 int vlab_uffd_wake(int fd, void *addr, uint64_t len);
-int vlab_vcpu_set_tsc_khz(struct vlab_vcpu *vcpu, uint32_t khz);
-int vlab_vcpu_kick(struct vlab_vcpu *vcpu);
 /* ---- end live migration ---- */
 
 /* guest images compiled into this library */
 const uint8_t *vlab_guest_image(const char *name, uint64_t *size);
 const char *vlab_guest_image_name(int index);
 
-/* small host helpers for timing */
+/* small host helpers for timing (native/vmm/error.c, hostbench.c) */
 uint64_t vlab_now_ns(void);
 uint64_t vlab_rdtsc(void);
 int vlab_host_syscall_loop(uint64_t n, uint64_t *cycles, uint64_t *ns);
 
-/* ---- io area: split virtqueue device, doorbells, host rings and TCP, VFIO ----
- * (native/vmm/virtio.c, io.c, vfio.c; the ring and message format are in vlab_spsc.h) */
+/* ---- io area: split virtqueue device (native/vmm/virtio.c), doorbell (doorbell.c), host
+ * rings and TCP (io.c), thread CPU time (task.c), VFIO (vfio.c); the ring and message format
+ * are in vlab_spsc.h ---- */
 #define VLAB_VQ_NOTIFY_USER    0
 #define VLAB_VQ_NOTIFY_KERNEL  1
 #define VLAB_VQ_NOTIFY_POLL    2
@@ -347,7 +351,6 @@ int vlab_virtq_process_buffer(uint8_t *image, uint64_t len, uint64_t gpa,
 
 int vlab_vm_add_doorbell_wait(struct vlab_vm *vm, uint16_t port, int eventfd);
 int vlab_vm_doorbell_counts(struct vlab_vm *vm, int index, uint64_t *waits, uint64_t *rings);
-int vlab_vm_abort(struct vlab_vm *vm, const char *msg);
 
 int vlab_xfer_native_ring(struct vlab_xfer *x, uint64_t *samples, uint64_t cap);
 int vlab_xfer_tcp_loopback(struct vlab_xfer *x, uint64_t *samples, uint64_t cap);
@@ -371,7 +374,8 @@ int vlab_vfio_dma_map_cost(struct vlab_vfio *f, void *hva, uint64_t iova, uint64
                            uint64_t *map_ns, uint64_t *unmap_ns);
 /* ---- end io area ---- */
 /* ---- paging experiments (native/vmm/paging_native.c): the shared kernels of
- * native/kernels/paging_kernels.h run on the host, and memory helpers for guest slots ---- */
+ * native/kernels/paging_kernels.h run on the host, over memory from the allocator guest slots
+ * use (backing.c), and memory helpers for guest slots ---- */
 struct vlab_paging_mem {
     void *hva;              /* aligned start */
     void *map;              /* what mmap returned */

@@ -1,4 +1,5 @@
-/* Per-thread error record: every failing call names the ioctl/syscall and errno. */
+/* Per-thread error record: every failing call names the ioctl/syscall and errno. Also what
+ * every file uses: the two clocks (vlab_now_ns, vlab_rdtsc) and KVM exit-reason names. */
 #include "internal.h"
 #include <stdarg.h>
 #include <stdio.h>

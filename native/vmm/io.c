@@ -1,25 +1,11 @@
 /*
- * io area, host side: the doorbell a guest waits on, and the two host baselines that io.ivshmem
- * and io.virtio are compared with: the same SPSC ring between two host threads
- * (io.native_ring) and a TCP connection over 127.0.0.1 (io.tcp_loopback).
- *
- * The doorbell without an irqchip. A guest cannot sleep at CPL3 (hlt is privileged, and at CPL0
- * it would run in PVM's instruction emulator), and nothing can interrupt it. So a consumer that
- * finds its ring empty announces it is waiting, re-checks, and writes to a "wait" port: that
- * exit comes to this process on the consumer's vCPU thread, where doorbell_pio blocks in poll()
- * on the producer VM's ioeventfd. The producer rings by writing its own doorbell port, which
- * KVM turns into an eventfd signal without an exit to user space; the consumer's vCPU thread
- * wakes, returns from the handler, and KVM_RUN resumes the guest right after its `out`. The
- * wait is bounded (50 ms) so the run loop's deadline and watchdog still apply; a timed-out wait
- * is a spurious wake-up the guest absorbs by re-checking its ring.
- *
- * CPU time per thread comes from /proc/self/task/<tid>/schedstat (on-CPU ns), falling back to
- * the utime+stime clock ticks of /proc/self/task/<tid>/stat; a thread measuring itself reads its
- * CPU-time clock (the same counter, up to date rather than as of the last scheduler tick).
+ * io area, host side: the two host baselines that io.ivshmem and io.virtio are compared with:
+ * the same SPSC ring between two host threads (io.native_ring, vlab_xfer_native_ring, and the
+ * ring's own cost, vlab_ring_*) and a TCP connection over 127.0.0.1 (io.tcp_loopback), plus
+ * the cost of one copy (vlab_copy_cost). Each thread's CPU time comes from task.c.
  */
 #include "internal.h"
 #include <arpa/inet.h>
-#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -37,144 +23,7 @@ static int host_aborted(struct host_ctx *c);
 #define VLAB_SPSC_ABORTED(ctx) host_aborted(ctx)
 #include "vlab_spsc.h"
 
-#define DOORBELL_WAIT_MS 50
-
-/* ---------------- CPU time of a thread ---------------- */
-
-int64_t vlab_task_cpu_ns(int32_t tid)
-{
-    char path[64], buf[1024];
-    unsigned long long ns, ut, st;
-    struct timespec ts;
-    ssize_t n;
-    int fd;
-
-    /* A running thread's schedstat lags by up to a scheduler tick; its own CPU-time clock is the
-     * same counter brought up to date, so a thread asking about itself reads that. */
-    if (tid == (int32_t)syscall(SYS_gettid) && !clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts))
-        return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-
-    snprintf(path, sizeof(path), "/proc/self/task/%d/schedstat", tid);
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd >= 0) {
-        n = read(fd, buf, sizeof(buf) - 1);
-        close(fd);
-        if (n > 0) {
-            buf[n] = 0;
-            if (sscanf(buf, "%llu", &ns) == 1)
-                return (int64_t)ns;
-        }
-    }
-    snprintf(path, sizeof(path), "/proc/self/task/%d/stat", tid);
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return vlab_fail_errno("open", "%s", path);
-    n = read(fd, buf, sizeof(buf) - 1);
-    close(fd);
-    if (n <= 0)
-        return vlab_fail_errno("read", "%s", path);
-    buf[n] = 0;
-    {
-        /* fields after "(comm)": state ppid pgrp session tty tpgid flags minflt cminflt majflt
-         * cmajflt utime stime */
-        char *p = strrchr(buf, ')');
-
-        if (!p || sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu",
-                         &ut, &st) != 2)
-            return vlab_fail(EINVAL, "read", "cannot parse %s", path);
-    }
-    return (int64_t)((ut + st) * (1000000000ULL / (unsigned long long)sysconf(_SC_CLK_TCK)));
-}
-
-/* ns thread `tid` spent runnable but waiting for a CPU (schedstat's second field): how much
- * other load on the host got in the way of a measurement. Accurate for a thread asking about
- * itself (its waits are accounted when it gets a CPU), or for one that is asleep. */
-int64_t vlab_task_wait_ns(int32_t tid)
-{
-    char path[64], buf[256];
-    unsigned long long run, wait;
-    ssize_t n;
-    int fd;
-
-    snprintf(path, sizeof(path), "/proc/self/task/%d/schedstat", tid);
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return vlab_fail_errno("open", "%s", path);
-    n = read(fd, buf, sizeof(buf) - 1);
-    close(fd);
-    if (n <= 0)
-        return vlab_fail_errno("read", "%s", path);
-    buf[n] = 0;
-    if (sscanf(buf, "%llu %llu", &run, &wait) != 2)
-        return vlab_fail(EINVAL, "read", "cannot parse %s", path);
-    return (int64_t)wait;
-}
-
 static int32_t my_tid(void) { return (int32_t)syscall(SYS_gettid); }
-
-/* ---------------- doorbell wait (a PIO device on the consumer's vCPU thread) ---------------- */
-
-struct doorbell {
-    int fd;                         /* our dup of the producer VM's ioeventfd */
-    _Atomic uint64_t waits, rings;
-};
-
-static int doorbell_pio(struct vlab_vcpu *v, void *ctx, struct kvm_run *run)
-{
-    struct doorbell *d = ctx;
-    struct pollfd pf = { d->fd, POLLIN, 0 };
-    uint64_t cnt;
-    int r;
-
-    (void)v;
-    if (run->io.direction != KVM_EXIT_IO_OUT)
-        memset((uint8_t *)run + run->io.data_offset, 0, (size_t)run->io.size * run->io.count);
-    atomic_fetch_add(&d->waits, 1);
-    r = poll(&pf, 1, DOORBELL_WAIT_MS);
-    if (r < 0 && errno != EINTR)
-        return vlab_fail_errno("poll", "doorbell eventfd");
-    if (r > 0 && read(d->fd, &cnt, sizeof(cnt)) == sizeof(cnt))
-        atomic_fetch_add(&d->rings, cnt);
-    return 0;
-}
-
-static void doorbell_release(void *ctx)
-{
-    struct doorbell *d = ctx;
-
-    close(d->fd);
-    free(d);
-}
-
-int vlab_vm_add_doorbell_wait(struct vlab_vm *vm, uint16_t port, int eventfd)
-{
-    struct doorbell *d = calloc(1, sizeof(*d));
-    int r;
-
-    if (!d)
-        return vlab_fail(ENOMEM, "calloc", "doorbell");
-    d->fd = fcntl(eventfd, F_DUPFD_CLOEXEC, 0);
-    if (d->fd < 0) {
-        free(d);
-        return vlab_fail_errno("fcntl", "F_DUPFD_CLOEXEC of the doorbell eventfd");
-    }
-    r = vlab_vm_add_pio_fn(vm, port, 1, doorbell_pio, d, doorbell_release);
-    if (r < 0)
-        doorbell_release(d);
-    return r;
-}
-
-int vlab_vm_doorbell_counts(struct vlab_vm *vm, int index, uint64_t *waits, uint64_t *rings)
-{
-    struct doorbell *d;
-
-    if (index < 0 || index >= vm->nr_handlers || vm->handlers[index].fn != doorbell_pio)
-        return vlab_fail(EINVAL, "vlab_vm_doorbell_counts", "handler %d is not a doorbell", index);
-    d = vm->handlers[index].ctx;
-    *waits = atomic_load(&d->waits);
-    *rings = atomic_load(&d->rings);
-    return 0;
-}
 
 /* ---------------- host runs: shared context, abort, timing ---------------- */
 

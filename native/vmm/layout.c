@@ -44,6 +44,7 @@ int vlab_vm_load_image(struct vlab_vm *vm, const uint8_t *image, uint64_t size,
     memset(dst + size, 0, h.image_end - VLAB_GPA_IMAGE - size);   /* bss */
     vm->image = h;
     vm->image_loaded = 1;
+    vm->env.syscall_entry = h.syscall_entry;    /* what vCPU set-up points LSTAR at */
     if (hdr_out)
         *hdr_out = h;
     return 0;

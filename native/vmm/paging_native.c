@@ -1,76 +1,41 @@
 /*
  * Paging kernels on the host (`where=native`): the same kernels the guest payload runs
- * (native/kernels/paging_kernels.h, included by both), over host memory with a chosen backing,
- * plus the memory helpers the experiments need for guest slots too (fill, ring build, reset).
+ * (native/kernels/paging_kernels.h, included by both), over host memory with a chosen backing
+ * (backing.c, as guest slots), plus the memory helpers the experiments need for guest slots too
+ * (fill, ring build, reset).
  */
 #include "internal.h"
 #include <string.h>
 #include <sys/mman.h>
 #include "../kernels/paging_kernels.h"
 
-#ifndef MAP_HUGE_2MB
-#define MAP_HUGE_2MB (21 << 26)
-#endif
-#ifndef MAP_HUGE_1GB
-#define MAP_HUGE_1GB (30 << 26)
-#endif
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
 
-static uint64_t backing_page(int backing)
-{
-    switch (backing) {
-    case VLAB_BACKING_THP: case VLAB_BACKING_HUGETLB_2M: return 2ULL << 20;
-    case VLAB_BACKING_HUGETLB_1G: return 1ULL << 30;
-    default: return VLAB_PAGE;
-    }
-}
-
+/* Host memory for the kernels, from the allocator guest slots use (backing.c). The size must
+ * be whole backing pages, and the backing 4k, thp or hugetlb (no memfd). */
 int vlab_paging_mem_alloc(struct vlab_paging_mem *m, uint64_t size, int backing)
 {
-    uint64_t page = backing_page(backing);
-    int prot = PROT_READ | PROT_WRITE;
-    void *p;
+    uint64_t page = vlab_backing_page(backing);
+    struct vlab_backing b;
+    int r;
 
     memset(m, 0, sizeof(*m));
     if (!size || size % page)
         return vlab_fail(EINVAL, "vlab_paging_mem_alloc", "size %#llx is not a positive multiple "
                          "of the %llu KiB backing page", (unsigned long long)size,
                          (unsigned long long)(page >> 10));
-    switch (backing) {
-    case VLAB_BACKING_4K:
-    case VLAB_BACKING_THP:
-        /* over-allocate to align the start to the backing page, as guest slots do */
-        p = mmap(NULL, size + page, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (p == MAP_FAILED)
-            return vlab_fail_errno("mmap", "anonymous %llu bytes", (unsigned long long)size);
-        m->map = p;
-        m->map_len = size + page;
-        m->hva = (void *)(((uintptr_t)p + page - 1) & ~(uintptr_t)(page - 1));
-        if (madvise(m->hva, size, backing == VLAB_BACKING_THP ? MADV_HUGEPAGE : MADV_NOHUGEPAGE)) {
-            int r = vlab_fail_errno("madvise", backing == VLAB_BACKING_THP ? "MADV_HUGEPAGE"
-                                    : "MADV_NOHUGEPAGE");
-            vlab_paging_mem_free(m);
-            return r;
-        }
-        break;
-    case VLAB_BACKING_HUGETLB_2M:
-    case VLAB_BACKING_HUGETLB_1G:
-        p = mmap(NULL, size, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB |
-                 (backing == VLAB_BACKING_HUGETLB_2M ? MAP_HUGE_2MB : MAP_HUGE_1GB), -1, 0);
-        if (p == MAP_FAILED)
-            return vlab_fail_errno("mmap", "MAP_HUGETLB %llu bytes: not enough huge pages "
-                                   "reserved (see /sys/kernel/mm/hugepages/hugepages-%skB/"
-                                   "nr_hugepages)", (unsigned long long)size,
-                                   backing == VLAB_BACKING_HUGETLB_2M ? "2048" : "1048576");
-        m->map = m->hva = p;
-        m->map_len = size;
-        break;
-    default:
+    if (backing != VLAB_BACKING_4K && backing != VLAB_BACKING_THP &&
+        backing != VLAB_BACKING_HUGETLB_2M && backing != VLAB_BACKING_HUGETLB_1G)
         return vlab_fail(EINVAL, "vlab_paging_mem_alloc", "backing %d is not 4k/thp/hugetlb",
                          backing);
-    }
+    r = vlab_backing_alloc(&b, size, backing, -1, "vlab_paging_mem_alloc");
+    if (r)
+        return r;
+    m->hva = b.hva;
+    m->map = b.map;
+    m->map_len = b.map_len;
     m->size = size;
     m->backing = backing;
     return 0;
@@ -78,8 +43,9 @@ int vlab_paging_mem_alloc(struct vlab_paging_mem *m, uint64_t size, int backing)
 
 void vlab_paging_mem_free(struct vlab_paging_mem *m)
 {
-    if (m->map)
-        munmap(m->map, m->map_len);
+    struct vlab_backing b = { .hva = m->hva, .map = m->map, .map_len = m->map_len, .fd = -1 };
+
+    vlab_backing_free(&b);
     memset(m, 0, sizeof(*m));
 }
 

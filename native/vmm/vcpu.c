@@ -1,9 +1,13 @@
 /*
  * vCPUs: long-mode set-up through KVM_SET_SREGS, the run loop that dispatches every exit
- * reason, the KVM_RUN watchdog, ucalls, and whole-state save/load for migration.
+ * reason, the KVM_RUN watchdog and kicks, ucalls, the TSC frequency, the dirty ring, and
+ * whole-state save/load for migration.
  *
  * The run loop stays in C so that user-space exits handled by sinks cost one KVM_RUN round trip
  * and nothing else; it returns to the caller only for events the caller must see.
+ *
+ * A vCPU sees its VM only through v->env (struct vlab_vcpu_env, internal.h); nothing here calls
+ * vm.c, which owns the vCPUs and calls down into this file.
  */
 #include "internal.h"
 #include <stdio.h>
@@ -13,8 +17,6 @@
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-
-struct kvm_cpuid2 *vlab_kvm_cpuid(struct vlab_kvm *kvm);
 
 #define MSR_IA32_TSC          0x10
 #define MSR_IA32_SYSENTER_CS  0x174
@@ -28,7 +30,7 @@ struct kvm_cpuid2 *vlab_kvm_cpuid(struct vlab_kvm *kvm);
 #define MSR_KERNEL_GS_BASE    0xc0000102
 #define MSR_TSC_AUX           0xc0000103
 
-/* ---------------- watchdog ---------------- */
+/* ---------------- watchdog, interrupt, kick ---------------- */
 
 static __thread struct kvm_run *wd_run;      /* the kvm_run this thread is inside, if any */
 static pthread_once_t wd_once = PTHREAD_ONCE_INIT;
@@ -100,18 +102,57 @@ static void wd_disarm(struct vlab_vcpu *v)
         timer_settime(v->timer, 0, &its, NULL);
 }
 
+/*
+ * For vlab_vm_abort_with (the caller has set env->abort_pending): make the vCPU's run in
+ * progress leave KVM_RUN now, and its next KVM_RUN return at once. Any thread.
+ */
+void vlab_vcpu_interrupt(struct vlab_vcpu *v)
+{
+    pid_t tid;
+
+    pthread_once(&wd_once, wd_install);
+    v->run->immediate_exit = 1;
+    tid = atomic_load(&v->run_tid);
+    if (tid > 0 && !wd_install_err)
+        syscall(SYS_tgkill, getpid(), tid, wd_signo);
+}
+
+/*
+ * Make a vCPU that is inside KVM_RUN on another thread come back to its run loop now: send
+ * that thread the run loop's watchdog signal (whose handler sets immediate_exit), so KVM_RUN
+ * returns EINTR and vlab_vcpu_run reports an interruption. Does nothing (returns 0) if the
+ * vCPU never ran or the handler is not installed; 1 if sent.
+ */
+int vlab_vcpu_kick(struct vlab_vcpu *v)
+{
+    struct sigaction old;
+
+    if (!v->timer_ok || v->timer_tid <= 0)
+        return 0;
+    pthread_once(&wd_once, wd_install);     /* done already (timer_ok): makes wd_signo visible */
+    if (sigaction(wd_signo, NULL, &old) || old.sa_handler == SIG_DFL || old.sa_handler == SIG_IGN)
+        return 0;
+    if (syscall(SYS_tgkill, getpid(), v->timer_tid, wd_signo)) {
+        if (errno == ESRCH)
+            return 0;
+        return vlab_fail_errno("tgkill", "kick vCPU %d", v->id);
+    }
+    return 1;
+}
+
 /* ---------------- create / destroy ---------------- */
 
 int vlab_vcpu_create(struct vlab_vm *vm, int id, struct vlab_vcpu **out)
 {
+    struct vlab_vcpu_env *env = &vm->env;      /* the only thing a vCPU takes from its VM */
     struct vlab_vcpu *v;
     int fd, r;
 
     *out = NULL;
-    if (id < 0 || id >= VLAB_MAX_VCPUS || vm->vcpus[id])
+    if (id < 0 || id >= VLAB_MAX_VCPUS || env->vcpus[id])
         return vlab_fail(EINVAL, "KVM_CREATE_VCPU", "vCPU id %d invalid or in use (max %d)", id,
                          VLAB_MAX_VCPUS);
-    fd = ioctl(vm->fd, KVM_CREATE_VCPU, id);
+    fd = ioctl(env->vm_fd, KVM_CREATE_VCPU, id);
     if (fd < 0)
         return vlab_fail_errno("KVM_CREATE_VCPU", "id %d", id);
     v = calloc(1, sizeof(*v));
@@ -119,32 +160,32 @@ int vlab_vcpu_create(struct vlab_vm *vm, int id, struct vlab_vcpu **out)
         close(fd);
         return vlab_fail(ENOMEM, "calloc", NULL);
     }
-    v->vm = vm;
+    v->env = env;
     v->id = id;
     v->fd = fd;
     v->stats_fd = -1;
-    v->run = mmap(NULL, vm->run_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    v->run = mmap(NULL, env->run_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (v->run == MAP_FAILED) {
         r = vlab_fail_errno("mmap", "kvm_run of vCPU %d", id);
         close(fd);
         free(v);
         return r;
     }
-    if (vm->dirty_ring_bytes) {
+    if (env->dirty_ring_bytes) {
         long psz = sysconf(_SC_PAGESIZE);
 
-        v->ring = mmap(NULL, vm->dirty_ring_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+        v->ring = mmap(NULL, env->dirty_ring_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
                        (off_t)KVM_DIRTY_LOG_PAGE_OFFSET * psz);
         if (v->ring == MAP_FAILED) {
             r = vlab_fail_errno("mmap", "dirty ring of vCPU %d", id);
-            munmap(v->run, vm->run_size);
+            munmap(v->run, env->run_size);
             close(fd);
             free(v);
             return r;
         }
-        v->ring_entries = vm->dirty_ring_bytes / sizeof(struct kvm_dirty_gfn);
+        v->ring_entries = env->dirty_ring_bytes / sizeof(struct kvm_dirty_gfn);
     }
-    vm->vcpus[id] = v;
+    env->vcpus[id] = v;
     *out = v;
     return 0;
 }
@@ -156,12 +197,12 @@ void vlab_vcpu_destroy(struct vlab_vcpu *v)
     if (v->timer_ok)
         timer_delete(v->timer);
     if (v->ring)
-        munmap(v->ring, v->vm->dirty_ring_bytes);
-    munmap(v->run, v->vm->run_size);
+        munmap(v->ring, v->env->dirty_ring_bytes);
+    munmap(v->run, v->env->run_size);
     if (v->stats_fd >= 0)
         close(v->stats_fd);
     close(v->fd);
-    v->vm->vcpus[v->id] = NULL;
+    v->env->vcpus[v->id] = NULL;
     free(v);
 }
 
@@ -214,7 +255,7 @@ static int set_cpuid_once(struct vlab_vcpu *v)
 
     if (v->cpuid_set)
         return 0;
-    cpuid = vlab_kvm_cpuid(v->vm->kvm);
+    cpuid = vlab_kvm_cpuid(v->env->kvm);
     if (!cpuid)
         return -vlab_last_error()->err;
     if (ioctl(v->fd, KVM_SET_CPUID2, cpuid) < 0)
@@ -229,7 +270,7 @@ int vlab_vcpu_setup(struct vlab_vcpu *v, int cpl, uint64_t cr3, uint64_t entry, 
     struct kvm_regs regs;
     uint16_t cs = cpl ? 0x33 : 0x08, ds = cpl ? 0x2b : 0x10;
     uint32_t msr_idx[] = { MSR_STAR, MSR_LSTAR, MSR_SYSCALL_MASK };
-    uint64_t msr_val[] = { (0x20ULL << 48) | (0x08ULL << 32), v->vm->image.syscall_entry, 0x4700 };
+    uint64_t msr_val[] = { (0x20ULL << 48) | (0x08ULL << 32), v->env->syscall_entry, 0x4700 };
     int r;
 
     if (cpl != 0 && cpl != 3)
@@ -356,6 +397,13 @@ uint64_t vlab_vcpu_tsc_khz(struct vlab_vcpu *v)
     return r < 0 ? 0 : (uint64_t)r;
 }
 
+int vlab_vcpu_set_tsc_khz(struct vlab_vcpu *v, uint32_t khz)
+{
+    if (ioctl(v->fd, KVM_SET_TSC_KHZ, (unsigned long)khz) < 0)
+        return vlab_fail_errno("KVM_SET_TSC_KHZ", "%u kHz", khz);
+    return 0;
+}
+
 /* ---------------- run loop ---------------- */
 
 static void stop_set(struct vlab_stop *st, int reason, const char *msg)
@@ -366,13 +414,14 @@ static void stop_set(struct vlab_stop *st, int reason, const char *msg)
 }
 
 /* Copy a guest string (identity-mapped GVA) into st->msg, refusing anything outside memory. */
-static void guest_string(struct vlab_vm *vm, uint64_t gva, uint64_t len, struct vlab_stop *st)
+static void guest_string(struct vlab_vcpu_env *env, uint64_t gva, uint64_t len,
+                         struct vlab_stop *st)
 {
     const char *src;
 
     if (len > sizeof(st->msg) - 1)
         len = sizeof(st->msg) - 1;
-    src = vlab_vm_gpa_to_hva(vm, gva, len ? len : 1);
+    src = vlab_vm_gpa_to_hva(env->vm, gva, len ? len : 1);
     if (!src) {
         snprintf(st->msg, sizeof(st->msg), "<message at %#llx is outside guest memory>",
                  (unsigned long long)gva);
@@ -429,11 +478,11 @@ static int handle_ucall(struct vlab_vcpu *v, struct vlab_stop *st, int *stop)
         break;
     case VLAB_UCALL_FAIL:
         stop_set(st, VLAB_STOP_FAIL, NULL);
-        guest_string(v->vm, regs.rdx, regs.rcx, st);
+        guest_string(v->env, regs.rdx, regs.rcx, st);
         break;
     case VLAB_UCALL_PRINT:
         stop_set(st, VLAB_STOP_PRINT, NULL);
-        guest_string(v->vm, regs.rdx, regs.rcx, st);
+        guest_string(v->env, regs.rdx, regs.rcx, st);
         break;
     default:
         st->arg[0] = type;
@@ -459,10 +508,11 @@ static int handle_exception(struct vlab_vcpu *v, struct vlab_stop *st)
     return 0;
 }
 
-static struct vlab_handler *find_handler(struct vlab_vm *vm, int kind, uint64_t addr, uint64_t len)
+static struct vlab_handler *find_handler(struct vlab_vcpu_env *env, int kind, uint64_t addr,
+                                         uint64_t len)
 {
-    for (int i = 0; i < vm->nr_handlers; i++) {
-        struct vlab_handler *h = &vm->handlers[i];
+    for (int i = 0; i < env->nr_handlers; i++) {
+        struct vlab_handler *h = &env->handlers[i];
 
         if (h->kind == kind && addr >= h->base && addr - h->base < h->len &&
             len <= h->len - (addr - h->base))
@@ -481,7 +531,7 @@ static void fill_value(uint8_t *dst, uint64_t bytes, uint64_t value, uint32_t un
 static int dispatch(struct vlab_vcpu *v, struct vlab_stop *st, int *stop)
 {
     struct kvm_run *run = v->run;
-    struct vlab_vm *vm = v->vm;
+    struct vlab_vcpu_env *env = v->env;
     uint32_t reason = run->exit_reason;
     struct vlab_handler *h;
 
@@ -495,7 +545,7 @@ static int dispatch(struct vlab_vcpu *v, struct vlab_stop *st, int *stop)
             *stop = 1;
             return handle_exception(v, st);
         }
-        h = find_handler(vm, VLAB_H_PIO_SINK, run->io.port, 1);
+        h = find_handler(env, VLAB_H_PIO_SINK, run->io.port, 1);
         if (h) {
             atomic_fetch_add(&h->hits, 1);
             v->c.io_sunk++;
@@ -504,13 +554,12 @@ static int dispatch(struct vlab_vcpu *v, struct vlab_stop *st, int *stop)
                            (uint64_t)run->io.size * run->io.count, h->value, run->io.size);
             return 0;
         }
-        /* ---- io area: a device implemented in C handles the exit on this thread ---- */
-        h = find_handler(vm, VLAB_H_PIO_FN, run->io.port, 1);
+        /* a device implemented in C handles the exit on this thread */
+        h = find_handler(env, VLAB_H_PIO_FN, run->io.port, 1);
         if (h) {
             atomic_fetch_add(&h->hits, 1);
             return h->fn(v, h->ctx, run);       /* < 0: the device failed and said why */
         }
-        /* ---- end io area ---- */
         *stop = 1;
         st->arg[0] = run->io.port;
         st->arg[1] = run->io.direction;
@@ -519,7 +568,7 @@ static int dispatch(struct vlab_vcpu *v, struct vlab_stop *st, int *stop)
         stop_set(st, VLAB_STOP_IO, "unhandled port I/O");
         return 0;
     case KVM_EXIT_MMIO:
-        h = find_handler(vm, VLAB_H_MMIO_SINK, run->mmio.phys_addr, run->mmio.len);
+        h = find_handler(env, VLAB_H_MMIO_SINK, run->mmio.phys_addr, run->mmio.len);
         if (h) {
             atomic_fetch_add(&h->hits, 1);
             v->c.mmio_sunk++;
@@ -543,7 +592,7 @@ static int dispatch(struct vlab_vcpu *v, struct vlab_stop *st, int *stop)
     case KVM_EXIT_X86_RDMSR:
         v->c.msr_user++;
         run->msr.error = 0;
-        run->msr.data = vm->msr_read_value;
+        run->msr.data = env->msr_read_value;
         return 0;
     case KVM_EXIT_X86_WRMSR:
         v->c.msr_user++;
@@ -603,7 +652,7 @@ int vlab_vcpu_run(struct vlab_vcpu *v, uint64_t timeout_ms, struct vlab_stop *st
     int stop = 0, r = 0;
 
     memset(st, 0, sizeof(*st));
-    if (v->vm->dead)
+    if (v->env->dead)
         return vlab_fail(EIO, "KVM_RUN", "VM is dead after an earlier failure");
     if (!timeout_ms)
         timeout_ms = 10000;
@@ -616,11 +665,11 @@ int vlab_vcpu_run(struct vlab_vcpu *v, uint64_t timeout_ms, struct vlab_stop *st
     }
     deadline = vlab_now_ns() + timeout_ms * 1000000ULL;
     st->t_enter_ns = vlab_now_ns();
-    atomic_store(&v->run_tid, (pid_t)syscall(SYS_gettid));    /* io area: vlab_vm_abort_with */
+    atomic_store(&v->run_tid, (pid_t)syscall(SYS_gettid));    /* for vlab_vcpu_interrupt */
     while (!stop) {
-        /* ---- io area: a device or another VM aborted this VM ---- */
-        if (atomic_load(&v->vm->abort_pending) == 1) {
-            r = vlab_fail(ECANCELED, v->vm->abort_op, "%s", v->vm->abort_msg);
+        /* a device, another VM or the caller aborted this VM (vlab_vm_abort_with) */
+        if (atomic_load(&v->env->abort_pending) == 1) {
+            r = vlab_fail(ECANCELED, v->env->abort_op, "%s", v->env->abort_msg);
             break;
         }
         t0 = vlab_now_ns();
@@ -633,7 +682,7 @@ int vlab_vcpu_run(struct vlab_vcpu *v, uint64_t timeout_ms, struct vlab_stop *st
             if (errno == EINTR || errno == EAGAIN) {
                 v->c.intr++;
                 run->immediate_exit = 0;
-                if (atomic_load(&v->vm->abort_pending))     /* io area */
+                if (atomic_load(&v->env->abort_pending))    /* the check above says why */
                     continue;
                 if (vlab_now_ns() >= deadline) {
                     stop_set(st, VLAB_STOP_TIMEOUT, "watchdog");
@@ -647,7 +696,7 @@ int vlab_vcpu_run(struct vlab_vcpu *v, uint64_t timeout_ms, struct vlab_stop *st
             }
             r = vlab_fail_errno("KVM_RUN", "vCPU %d", v->id);
             if (errno == EIO || errno == EFAULT) {
-                v->vm->dead = 1;
+                v->env->dead = 1;
                 vlab_mark_dead();
             }
             break;
@@ -671,51 +720,6 @@ int vlab_vcpu_run(struct vlab_vcpu *v, uint64_t timeout_ms, struct vlab_stop *st
         vlab_vcpu_get_rip(v, &st->rip, &st->cpl);
     return r;
 }
-
-/* ---------------- io area: aborting a VM from another thread ---------------- */
-
-/*
- * Make every vCPU of `vm` leave KVM_RUN (or a device handler's wait) and fail with op/msg. The
- * flag is set before the signal, and the run loop checks it before every KVM_RUN and after
- * every EINTR, so a vCPU about to enter KVM_RUN cannot miss it.
- */
-void vlab_vm_abort_with(struct vlab_vm *vm, const char *op, const char *msg)
-{
-    int expected = 0;
-
-    pthread_once(&wd_once, wd_install);
-    if (atomic_compare_exchange_strong(&vm->abort_pending, &expected, 2)) {
-        snprintf(vm->abort_op, sizeof(vm->abort_op), "%s", op);
-        snprintf(vm->abort_msg, sizeof(vm->abort_msg), "%s", msg);
-        atomic_store(&vm->abort_pending, 1);
-    }
-    for (int i = 0; i < VLAB_MAX_VCPUS; i++) {
-        struct vlab_vcpu *v = vm->vcpus[i];
-        pid_t tid;
-
-        if (!v)
-            continue;
-        v->run->immediate_exit = 1;
-        tid = atomic_load(&v->run_tid);
-        if (tid > 0 && !wd_install_err)
-            syscall(SYS_tgkill, getpid(), tid, wd_signo);
-    }
-}
-
-/* Forget an abort raised by `op` (a device that has been reset), so the VM can run again. */
-void vlab_vm_abort_clear(struct vlab_vm *vm, const char *op)
-{
-    if (atomic_load(&vm->abort_pending) == 1 && !strcmp(vm->abort_op, op))
-        atomic_store(&vm->abort_pending, 0);
-}
-
-int vlab_vm_abort(struct vlab_vm *vm, const char *msg)
-{
-    vlab_vm_abort_with(vm, "vlab_vm_abort", msg ? msg : "aborted");
-    return 0;
-}
-
-/* ---------------- end io area ---------------- */
 
 /* KVM_RUN with immediate_exit set: the cheapest possible trip into KVM and back. */
 int vlab_vcpu_run_immediate_exit(struct vlab_vcpu *v, uint64_t n, uint64_t *ns_out)
