@@ -249,7 +249,8 @@ def _dest_status(p, timeout: float = 60.0) -> tuple[int, dict, str]:
 
 def _cfg(**kw):
     from vlab.migration.guest import GuestSpec
-    from vlab.migration.session import MigrateOptions, RunConfig
+    from vlab.migration.options import MigrateOptions
+    from vlab.migration.session import RunConfig
 
     spec = GuestSpec(**{k: v for k, v in kw.items() if k in GuestSpec.__dataclass_fields__})
     opts = MigrateOptions(**{k: v for k, v in kw.items()
@@ -323,7 +324,8 @@ def test_counter_workload_continues():
 def test_postcopy_demand_faults(rounds):
     """Post-copy after one pre-copy round (staged pages installed locally, dirtied ones
     fetched) and pure post-copy (everything fetched): verified, demand faults reported."""
-    from vlab.migration.session import run_local, uffd_status
+    from vlab.migration.postcopy import uffd_status
+    from vlab.migration.session import run_local
 
     why = uffd_status()
     if why:
@@ -347,7 +349,8 @@ def test_postcopy_demand_faults(rounds):
 def test_stale_page_is_caught():
     """verified is computed: a page left out of the final round makes it false, and the guest
     itself finds the stale page on the destination."""
-    from vlab.migration.session import Source, connect
+    from vlab.migration.session import connect
+    from vlab.migration.source import Source
 
     dest, addr = _start_dest()
     # a limited link, so the migration lasts long enough for the writer to dirty pages in
@@ -373,7 +376,8 @@ def test_stale_page_is_caught():
 @needs_kvm
 def test_destination_killed_mid_migration():
     """The source notices, stops dirty logging, and its guest runs on with its state intact."""
-    from vlab.migration.session import Source, connect
+    from vlab.migration.session import connect
+    from vlab.migration.source import Source
 
     dest, addr = _start_dest()
     cfg = _cfg(mem=SMALL, rate=5000, bandwidth=2e6)       # round 0 alone takes ~6 s
@@ -408,7 +412,7 @@ def test_destination_killed_mid_migration():
 def test_destination_lost_at_switch_over_resumes_source():
     """A destination that vanishes after the source paused (mid final round): the source
     resumes its own copy, never having sent GO."""
-    from vlab.migration.session import Source
+    from vlab.migration.source import Source
 
     a, b = _pair()
     a.settimeout(10)
@@ -473,7 +477,8 @@ def test_source_killed_before_final_round():
 def test_corrupted_or_truncated_streams_are_refused():
     """A real stream, captured, then damaged in many ways: the destination refuses each one
     with a clear reason and never resumes the guest."""
-    from vlab.migration.session import Destination, Source
+    from vlab.migration.destination import Destination
+    from vlab.migration.source import Source
 
     # capture a real source's stream up to DONE
     a, b = _pair()
@@ -655,7 +660,7 @@ def test_experiment_rows_measured_beside_model():
 def test_userfaultfd_reasons_from_recorded_settings():
     import errno
 
-    from vlab.migration.session import uffd_reason
+    from vlab.migration.postcopy import uffd_reason
 
     why = uffd_reason(errno.ENOSYS, "userfaultfd", unprivileged=None, euid=0, dev_exists=False)
     assert "CONFIG_USERFAULTFD" in why
