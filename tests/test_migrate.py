@@ -227,7 +227,7 @@ def test_addresses_and_sizes():
 # ------------------------------------------------------------------ real migrations
 
 def _start_dest(*extra: str, io_timeout: float = 10.0):
-    p = subprocess.Popen([PY, "-m", "vlab.migration.session", "--listen", "127.0.0.1:0", "--json",
+    p = subprocess.Popen([PY, "-m", "vlab.migrate", "--listen", "127.0.0.1:0", "--json",
                           "--accept-timeout", "30", "--io-timeout", str(io_timeout), *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     from vlab.migration.session import _read_line
@@ -454,7 +454,7 @@ def test_destination_lost_at_switch_over_resumes_source():
 def test_source_killed_before_final_round():
     """The destination discards everything and exits with an error; it never runs the guest."""
     dest, addr = _start_dest()
-    src = subprocess.Popen([PY, "-m", "vlab.migration.session", "--to", addr, "--mem", "4M",
+    src = subprocess.Popen([PY, "-m", "vlab.migrate", "--to", addr, "--mem", "4M",
                             "--rate", "5000", "--bandwidth", "8M", "--warmup-s", "0.1", "--json"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -316,10 +316,3 @@ def predict(trace_path: str, opts: MigrateOptions, measured: dict | None = None)
                             "pages_per_round": e["pages_per_round"], "outcome": e["outcome"]}
     return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in out.items()}
 
-
-if __name__ == "__main__":
-    # `python -m vlab.migration.session` was this command line's module name before the split;
-    # it still runs it (the command line itself is vlab/migration/command.py)
-    from vlab.migration.command import main
-
-    sys.exit(main())

@@ -4,13 +4,16 @@
 
 1. hello: HELLO (protocol, strategy, TSC rate, boot id, vCPU state size) and LAYOUT (slots).
 2. pre-copy rounds, live (`_precopy_rounds`): round 0 sends every page; each later round sends
-   the pages dirtied during the one before (dirty tracking: bitmap, clear or ring, see
-   vlab/migration/guest.py). The rounds end when the rest can be sent within
+   the pages dirtied during the one before. Dirty tracking (vlab/migration/guest.py): bitmap
+   (KVM_GET_DIRTY_LOG), clear (manual protection: each batch is re-protected with
+   KVM_CLEAR_DIRTY_LOG just before it is copied, so a page written before its copy is not sent
+   again) or ring (the dirty ring). The rounds end when the rest can be sent within
    `max_downtime_ms` (at the bandwidth limit, or the measured rate without one: "converged"),
-   after `postcopy_rounds` (post-copy), or after `max_rounds`: then the policy decides,
-   "stop_copy" goes on ("max_rounds_stop_copy"), "abort" cancels and the guest runs on here
-   ("aborted", `_abort`). `auto_converge` throttles the guest after each round that did not
-   converge (0.2, then +0.1 per round, up to 0.99, like QEMU).
+   after `postcopy_rounds` (post-copy; 0: no round at all), or after `max_rounds`: then the
+   policy decides, "stop_copy" goes on ("max_rounds_stop_copy"), "abort" cancels and the guest
+   runs on here ("aborted", `_abort`). `auto_converge` throttles the guest after each round
+   that did not converge (0.2, then +0.1 per round, up to 0.99, like QEMU): its vCPU thread
+   sleeps that fraction of every 20 ms.
 3. sync (`_sync`): the destination drains its backlog while the guest still runs here, so
    that catching up does not count as downtime.
 4. stop-and-copy (`_stop_and_copy`): pause, final harvest, the final round (post-copy: the map
