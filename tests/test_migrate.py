@@ -669,3 +669,58 @@ def test_userfaultfd_reasons_from_recorded_settings():
     why = uffd_reason(errno.EPERM, "USERFAULTFD_IOC_NEW", unprivileged="1", euid=1000,
                       dev_exists=True)
     assert "CAP_SYS_PTRACE" in why and "USERFAULTFD_IOC_NEW" in why
+
+
+def test_run_config_travels_as_json(tmp_path):
+    """run_local hands its source a RunConfig as JSON: every field comes back, bad ones are
+    refused in one line."""
+    from vlab.migration.session import RunConfig
+
+    cfg = _cfg(mem=4 << 20, rate=123, bandwidth=3e6, mode="clear", auto_converge=True,
+               trace_s=0.5, trace_interval_ms=20, drop_pages=2)
+    cfg.trace_out = str(tmp_path / "t.npz")
+    back = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg
+    for bad in ({"spec": {"mem": 3 << 20}}, {"opts": {"mode": "nope"}}, {"spec": {"bogus": 1}},
+                {"warmup": 1}, []):
+        with pytest.raises(UsageError):
+            RunConfig.from_dict(bad)
+
+
+def test_child_refuses_bad_jobs(tmp_path):
+    for job, needle in (({"role": "x"}, "job role"), ({"role": "source"}, "source job"),
+                        ({"role": "source", "to": "h:1", "config": {"opts": {"max_rounds": 0}}},
+                         "max rounds")):
+        path = tmp_path / "job.json"
+        path.write_text(json.dumps(job))
+        r = subprocess.run([PY, "-m", "vlab.migration.child", str(path)], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and needle in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@needs_kvm
+def test_vmm_page_moves_hash_what_they_copy():
+    """vlab.vmm.migration: gather, scatter (to a slot and to a staging array) and the hashes
+    agree with each other; buffers too small for the pages asked are refused before C runs."""
+    from vlab.vmm.kvm import Kvm, Vm
+    from vlab.vmm.migration import buffer_hashes, gather_pages, page_hashes, scatter_pages
+
+    with Kvm() as kvm, Vm(kvm) as vm:
+        a = vm.add_slot(0, 16 * 4096)
+        b = vm.add_slot(1 << 20, 16 * 4096)
+        a.array()[:] = np.frombuffer(os.urandom(16 * 4096), dtype=np.uint8)
+        idx = np.array([1, 5, 15], dtype=np.uint64)
+        buf, h = bytearray(3 * 4096), np.empty(3, dtype=np.uint64)
+        gather_pages(a, idx, buf, h)
+        assert np.array_equal(h, buffer_hashes(buf, 3))
+        assert np.array_equal(h, page_hashes(a)[idx.astype(np.int64)])
+        assert np.array_equal(scatter_pages(b, b.pages, idx, buf), h)
+        assert np.array_equal(page_hashes(b)[idx.astype(np.int64)], h)
+        stage = np.zeros(16 * 4096, dtype=np.uint8)
+        assert np.array_equal(scatter_pages(stage, 16, idx, buf), h)
+        assert bytes(stage[4096:8192]) == bytes(buf[:4096])
+        with pytest.raises(ValueError):
+            gather_pages(a, idx, bytearray(2 * 4096), h)
+        with pytest.raises(ValueError):
+            scatter_pages(stage, 17, idx, buf)

@@ -25,7 +25,8 @@ from vlab.migration.guest import GuestSpec
 from vlab.migration.options import MigrateOptions, add_arguments, parse_rate, parse_size
 from vlab.migration.session import RunConfig, listen, run_local, run_source
 
-DESCRIPTION = "Live migration of a running vlab guest between two VMM processes, verified end to end."
+DESCRIPTION = ("Live migration of a running vlab guest between two VMM processes, verified end "
+               "to end.")
 GOOD_OUTCOMES = ("converged", "max_rounds_stop_copy", "postcopy")
 
 
