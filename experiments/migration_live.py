@@ -50,7 +50,8 @@ QUICK = {"workload": ["uniform"], "mem": [64 << 20], "rate": [10000], "link_mbit
 def _config(params: dict):
     from vlab._errors import UsageError
     from vlab.migration.guest import GuestSpec
-    from vlab.migration.session import MigrateOptions, RunConfig
+    from vlab.migration.options import MigrateOptions
+    from vlab.migration.session import RunConfig
 
     for key in ("mem", "rate", "max_rounds", "lag_us"):
         v = params.get(key)
@@ -125,7 +126,7 @@ def _userfaultfd() -> Requirement:
         if params.get("strategy") != "postcopy":
             return None
         try:
-            from vlab.migration.session import uffd_status
+            from vlab.migration.postcopy import uffd_status
         except ImportError as e:
             return f"post-copy needs vlab's native module: {e}"
         why = uffd_status()

@@ -227,7 +227,7 @@ def test_addresses_and_sizes():
 # ------------------------------------------------------------------ real migrations
 
 def _start_dest(*extra: str, io_timeout: float = 10.0):
-    p = subprocess.Popen([PY, "-m", "vlab.migration.session", "--listen", "127.0.0.1:0", "--json",
+    p = subprocess.Popen([PY, "-m", "vlab.migrate", "--listen", "127.0.0.1:0", "--json",
                           "--accept-timeout", "30", "--io-timeout", str(io_timeout), *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     from vlab.migration.session import _read_line
@@ -249,7 +249,8 @@ def _dest_status(p, timeout: float = 60.0) -> tuple[int, dict, str]:
 
 def _cfg(**kw):
     from vlab.migration.guest import GuestSpec
-    from vlab.migration.session import MigrateOptions, RunConfig
+    from vlab.migration.options import MigrateOptions
+    from vlab.migration.session import RunConfig
 
     spec = GuestSpec(**{k: v for k, v in kw.items() if k in GuestSpec.__dataclass_fields__})
     opts = MigrateOptions(**{k: v for k, v in kw.items()
@@ -323,7 +324,8 @@ def test_counter_workload_continues():
 def test_postcopy_demand_faults(rounds):
     """Post-copy after one pre-copy round (staged pages installed locally, dirtied ones
     fetched) and pure post-copy (everything fetched): verified, demand faults reported."""
-    from vlab.migration.session import run_local, uffd_status
+    from vlab.migration.postcopy import uffd_status
+    from vlab.migration.session import run_local
 
     why = uffd_status()
     if why:
@@ -347,7 +349,8 @@ def test_postcopy_demand_faults(rounds):
 def test_stale_page_is_caught():
     """verified is computed: a page left out of the final round makes it false, and the guest
     itself finds the stale page on the destination."""
-    from vlab.migration.session import Source, connect
+    from vlab.migration.session import connect
+    from vlab.migration.source import Source
 
     dest, addr = _start_dest()
     # a limited link, so the migration lasts long enough for the writer to dirty pages in
@@ -373,7 +376,8 @@ def test_stale_page_is_caught():
 @needs_kvm
 def test_destination_killed_mid_migration():
     """The source notices, stops dirty logging, and its guest runs on with its state intact."""
-    from vlab.migration.session import Source, connect
+    from vlab.migration.session import connect
+    from vlab.migration.source import Source
 
     dest, addr = _start_dest()
     cfg = _cfg(mem=SMALL, rate=5000, bandwidth=2e6)       # round 0 alone takes ~6 s
@@ -408,7 +412,7 @@ def test_destination_killed_mid_migration():
 def test_destination_lost_at_switch_over_resumes_source():
     """A destination that vanishes after the source paused (mid final round): the source
     resumes its own copy, never having sent GO."""
-    from vlab.migration.session import Source
+    from vlab.migration.source import Source
 
     a, b = _pair()
     a.settimeout(10)
@@ -450,7 +454,7 @@ def test_destination_lost_at_switch_over_resumes_source():
 def test_source_killed_before_final_round():
     """The destination discards everything and exits with an error; it never runs the guest."""
     dest, addr = _start_dest()
-    src = subprocess.Popen([PY, "-m", "vlab.migration.session", "--to", addr, "--mem", "4M",
+    src = subprocess.Popen([PY, "-m", "vlab.migrate", "--to", addr, "--mem", "4M",
                             "--rate", "5000", "--bandwidth", "8M", "--warmup-s", "0.1", "--json"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -473,7 +477,8 @@ def test_source_killed_before_final_round():
 def test_corrupted_or_truncated_streams_are_refused():
     """A real stream, captured, then damaged in many ways: the destination refuses each one
     with a clear reason and never resumes the guest."""
-    from vlab.migration.session import Destination, Source
+    from vlab.migration.destination import Destination
+    from vlab.migration.source import Source
 
     # capture a real source's stream up to DONE
     a, b = _pair()
@@ -655,7 +660,7 @@ def test_experiment_rows_measured_beside_model():
 def test_userfaultfd_reasons_from_recorded_settings():
     import errno
 
-    from vlab.migration.session import uffd_reason
+    from vlab.migration.postcopy import uffd_reason
 
     why = uffd_reason(errno.ENOSYS, "userfaultfd", unprivileged=None, euid=0, dev_exists=False)
     assert "CONFIG_USERFAULTFD" in why
@@ -664,3 +669,58 @@ def test_userfaultfd_reasons_from_recorded_settings():
     why = uffd_reason(errno.EPERM, "USERFAULTFD_IOC_NEW", unprivileged="1", euid=1000,
                       dev_exists=True)
     assert "CAP_SYS_PTRACE" in why and "USERFAULTFD_IOC_NEW" in why
+
+
+def test_run_config_travels_as_json(tmp_path):
+    """run_local hands its source a RunConfig as JSON: every field comes back, bad ones are
+    refused in one line."""
+    from vlab.migration.session import RunConfig
+
+    cfg = _cfg(mem=4 << 20, rate=123, bandwidth=3e6, mode="clear", auto_converge=True,
+               trace_s=0.5, trace_interval_ms=20, drop_pages=2)
+    cfg.trace_out = str(tmp_path / "t.npz")
+    back = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg
+    for bad in ({"spec": {"mem": 3 << 20}}, {"opts": {"mode": "nope"}}, {"spec": {"bogus": 1}},
+                {"warmup": 1}, []):
+        with pytest.raises(UsageError):
+            RunConfig.from_dict(bad)
+
+
+def test_child_refuses_bad_jobs(tmp_path):
+    for job, needle in (({"role": "x"}, "job role"), ({"role": "source"}, "source job"),
+                        ({"role": "source", "to": "h:1", "config": {"opts": {"max_rounds": 0}}},
+                         "max rounds")):
+        path = tmp_path / "job.json"
+        path.write_text(json.dumps(job))
+        r = subprocess.run([PY, "-m", "vlab.migration.child", str(path)], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and needle in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@needs_kvm
+def test_vmm_page_moves_hash_what_they_copy():
+    """vlab.vmm.migration: gather, scatter (to a slot and to a staging array) and the hashes
+    agree with each other; buffers too small for the pages asked are refused before C runs."""
+    from vlab.vmm.kvm import Kvm, Vm
+    from vlab.vmm.migration import buffer_hashes, gather_pages, page_hashes, scatter_pages
+
+    with Kvm() as kvm, Vm(kvm) as vm:
+        a = vm.add_slot(0, 16 * 4096)
+        b = vm.add_slot(1 << 20, 16 * 4096)
+        a.array()[:] = np.frombuffer(os.urandom(16 * 4096), dtype=np.uint8)
+        idx = np.array([1, 5, 15], dtype=np.uint64)
+        buf, h = bytearray(3 * 4096), np.empty(3, dtype=np.uint64)
+        gather_pages(a, idx, buf, h)
+        assert np.array_equal(h, buffer_hashes(buf, 3))
+        assert np.array_equal(h, page_hashes(a)[idx.astype(np.int64)])
+        assert np.array_equal(scatter_pages(b, b.pages, idx, buf), h)
+        assert np.array_equal(page_hashes(b)[idx.astype(np.int64)], h)
+        stage = np.zeros(16 * 4096, dtype=np.uint8)
+        assert np.array_equal(scatter_pages(stage, 16, idx, buf), h)
+        assert bytes(stage[4096:8192]) == bytes(buf[:4096])
+        with pytest.raises(ValueError):
+            gather_pages(a, idx, bytearray(2 * 4096), h)
+        with pytest.raises(ValueError):
+            scatter_pages(stage, 17, idx, buf)

@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     hres.add_argument("--dry-run", action="store_true")
     hs.add_parser("show", help="the settings `vlab host set` manages, as they are now")
 
-    # ---- live migration (vlab/migrate.py) ----
+    # ---- live migration (vlab/migration/command.py) ----
     from vlab.migration.options import add_arguments as _migrate_arguments
 
     mg = sub.add_parser("migrate", help="live-migrate a running guest between two VMM "
@@ -320,7 +320,7 @@ def cmd_trace(args) -> int:
 def cmd_migrate(args) -> int:
     """`vlab migrate`: by default a destination and a source process on loopback, the
     migration verified and set beside the pre-copy model; or one role (--listen / --to)."""
-    from vlab.migration.session import run_cli
+    from vlab.migration.command import run_cli
 
     return run_cli(args)
 

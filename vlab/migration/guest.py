@@ -1,9 +1,10 @@
 """The migrating guest: its workloads, the vCPU thread that can be paused and throttled, dirty
 tracking (bitmap or ring) and the guest's own report of its invariants.
 
-Used by both ends of a migration (vlab/migrate.py): the source builds the guest with
-`build_guest`, runs it with `GuestRunner` and tracks it with `DirtyTracker`; the destination
-rebuilds memory from the stream, runs the same vCPU and reads the same report.
+Used by both ends of a migration (vlab/migration/source.py and destination.py): the source
+builds the guest with `build_guest`, runs it with `GuestRunner` and tracks it with
+`DirtyTracker`; the destination rebuilds memory from the stream, runs the same vCPU and reads
+the same report.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import numpy as np
 from vlab._errors import GuestFailure, GuestFault, GuestTimeout, KvmError, UsageError, VlabError
 from vlab.vmm.payloads import P_RESULTS_BASE, P_RESULTS_STRIDE
 from vlab.vmm.kvm import STOP_NAMES, MemorySlot, Vcpu, Vm, _check
-from vlab.vmm._native import ffi, lib
+from vlab.vmm.migration import GPA_PARAMS, GPA_RESULTS, RESULTS_SIZE
+from vlab.vmm._native import ffi, lib   # GuestRunner's alone (to become vlab.vmm.thread.VcpuThread)
 
 log = logging.getLogger("vlab.migration.session")
 
@@ -96,7 +98,8 @@ def build_guest(spec: GuestSpec, *, dirty_ring: int = 0):
 
 
 def params_view(vm: Vm) -> np.ndarray:
-    return np.frombuffer(vm.hva(lib.VLAB_GPA_PARAMS, PAGE), dtype=np.uint64)
+    """The payload's parameter page (u64 slots) of `vm`, no copy."""
+    return np.frombuffer(vm.hva(GPA_PARAMS, PAGE), dtype=np.uint64)
 
 
 def counter_of(vm: Vm, data_gpa: int) -> int | None:
@@ -112,7 +115,7 @@ def read_report(vm: Vm) -> dict:
     guest memory, so nothing in them is trusted."""
     p = params_view(vm)
     base, stride = int(p[P_RESULTS_BASE]), int(p[P_RESULTS_STRIDE])
-    if base != lib.VLAB_GPA_RESULTS or stride % PAGE or not PAGE <= stride <= lib.VLAB_RESULTS_SIZE:
+    if base != GPA_RESULTS or stride % PAGE or not PAGE <= stride <= RESULTS_SIZE:
         raise VlabError(f"guest results area is malformed (base {base:#x}, stride {stride:#x})")
     words = np.frombuffer(vm.hva(base, stride), dtype=np.uint64)
     n, cap = int(words[0]), int(words[1])

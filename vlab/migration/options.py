@@ -1,10 +1,14 @@
-"""Command-line options of live migration (`vlab migrate`, `python -m vlab.migration.session`).
+"""How a live migration runs: `MigrateOptions` (strategy, dirty tracking, link, convergence
+policy, throttle) with its validation, and the command-line options of `vlab migrate` and
+`python -m vlab.migrate` that set it, with their size and rate parsers.
 
-Kept apart from vlab/migrate.py so that building the `vlab` parser imports nothing heavy.
+Kept apart from the rest of vlab.migration so that building the `vlab` parser imports nothing
+heavy (no numpy, no native module): only the standard library here.
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from vlab._errors import UsageError
 
@@ -44,8 +48,53 @@ def parse_rate(text: str, what: str) -> float:
     return v
 
 
+@dataclass
+class MigrateOptions:
+    """How the source migrates (see vlab/migration/source.py for what each does)."""
+    strategy: str = "precopy"
+    mode: str = "bitmap"
+    bandwidth: float | None = None       # bytes/s (token bucket), None: unlimited
+    max_downtime_ms: float = 50.0
+    max_rounds: int = 30
+    policy: str = "stop_copy"
+    auto_converge: bool = False
+    throttle_initial: float = 0.2
+    throttle_step: float = 0.1
+    throttle_max: float = 0.99
+    postcopy_rounds: int = 1
+    batch_pages: int = 256
+    io_timeout: float = 30.0
+    drop_pages: int = 0                  # fault injection for tests: leave this many written
+                                         # working-set pages out of the final round
+
+    def validate(self) -> None:
+        """UsageError naming the first option that is out of range."""
+        from vlab.migration.stream import MAX_BATCH
+
+        if self.strategy not in STRATEGIES:
+            raise UsageError(f"strategy must be one of {', '.join(STRATEGIES)}")
+        if self.mode not in MODES:
+            raise UsageError(f"dirty tracking mode must be one of {', '.join(MODES)}")
+        if self.policy not in POLICIES:
+            raise UsageError(f"non-convergence policy must be one of {', '.join(POLICIES)}")
+        if self.bandwidth is not None and not self.bandwidth > 0:
+            raise UsageError("bandwidth must be positive (bytes/s)")
+        if not self.max_downtime_ms >= 0:
+            raise UsageError("max downtime must be >= 0 ms")
+        if self.max_rounds < 1:
+            raise UsageError("max rounds must be at least 1")
+        if self.postcopy_rounds < 0:
+            raise UsageError("postcopy rounds must be >= 0")
+        if not 1 <= self.batch_pages <= MAX_BATCH:
+            raise UsageError(f"batch must be 1..{MAX_BATCH} pages")
+        if not (0 < self.throttle_initial <= self.throttle_max < 1 and 0 <= self.throttle_step <= 1):
+            raise UsageError("throttle: need 0 < initial <= max < 1 and 0 <= step <= 1")
+        if not self.io_timeout > 0:
+            raise UsageError("io timeout must be positive")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `vlab migrate` and `python -m vlab.migration.session`."""
+    """The options of `vlab migrate` and `python -m vlab.migrate`."""
     role = p.add_mutually_exclusive_group()
     role.add_argument("--listen", metavar="[HOST:]PORT",
                       help="be the destination: accept one migration on this address")

@@ -354,3 +354,15 @@ def decode_credit(payload: memoryview, seq: int = -1) -> int:
 
 def encode_state(vcpu: int, blob: bytes) -> tuple[bytes, bytes]:
     return struct.pack("<II", vcpu, len(blob)), blob
+
+
+# ---------------------------------------------------------------- what HELLO and ACK carry
+
+def boot_id() -> str:
+    """This kernel's boot id (HELLO, ACK): two processes with the same one share
+    CLOCK_MONOTONIC, so the source can take the downtime from the destination's timestamps."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
