@@ -68,9 +68,11 @@ import numpy as np
 from vlab.migration import stream as ms
 from vlab.migration.options import POLICIES, STRATEGIES, MODES, add_arguments, parse_rate, parse_size
 from vlab._errors import KvmError, UsageError, VlabError
-from vlab.migration.guest import (A_GEN, A_STOP, A_WS, PAGE, DirtyTracker, GuestRunner, GuestSpec,
-                        bits_to_index, build_guest, counter_of, index_to_bits, params_view,
-                        read_report, report_ok)
+from vlab.migration.guest import (A_GEN, A_STOP, A_WS, PAGE, GuestSpec, build_guest, counter_of,
+                                  params_view, read_report, report_ok)
+from vlab._bits import bitmap_pages, pages_bitmap
+from vlab.dirty.tracker import DirtyTracker
+from vlab.vmm.thread import VcpuThread
 
 log = logging.getLogger("vlab.migration.session")
 
@@ -212,8 +214,8 @@ class Source:
         self.vm = self.machine.vm
         self.slots = [self.machine.sys, *self.machine.data]
         self.vcpu = self.machine.vcpus[0]
-        self.tracker = DirtyTracker(self.vm, self.slots, opts.mode, self.machine.vcpus)
-        self.runner = GuestRunner(self.vcpu, on_ring_full=self.tracker.ring_full)
+        self.tracker = DirtyTracker(self.vm, opts.mode, slots=self.slots)
+        self.runner = VcpuThread(self.vcpu, on_ring_full=self.tracker.on_ring_full, slice_ms=20)
         self.data_gpa = self.machine.data[0].gpa
         self.state_size = lib.vlab_vcpu_state_size()
         self.closed = False
@@ -254,7 +256,7 @@ class Source:
         iv = np.zeros(k, dtype=np.int64)
         self.tracker.start()
         try:
-            self.tracker.harvest(clear_all=True)
+            self.tracker.dirty_sets(clear_all=True)
             w0, t_last = self.writes_so_far(), time.monotonic_ns()
             t_first = t_last
             for i in range(k):
@@ -262,7 +264,7 @@ class Source:
                 delay = (target - time.monotonic_ns()) / 1e9
                 if delay > 0:
                     time.sleep(delay)
-                sets = self.tracker.harvest(clear_all=True)
+                sets = self.tracker.dirty_sets(clear_all=True)
                 t = time.monotonic_ns()
                 iv[i] = max(1, t - t_last)
                 t_last = t
@@ -388,7 +390,7 @@ class Source:
                 for pos, idx in enumerate(to_send):
                     sent_ever[pos][idx.astype(np.int64)] = True
                 tr1 = time.monotonic_ns()
-                dirty = self.tracker.harvest()
+                dirty = self.tracker.dirty_sets()
                 nd = int(sum(len(x) for x in dirty))
                 secs = max((tr1 - tr0) / 1e9, 1e-9)
                 rate = o.bandwidth or (w.bytes - b0) / secs
@@ -438,7 +440,7 @@ class Source:
             t_pause = self.runner.pause()
             t_paused = time.monotonic_ns()
             paused = True
-            last = self.tracker.harvest() if self.tracker.active else pending
+            last = self.tracker.dirty_sets() if self.tracker.active else pending
             t_harvest = time.monotonic_ns()
             final = [_union(a, b, s.pages) for a, b, s in zip(pending, last, self.slots)]
             if o.drop_pages:
@@ -461,7 +463,7 @@ class Source:
                     need[final[pos].astype(np.int64)] = True
                     missing.append(np.flatnonzero(need).astype(np.uint64))
                     w.send(ms.DIRTYMAP, *ms.encode_dirtymap(pos, s.pages,
-                                                            index_to_bits(missing[-1], s.pages)))
+                                                            pages_bitmap(missing[-1], s.pages)))
             w.send(ms.STATE, *ms.encode_state(0, blob))
             pages_sent = int(sum(r["pages"] for r in rounds))
             w.send_json(ms.DONE, {"rounds": len(rounds), "pages_sent": pages_sent,
@@ -741,7 +743,7 @@ class Destination:
                 raise ms.StreamError(f"post-copy needs userfaultfd: {why}")
 
     def _build(self, layout: dict) -> None:
-        from vlab.vmm.kvm import BACKINGS, Kvm, Vm
+        from vlab.vmm import BACKINGS, Kvm, Vm
 
         slots = layout["slots"]
         if not 1 <= len(slots) <= 16:
@@ -869,7 +871,7 @@ class Destination:
                 if slot >= len(self.slots) or n != self.slots[slot].pages or slot in maps:
                     raise ms.StreamError(f"DIRTYMAP for slot {slot} ({n} pages) does not match "
                                          f"the layout")
-                maps[slot] = bits_to_index(bm.copy(), n)
+                maps[slot] = bitmap_pages(bm.copy(), n)
             elif mtype == ms.ABORT:
                 raise SourceAborted(f"source aborted the migration: "
                                     f"{r.read_json(mtype, pl)['reason']}")
@@ -1108,7 +1110,7 @@ class Destination:
         """Receive, resume after GO, report. Returns the status (also on failure)."""
         sock.settimeout(self.io_timeout)
         st = self.status
-        runner: GuestRunner | None = None
+        runner: VcpuThread | None = None
         r, w = ms.Reader(sock, "source"), ms.Writer(sock)
         try:
             info = self.receive(r, w)
@@ -1141,7 +1143,7 @@ class Destination:
             gen = lib.vlab_mem_add_u64(ffi.from_buffer(self.vm.hva(
                 lib.VLAB_GPA_PARAMS + 8 * (16 + A_GEN), 8)), 1)
             st["generation"] = int(gen)
-            runner = GuestRunner(vcpu)
+            runner = VcpuThread(vcpu, slice_ms=20)
             t_resume = time.monotonic_ns()
             runner.start()
             st["guest_resumed"] = True
