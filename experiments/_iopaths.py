@@ -21,10 +21,12 @@ import numpy as np
 
 from vlab.vmm import devices as _io
 from vlab._errors import KvmError, VlabError
-from vlab.vmm.kvm import Kvm, _raise_last
+from vlab.vmm.hostkernels import now_ns
+from vlab.vmm.kvm import Kvm
 from vlab.vmm.machine import Machine
-from vlab.vmm._native import ffi, lib
+from vlab.vmm.payloads import GPA_DATA
 from vlab.vmm.stats import diff, guest_exits
+from vlab.vmm.thread import VcpuThread
 
 NOTIFY_PORT = 0x500         # virtio notify register (a 16-bit write of the queue index)
 ECHO_PORT = 0x502           # notify register of the echo queue
@@ -109,7 +111,7 @@ def _cpu_now() -> int:
 
 
 def _now_ns() -> int:
-    return lib.vlab_now_ns()
+    return now_ns()
 
 
 def _wait_now() -> int:
@@ -174,7 +176,7 @@ class VirtioPath:
         self.tx_stride = (mb + 63) & ~63
         self.echo_stride = 2 * self.tx_stride
         tx_slots = max(1, q // chain_len(mb, False))
-        base = lib.VLAB_GPA_DATA
+        base = GPA_DATA
         self.txq = _io.QueueLayout.at(base, q)
         self.echoq = _io.QueueLayout.at(self.txq.end, q)
         self.tx_buf = self.echoq.end
@@ -354,27 +356,27 @@ class IvshmemPath:
     def _run_pair(self) -> tuple[list[int], int, list[np.ndarray]]:
         """Run both VMs, each on its own thread; a failure on one aborts the other."""
         vms = [self.a, self.b]
-        cpu = [0, 0]
-        wait = [0, 0]
-        errors: list[BaseException | None] = [None, None]
         snap = _exit_snapshot([m.vcpus[0] for m in vms])
 
-        def worker(i: int) -> None:
-            c0, w0 = _cpu_now(), _wait_now()
-            try:
-                vms[i].run_to_done(timeout=self.timeout)
-            except BaseException as e:  # noqa: BLE001 - handed back below
-                errors[i] = e
+        def abort_peer(i: int):
+            def on_error(e: BaseException) -> None:
                 _io.abort_vm(vms[1 - i].vm, f"peer VM {'AB'[i]} failed: {e}")
-            cpu[i], wait[i] = _cpu_now() - c0, _wait_now() - w0
+            return on_error
 
-        threads = [threading.Thread(target=worker, args=(i,), name=f"ivshmem-{'ab'[i]}")
-                   for i in (0, 1)]
+        threads = [VcpuThread(m.vcpus[0], timeout=self.timeout, on_error=abort_peer(i),
+                              name=f"ivshmem-{'ab'[i]}") for i, m in enumerate(vms)]
         t0 = _now_ns()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            for t in threads:
+                t.quit()
+        cpu = [t.cpu_ns for t in threads]
+        wait = [t.wait_ns for t in threads]
+        errors = [t.error for t in threads]
         # with a doorbell both vCPU threads sleep in the VMM: no contention measure then
         spin = self.notify != "doorbell"
         self.last_contention = {"wait_ns": sum(wait) if spin else 0, "wall_ns": _now_ns() - t0,
@@ -490,11 +492,7 @@ class HostPath:
 
 def host_solo(msg_bytes: int, *, rounds: int, chunks: int, batch: int = 1) -> float:
     """Host TSC cycles per message of the same ring code with both ends on one thread."""
-    samples = np.zeros(chunks, dtype=np.uint64)
-    slots = lib.vlab_ring_solo(msg_bytes, batch, rounds, chunks,
-                               ffi.from_buffer("uint64_t[]", samples))
-    if slots < 0:
-        _raise_last()
+    samples, slots = _io.ring_solo(msg_bytes, batch=batch, rounds=rounds, chunks=chunks)
     return float(np.median(samples)) / (rounds * slots)
 
 

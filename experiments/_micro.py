@@ -11,16 +11,23 @@ timestamps a MARK ucall before the first and after every sample. From one `measu
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
 from vlab.run.registry import Measurement
-from vlab.vmm.payloads import MICRO_F_MARK, MICRO_F_SYNC, MICRO_OPS
+from vlab.vmm.payloads import GPA_MMIO, MICRO_F_MARK, MICRO_F_SYNC, MICRO_OPS
 from vlab.vmm.machine import Machine
 from vlab.vmm.stats import diff, guest_exits
+from vlab.vmm.thread import VcpuThread
+from vlab.vmm.vcpu import Stop
+
+# where the exit experiments' operations go (exits.pio_*, exits.mmio_*, and io.virtio's kick)
+PIO_USER_PORT = 0x80
+PIO_KERNEL_PORT = 0x81
+MMIO_USER = GPA_MMIO
+MMIO_KERNEL = GPA_MMIO + 0x1000
 
 
 @dataclass
@@ -57,6 +64,13 @@ def _run_samples(m: Machine, op: str, iters: int, samples: int, a0: int, a1: int
     m.run_all(timeout=60)
 
 
+def _pause_at_sync(stop: Stop) -> bool:
+    """on_stop of a measured run: the guest's sync before its samples, nothing else."""
+    if stop.reason != "sync":
+        raise RuntimeError(f"vCPU: expected sync, got {stop.reason}")
+    return True
+
+
 def _per_op_cycles(samples: np.ndarray, iters: int, bracket: float) -> np.ndarray:
     return (samples.astype(np.float64) - bracket) / max(iters, 1)
 
@@ -87,36 +101,23 @@ def measure(st: MicroState, loops: int) -> Measurement:
         v.record_marks(loops + 2)
     before_truth = c.counts(st.handles) if c.counts else None
     snaps: dict = {}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(m.vcpus) + 1)
-
-    def worker(i: int) -> None:
-        try:
-            stop = m.vcpus[i].run(timeout=60)
-            if stop.reason != "sync":
-                raise RuntimeError(f"vCPU {i}: expected sync, got {stop.reason}")
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-        barrier.wait()
-        barrier.wait()
-        if errors:
-            return
-        try:
-            m.run_to_done(i, timeout=120)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(m.vcpus))]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    for v in m.vcpus:
-        snaps[v.id] = (v.counters(), v.stats())
-    barrier.wait()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    # each vCPU runs to its sync on its own thread and waits there, so that the counters are
+    # read with every vCPU out of the guest; then all run the measured samples to done
+    threads = [VcpuThread(v, timeout=60, on_stop=_pause_at_sync) for v in m.vcpus]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.wait_paused(90)
+        for v in m.vcpus:
+            snaps[v.id] = (v.counters(), v.stats())
+        for t in threads:
+            t.resume(timeout=120)
+        for t in threads:
+            t.wait_done(150)
+    finally:
+        for t in threads:
+            t.quit()
 
     ops_per_vcpu = c.iters * loops
     cycles, host_ns, per_vcpu = [], [], []
@@ -157,3 +158,36 @@ def measure(st: MicroState, loops: int) -> Measurement:
 
 def teardown(st: MicroState) -> None:
     st.machine.close()
+
+
+# ---- what a case prepares on its machine (sinks, ioeventfds) and how it counts the truth ----
+def sink_pio(port: int) -> Callable[[Machine], dict]:
+    """prepare: a PIO sink at `port` (the VMM counts each exit, in C)."""
+    def prepare(m):
+        return {"sink": m.vm.add_pio_sink(port)}
+    return prepare
+
+
+def sink_mmio(addr: int) -> Callable[[Machine], dict]:
+    """prepare: an MMIO sink over the page at `addr`."""
+    def prepare(m):
+        return {"sink": m.vm.add_mmio_sink(addr, 0x1000)}
+    return prepare
+
+
+def eventfd(addr: int, length: int, pio: bool) -> Callable[[Machine], dict]:
+    """prepare: an ioeventfd at `addr` (KVM signals it without leaving the kernel)."""
+    def prepare(m):
+        return {"eventfd": m.vm.add_ioeventfd(addr, length, pio=pio)}
+    return prepare
+
+
+def sink_hits(h: dict) -> int:
+    """counts: exits the sink consumed."""
+    return h["sink"].hits
+
+
+def eventfd_count(h: dict) -> int:
+    """counts: signals the ioeventfd received."""
+    h["eventfd"].read()
+    return h["eventfd"].total

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from vlab._errors import VlabError
+from vlab.vmm import hostkernels as hk
 from vlab.vmm.payloads import P_CR3_ALT
-from vlab.vmm.kvm import BACKINGS
 from vlab.vmm.machine import DEFAULT_PT_POOL, Machine, pt_pool_for
-from vlab.vmm._native import ffi, lib
 
 PAGE = {"4k": 4096, "2m": 2 << 20, "1g": 1 << 30}
 BACKING_PAGE = {"4k": 4096, "thp": 2 << 20, "hugetlb-2m": 2 << 20, "hugetlb-1g": 1 << 30}
@@ -50,7 +49,7 @@ def effective_page(guest_page: str | None, backing: str, where: str) -> int:
 
 def word(index: int, salt: int = SALT) -> int:
     """pk_word: what word `index` of a filled region holds."""
-    return int(lib.vlab_paging_word(index, salt))
+    return hk.paging_word(index, salt)
 
 
 def lcg(state: int) -> int:
@@ -60,31 +59,13 @@ def lcg(state: int) -> int:
 
 # ---------------------------------------------------------------------------- host memory
 
-class NativeMem:
+class NativeMem(hk.HostMemory):
     """Host memory with a chosen backing (4k, thp, hugetlb-2m, hugetlb-1g), for where=native."""
 
     def __init__(self, size: int, backing: str):
         if backing not in BACKING_PAGE:
             raise VlabError(f"backing {backing!r} is not one of {', '.join(BACKING_PAGE)}")
-        self._m = ffi.new("struct vlab_paging_mem *")
-        from vlab.vmm.kvm import _check
-
-        _check(lib.vlab_paging_mem_alloc(self._m, size, BACKINGS[backing]))
-        self.size = size
-        self.backing = backing
-
-    @property
-    def ptr(self):
-        if self._m.hva == ffi.NULL:
-            raise VlabError("native memory already freed")
-        return self._m.hva
-
-    def array(self, dtype=np.uint64) -> np.ndarray:
-        return np.frombuffer(ffi.buffer(self.ptr, self.size), dtype=dtype)
-
-    def close(self) -> None:
-        if self._m.hva != ffi.NULL:
-            lib.vlab_paging_mem_free(self._m)
+        super().__init__(size, backing)
 
 
 def thp_fraction(ptr, nbytes: int) -> float | None:
@@ -92,7 +73,7 @@ def thp_fraction(ptr, nbytes: int) -> float | None:
     AnonHugePages of the mappings that overlap it (/proc/self/smaps), capped at nbytes.
     backing=thp only asks for huge pages; the kernel falls back to 4 KiB pages when it has no
     free 2 MiB block, and a row should say which it got. None when smaps is unreadable."""
-    lo = int(ffi.cast("uintptr_t", ptr))
+    lo = hk.address(ptr)
     hi = lo + nbytes
     total, inside = 0, False
     try:
@@ -110,7 +91,7 @@ def thp_fraction(ptr, nbytes: int) -> float | None:
 
 
 def fill(ptr, nbytes: int, salt: int = SALT) -> None:
-    lib.vlab_paging_fill(ptr, nbytes // 8, salt)
+    hk.paging_fill(ptr, nbytes // 8, salt)
 
 
 def chase_nodes(wss: int) -> int:
@@ -120,41 +101,33 @@ def chase_nodes(wss: int) -> int:
 def build_ring(ptr, wss: int, seed: int = SEED) -> int:
     """A Sattolo ring (one cycle through every node) over `wss` bytes; returns the node count."""
     n = chase_nodes(wss)
-    lib.vlab_paging_chase_build(ptr, n, CHASE_STRIDE, seed)
+    hk.paging_chase_build(ptr, n, CHASE_STRIDE, seed)
     return n
 
 
 def touch_read(ptr, nbytes: int) -> int:
     """Read one word per 4 KiB page (faults every page in); returns the sum read."""
-    return int(lib.vlab_paging_touch_read(ptr, nbytes // 4096, 4096))
+    return hk.paging_touch_read(ptr, nbytes // 4096, 4096)
 
 
 def reset(ptr, nbytes: int, populate: bool) -> None:
     """Drop the pages (and any guest translation of them); re-populate them host-side if asked."""
-    from vlab.vmm.kvm import _check
-
-    _check(lib.vlab_paging_mem_reset(ptr, nbytes, 1 if populate else 0))
+    hk.paging_mem_reset(ptr, nbytes, populate)
 
 
 def native_random_read(ptr, nwords: int, n: int, samples: int, seed: int = SEED):
     """(cycles per sample, checksum, final LCG state) of `samples` samples of n reads."""
-    state, total = ffi.new("uint64_t *", seed), ffi.new("uint64_t *", 0)
-    cycles = [lib.vlab_paging_random_read(ptr, nwords, n, state, total) for _ in range(samples)]
-    return cycles, int(total[0]), int(state[0])
+    return hk.paging_random_read(ptr, nwords, n, samples, seed)
 
 
 def native_chase(ptr, n: int, samples: int, start: int = 0):
     """(cycles per sample, final offset, checksum) of `samples` samples of n dependent loads."""
-    off, total = ffi.new("uint64_t *", start), ffi.new("uint64_t *", 0)
-    cycles = [lib.vlab_paging_chase(ptr, off, n, total) for _ in range(samples)]
-    return cycles, int(off[0]), int(total[0])
+    return hk.paging_chase(ptr, n, samples, start)
 
 
 def native_touch_write(ptr, npages: int, stride: int = 4096, salt: int = SALT):
     """(cycles, checksum) of writing one word in each of npages pages."""
-    total = ffi.new("uint64_t *", 0)
-    c = lib.vlab_paging_touch_write(ptr, npages, stride, salt, total)
-    return int(c), int(total[0])
+    return hk.paging_touch_write(ptr, npages, stride, salt)
 
 
 # ---------------------------------------------------------------------------- guest rig
@@ -186,7 +159,7 @@ class GuestRig:
         self.guest_page = guest_page
         self.backing = backing
         self.base = self.slot.gpa
-        self.hva = lib.vlab_slot_hva(self.slot._h)
+        self.hva = hk.slot_ptr(self.slot)
         self.tsc_khz = self.m.vcpus[0].tsc_khz or 1
 
     def run(self, *args: int, expect: int, timeout: float = 120.0) -> np.ndarray:

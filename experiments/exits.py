@@ -11,16 +11,17 @@ import numpy as np
 
 from vlab.run.registry import (LoopExperiment, Measurement, Requirement, needs_cap, needs_kvm,
                               register)
-from vlab.vmm._native import ffi, lib
+from vlab.vmm.hostkernels import syscall_loop
+from vlab.vmm.payloads import GPA_IMAGE, MAX_VCPUS
 
 from vlab.experiments import _micro
-from vlab.experiments._micro import MicroCase
+from vlab.experiments._micro import (MMIO_KERNEL, MMIO_USER, PIO_KERNEL_PORT, PIO_USER_PORT,
+                                     MicroCase)
+from vlab.experiments._micro import eventfd as _eventfd, eventfd_count as _eventfd_count
+from vlab.experiments._micro import sink_hits as _sink_hits, sink_mmio as _sink_mmio
+from vlab.experiments._micro import sink_pio as _sink_pio
 
 EXIT_METRICS = {"guest_cycles": "cycles", "host_ns": "ns", "exits_per_op": "exits"}
-PIO_USER_PORT = 0x80
-PIO_KERNEL_PORT = 0x81
-MMIO_USER = lib.VLAB_GPA_MMIO
-MMIO_KERNEL = lib.VLAB_GPA_MMIO + 0x1000
 MSR_KERNEL = 0x174          # IA32_SYSENTER_CS: KVM emulates it in the kernel, harmless to write
 MSR_UNKNOWN = 0xDEADBEEF    # no such MSR: exits to user space with KVM_CAP_X86_USER_SPACE_MSR
 
@@ -48,8 +49,8 @@ def _fits_vcpus() -> Requirement:
     def check(host: dict, params: dict) -> str | None:
         want = params.get("vcpus", 1)
         have = host.get("kvm", {}).get("nr_vcpus") or host.get("cpu", {}).get("count") or 1
-        if want > lib.VLAB_MAX_VCPUS:
-            return f"vcpus={want} exceeds vlab's limit of {lib.VLAB_MAX_VCPUS}"
+        if want > MAX_VCPUS:
+            return f"vcpus={want} exceeds vlab's limit of {MAX_VCPUS}"
         if want > have:
             return f"vcpus={want} exceeds this host's recommended vCPU count ({have})"
         return None
@@ -125,33 +126,6 @@ def micro_experiment(name: str, description: str, *, params: dict, quick: dict |
 def _case(op: str, cpl3_iters: int, cpl0_iters: int, p: dict, **kw) -> MicroCase:
     return MicroCase(op=op, cpl=p.get("cpl", 3), iters=_iters(p, cpl3_iters, cpl0_iters),
                      vcpus=p.get("vcpus", 1), **kw)
-
-
-def _sink_pio(port: int):
-    def prepare(m):
-        return {"sink": m.vm.add_pio_sink(port)}
-    return prepare
-
-
-def _sink_mmio(addr: int):
-    def prepare(m):
-        return {"sink": m.vm.add_mmio_sink(addr, 0x1000)}
-    return prepare
-
-
-def _eventfd(addr: int, length: int, pio: bool):
-    def prepare(m):
-        return {"eventfd": m.vm.add_ioeventfd(addr, length, pio=pio)}
-    return prepare
-
-
-def _sink_hits(h: dict) -> int:
-    return h["sink"].hits
-
-
-def _eventfd_count(h: dict) -> int:
-    h["eventfd"].read()
-    return h["eventfd"].total
 
 
 def _user_msr(m):
@@ -256,7 +230,7 @@ micro_experiment(
     "exits.invlpg", "invlpg of a mapped page",
     params={"cpl": [0]}, quick={"cpl": [0]},
     handled_by="kernel", expect=1,
-    make_case=lambda p: _case("invlpg", 4, 4, p, a0=lib.VLAB_GPA_IMAGE))
+    make_case=lambda p: _case("invlpg", 4, 4, p, a0=GPA_IMAGE))
 
 
 def _probe_syscall(st) -> dict:
@@ -288,14 +262,13 @@ def _native_syscall_setup(params: dict, host: dict):
 
 def _native_syscall_measure(st: dict, loops: int) -> Measurement:
     n = st["iters"]
-    cyc, ns = ffi.new("uint64_t *"), ffi.new("uint64_t *")
     cycles, nss = [], []
     total = 0.0
     for _ in range(loops):
-        lib.vlab_host_syscall_loop(n, cyc, ns)
-        cycles.append(cyc[0] / n)
-        nss.append(ns[0] / n)
-        total += ns[0] / 1e9
+        cyc, ns = syscall_loop(n)
+        cycles.append(cyc / n)
+        nss.append(ns / n)
+        total += ns / 1e9
     return Measurement(total, {"cycles": cycles, "host_ns": nss},
                        {"iters": n, "loops": loops, "syscall": "getppid",
                         "note": "host TSC cycles; no guest involved"})

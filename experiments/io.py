@@ -165,18 +165,19 @@ def _model_terms(path: _iopaths.VirtioPath, params: dict) -> dict:
                   and the backend's copy into its sink (host memcpy).
     """
     from vlab.experiments import _micro
-    from vlab.experiments.exits import PIO_KERNEL_PORT, PIO_USER_PORT, _eventfd, _eventfd_count, _sink_hits, _sink_pio
+    from vlab.experiments._micro import (PIO_KERNEL_PORT, PIO_USER_PORT, eventfd, eventfd_count,
+                                         sink_hits, sink_pio)
 
     notify = params.get("notify", "kernel")
     terms: dict[str, Any] = {"kick_experiment": None, "kick_ns": 0.0, "kick_live_ns": 0.0}
     if notify in ("user", "kernel"):
         if notify == "user":
             case = _micro.MicroCase(op="out", cpl=3, iters=8, a0=PIO_USER_PORT, a1=0x5A,
-                                    prepare=_sink_pio(PIO_USER_PORT), counts=_sink_hits)
+                                    prepare=sink_pio(PIO_USER_PORT), counts=sink_hits)
         else:
             case = _micro.MicroCase(op="out", cpl=3, iters=8, a0=PIO_KERNEL_PORT, a1=0x5A,
-                                    prepare=_eventfd(PIO_KERNEL_PORT, 1, True),
-                                    counts=_eventfd_count)
+                                    prepare=eventfd(PIO_KERNEL_PORT, 1, True),
+                                    counts=eventfd_count)
         st = _micro.setup(case)
         try:
             meas = _micro.measure(st, 24)
@@ -451,14 +452,14 @@ def _sriov_requirement() -> Requirement:
 
 def _pick_bar(vfio, want: int) -> tuple[int, int]:
     """(index, size) of BAR `want`, or of the first BAR that can be mmapped (want < 0)."""
-    from vlab.vmm._native import lib
+    from vlab.vmm.devices import VFIO_REGION_MMAP
 
     for index in ([want] if want >= 0 else range(6)):
         try:
             size, _off, flags = vfio.region(index)
         except Exception:  # noqa: BLE001 - a BAR the device does not have
             continue
-        if size and size % 4096 == 0 and flags & lib.VLAB_VFIO_REGION_MMAP:
+        if size and size % 4096 == 0 and flags & VFIO_REGION_MMAP:
             return index, size
     raise RuntimeError("the VF has no BAR that VFIO lets us mmap (whole pages)")
 

@@ -407,12 +407,13 @@ def test_guest_and_native_run_the_same_kernels(rig_factory, native_factory):
     """Same data, same seeds: identical checksums and end states, whether the kernel runs in
     the guest, on a host copy, or on the host over the guest's own memory."""
     p = P()
+    from vlab.vmm._native import ffi
     wss = 4 * MiB
     rig = rig_factory(wss)
     nat = native_factory(wss)
     p.fill(rig.hva, wss)
     p.fill(nat.ptr, wss)
-    assert np.array_equal(nat.array(), np.frombuffer(p.ffi.buffer(rig.hva, wss), np.uint64))
+    assert np.array_equal(nat.array(), np.frombuffer(ffi.buffer(rig.hva, wss), np.uint64))
     rig.warm()
     g = rig.random_read(wss // 8, 50_000, 2, seed=7)
     n = p.native_random_read(nat.ptr, wss // 8, 50_000, 2, seed=7)
@@ -428,15 +429,16 @@ def test_guest_and_native_run_the_same_kernels(rig_factory, native_factory):
     _, gsum, _ = rig.first_touch(wss // 4096, 4096, False)
     _, nsum = p.native_touch_write(nat.ptr, wss // 4096)
     assert gsum == nsum
-    assert np.array_equal(nat.array()[::512], np.frombuffer(p.ffi.buffer(rig.hva, wss),
+    assert np.array_equal(nat.array()[::512], np.frombuffer(ffi.buffer(rig.hva, wss),
                                                             np.uint64)[::512])
 
 
 @pytest.mark.parametrize("nodes", [1, 2, 3, 17, 1000, 65536])
 def test_chase_ring_is_a_single_cycle(native_factory, nodes):
     p = P()
+    from vlab.vmm._native import lib
     mem = native_factory(max(4096, -(-nodes * p.CHASE_STRIDE // 4096) * 4096))
-    p.lib.vlab_paging_chase_build(mem.ptr, nodes, p.CHASE_STRIDE, 1234)
+    lib.vlab_paging_chase_build(mem.ptr, nodes, p.CHASE_STRIDE, 1234)
     order = ring_order(mem.array(), nodes, p.CHASE_STRIDE)
     assert len(order) == nodes and sorted(order) == list(range(nodes))
     # a permutation with one cycle returns to node 0 after exactly `nodes` steps
@@ -448,10 +450,11 @@ def test_chase_ring_is_a_single_cycle(native_factory, nodes):
 @needs_kvm
 def test_guest_chase_goes_once_round_the_ring(rig_factory):
     p = P()
+    from vlab.vmm._native import ffi
     wss = 1 * MiB
     rig = rig_factory(wss, dirty_log=True)
     nodes = p.build_ring(rig.hva, wss, seed=11)
-    order = ring_order(np.frombuffer(p.ffi.buffer(rig.hva, wss), np.uint64), nodes,
+    order = ring_order(np.frombuffer(ffi.buffer(rig.hva, wss), np.uint64), nodes,
                        p.CHASE_STRIDE)
     assert len(order) == nodes and len(set(order)) == nodes
     rig.warm()
@@ -526,10 +529,11 @@ def test_pte_update_fails_the_guest_on_a_stale_frame(rig_factory):
     from vlab._errors import GuestFailure
 
     p = P()
+    from vlab.vmm._native import ffi
     k, page = 8, 4096
     rig = rig_factory(2 * k * page)
     p.fill(rig.hva, rig.size)
-    a = np.frombuffer(p.ffi.buffer(rig.hva, rig.size), np.uint64)
+    a = np.frombuffer(ffi.buffer(rig.hva, rig.size), np.uint64)
     a[k * page // 8:] = a[: k * page // 8]               # B frames now look like A frames
     with pytest.raises(GuestFailure, match="wrong frame"):
         rig.pte_update(k, 1, "remap")

@@ -1,7 +1,8 @@
 """vlab: a virtualization performance lab for x86 Linux/KVM hosts.
 
-The public surface is small: the VMM objects (`Kvm`, `Vm`, `Vcpu`, `MemorySlot`, `Machine`),
-the errors, and the submodules `vlab.results`, `vlab.analysis`, `vlab.trace`, `vlab.dirty`.
+The public surface is small: the VMM objects (`Kvm`, `Vm`, `Vcpu`, `MemorySlot`, `Machine`,
+`VcpuThread`), the errors, and the submodules `vlab.results`, `vlab.analysis`, `vlab.trace`,
+`vlab.dirty`.
 The native binding is imported lazily so that reading results works without /dev/kvm.
 """
 from __future__ import annotations
@@ -12,8 +13,10 @@ from vlab._errors import (GuestFailure, GuestFault, GuestTimeout, KvmError, Miss
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Kvm": "vlab.vmm.kvm", "Vm": "vlab.vmm.kvm", "Vcpu": "vlab.vmm.kvm", "MemorySlot": "vlab.vmm.kvm",
-    "Machine": "vlab.vmm.machine", "Payload": "vlab.vmm.payloads", "load_payload": "vlab.vmm.payloads",
+    "Kvm": "vlab.vmm.kvm", "Vm": "vlab.vmm.vm", "Vcpu": "vlab.vmm.vcpu",
+    "MemorySlot": "vlab.vmm.memory", "Machine": "vlab.vmm.machine",
+    "VcpuThread": "vlab.vmm.thread", "Payload": "vlab.vmm.payloads",
+    "load_payload": "vlab.vmm.payloads",
 }
 
 __all__ = ["GuestFailure", "GuestFault", "GuestTimeout", "KvmError", "MissingCapability",

@@ -51,6 +51,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from vlab._bits import bitmap_pages, popcount
 from vlab._errors import UsageError
 from vlab._files import atomic_open
 
@@ -91,14 +92,6 @@ def _ctz(typingctx, x):
         return builder.cttz(args[0], cgutils.true_bit)  # zero input is undefined
 
     return sig, codegen
-
-
-def _np_popcount(a: np.ndarray) -> np.ndarray:
-    """Per-element popcount in plain NumPy (np.bitwise_count where NumPy has it)."""
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(a)
-    table = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-    return table[np.ascontiguousarray(a).view(np.uint8)].reshape(*a.shape, 8).sum(-1)
 
 
 def _n_words(n_pages: int) -> int:
@@ -197,8 +190,7 @@ class DirtyTrace(_Intervals):
 
     def dirty_pages(self, k: int) -> np.ndarray:
         """Sorted indices of the pages dirtied in interval k."""
-        bits = np.unpackbits(self.bitmaps[k].view(np.uint8), bitorder="little")
-        return np.flatnonzero(bits[:self.n_pages]).astype(np.int64)
+        return bitmap_pages(self.bitmaps[k], self.n_pages).astype(np.int64)
 
     @classmethod
     def from_page_sets(cls, n_pages: int, page_size: int, interval_ns: Sequence[int] | np.ndarray,
@@ -835,7 +827,7 @@ def _numpy_union(trace: AnyTrace, intervals: Iterable[int]) -> int:
         acc = trace.bitmaps[ks[0]].copy()
         for k in ks[1:]:
             np.bitwise_or(acc, trace.bitmaps[k], out=acc)
-        return int(_np_popcount(acc).sum(dtype=np.int64))
+        return popcount(acc)
     parts = [trace.pages[trace.offsets[k]:trace.offsets[k + 1]] for k in ks]
     return int(np.unique(np.concatenate(parts)).size)
 

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from vlab.dirty.workloads import WORKLOADS, Epoch, RecordLayout, WorkloadGuest, zipf_table
-from vlab.dirty.tracker import MODES, DirtyTracker, Harvest, bitmap_pages, pages_bitmap, popcount
+from vlab.dirty.tracker import MODES, DirtyTracker, Harvest
+from vlab._bits import bitmap_pages, pages_bitmap, popcount
 from vlab._errors import UsageError, VlabError
 from vlab._files import atomic_open
 
@@ -47,14 +48,6 @@ PAGE = 4096
 REGIONS = ("page_tables", "runtime", "recorder")     # dirty pages outside the buffer
 # harvest cost columns (ns): KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG, ring read, ring reset
 HARVEST_COLUMNS = ("get_ns", "clear_ns", "collect_ns", "reset_ns")
-
-
-def _bitcount_rows(a: np.ndarray) -> np.ndarray:
-    if a.size == 0:
-        return np.zeros(a.shape[0], dtype=np.int64)
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(a).sum(axis=1, dtype=np.int64)
-    return np.unpackbits(a.view(np.uint8), axis=1).sum(axis=1, dtype=np.int64)
 
 
 @dataclass(eq=False)
@@ -106,12 +99,12 @@ class DirtyRecording:
     # ---- exactness ----
     def missing_pages(self) -> np.ndarray:
         """Per interval: pages the guest wrote that the dirty log did not report."""
-        return _bitcount_rows(self.truth.bitmaps & ~self.trace.bitmaps)
+        return popcount(self.truth.bitmaps & ~self.trace.bitmaps, axis=1)
 
     def extra_pages(self) -> np.ndarray:
         """Per interval: pages inside the buffer the dirty log reported but the guest did not
         write (outside the buffer see `outside`)."""
-        return _bitcount_rows(self.trace.bitmaps & ~self.truth.bitmaps)
+        return popcount(self.trace.bitmaps & ~self.truth.bitmaps, axis=1)
 
     # ---- rates ----
     def dirty_pages(self) -> np.ndarray:

@@ -8,14 +8,18 @@
 * ``ring``: ``KVM_CAP_DIRTY_LOG_RING(_ACQ_REL)``: every vCPU pushes (slot, page) entries into its
   ring; the harvest reads them and ``KVM_RESET_DIRTY_RINGS`` re-protects. When a ring fills, the
   vCPU leaves KVM_RUN with ``KVM_EXIT_DIRTY_RING_FULL``; whoever runs the vCPU calls
-  `DirtyTracker.on_ring_full` (collect + reset) and re-enters. What it collected is added to the
-  next `harvest`, so no entry is lost or counted in the wrong interval.
+  `DirtyTracker.on_ring_full` (collect + reset) and re-enters (`VcpuThread(on_ring_full=...)`).
+  What it collected is added to the next `harvest`, so no entry is lost or counted in the wrong
+  interval. Every entry is validated: one naming a slot the VM does not have, or a page beyond
+  its slot, is an error, never skipped.
 
-`DirtyTracker` is what a migration or a dirty-rate measurement needs: ``start()`` turns logging on
-for the slots and discards what was dirty before, ``harvest()`` returns what was dirtied since
-the previous harvest (per slot, as bitmaps of 4 KiB pages) with the cost of each ioctl, and
-``stop()`` turns logging off. It is thread-safe: the vCPU thread may handle a full ring while
-another thread harvests.
+`DirtyTracker` is the one tracker, for a dirty-rate measurement and for a live migration alike:
+``start()`` turns logging on for the slots, ``harvest()`` returns what was dirtied since the
+previous harvest (per slot, as bitmaps of 4 KiB pages) with the cost of each ioctl, and
+``stop()`` turns logging off. A migration uses ``dirty_sets()`` (the same harvest, as sorted
+page indices per slot) and, in clear mode, re-protects each batch with ``clear()`` right before
+it copies it. It is thread-safe: the vCPU thread may handle a full ring while another thread
+harvests.
 """
 from __future__ import annotations
 
@@ -25,37 +29,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vlab._errors import MissingCapability, UsageError, VlabError
-from vlab.vmm.kvm import KvmError, MemorySlot, Vm
+from vlab._bits import bitmap_pages, pages_bitmap, popcount
+from vlab._errors import KvmError, MissingCapability, UsageError, VlabError
+from vlab.vmm.memory import MemorySlot
+from vlab.vmm.vm import Vm
 
 MODES = ("bitmap", "clear", "ring")
 RING_ENTRY_BYTES = 16            # struct kvm_dirty_gfn
 MANUAL_PROTECT_ENABLE = 1        # KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
 MANUAL_INITIALLY_SET = 2         # KVM_DIRTY_LOG_INITIALLY_SET
 _HARVEST_CHUNK = 65536           # entries read per native call (the largest ring KVM allows)
-
-
-def popcount(words: np.ndarray) -> int:
-    """Set bits in a uint64 array."""
-    if hasattr(np, "bitwise_count"):
-        return int(np.bitwise_count(words).sum(dtype=np.int64))
-    return int(np.unpackbits(np.ascontiguousarray(words).view(np.uint8)).sum(dtype=np.int64))
-
-
-def bitmap_pages(words: np.ndarray, n_pages: int | None = None) -> np.ndarray:
-    """Indices of the set bits of a uint64 bitmap (bit i of word w = page 64*w + i)."""
-    bits = np.unpackbits(np.ascontiguousarray(words).view(np.uint8), bitorder="little")
-    if n_pages is not None:
-        bits = bits[:n_pages]
-    return np.flatnonzero(bits)
-
-
-def pages_bitmap(pages: np.ndarray, n_pages: int) -> np.ndarray:
-    """The uint64 bitmap (ceil(n_pages/64) words) with the given page indices set."""
-    words = (n_pages + 63) // 64
-    flags = np.zeros(words * 64, dtype=bool)
-    flags[np.asarray(pages, dtype=np.int64)] = True
-    return np.packbits(flags, bitorder="little").view(np.uint64)
 
 
 @dataclass
@@ -93,15 +76,22 @@ class Harvest:
         """Sorted page indices (4 KiB pages from the slot start) dirtied in one slot."""
         return bitmap_pages(self.bitmaps[slot_id])
 
+    def sets(self, slots: list[MemorySlot]) -> list[np.ndarray]:
+        """Per slot of `slots` (in that order), the sorted page indices (uint64) dirtied."""
+        return [bitmap_pages(self.bitmaps[s.id], s.pages) for s in slots]
+
 
 class DirtyTracker:
     """Dirty logging for some (default: all) memory slots of a VM, in one mode.
 
     Create it before anything enables dirty logging on the VM's slots: in ``clear`` mode it
-    enables KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (INITIALLY_SET) right away, which KVM wants before
-    slots are logged. ``ring`` mode needs the VM created with a dirty ring
-    (``Machine(dirty_ring=bytes)``). The vCPU loop must call `on_ring_full` whenever
-    ``Vcpu.run`` stops with ``dirty_ring_full`` and then run the vCPU again.
+    checks for and enables KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (INITIALLY_SET) right away, which
+    KVM wants before slots are logged. ``ring`` mode needs the VM created with a dirty ring
+    (``Machine(dirty_ring=bytes)``). The vCPU loop must call `on_ring_full` whenever the vCPU
+    stops with ``dirty_ring_full`` and then run it again (`VcpuThread(on_ring_full=...)` does).
+
+    Running totals over the tracker's life: `harvest_ns` (wall time inside harvests),
+    `clear_ns` (inside `clear`), `ring_entries`, `ring_full_exits`.
     """
 
     def __init__(self, vm: Vm, mode: str, *, slots: list[MemorySlot] | None = None,
@@ -117,6 +107,10 @@ class DirtyTracker:
         self.slots = list(slots) if slots is not None else list(self.vm.slots)
         self.clear_chunk_pages = int(clear_chunk_pages)
         self.active = False
+        self.harvest_ns = 0
+        self.clear_ns = 0
+        self.ring_entries = 0
+        self.ring_full_exits = 0
         self._lock = threading.Lock()
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._pending_cost = [0, 0, 0, 0]        # collect_ns, reset_ns, entries, exits
@@ -136,19 +130,30 @@ class DirtyTracker:
 
     # ---- on / off ----
     def start(self) -> None:
-        """Turn dirty logging on for the slots and start from a clean state."""
+        """Turn dirty logging on for the slots.
+
+        In clear mode KVM starts with every page's bit set and nothing write-protected
+        (INITIALLY_SET): the first harvest reports every page, and a migration re-protects
+        them batch by batch as it copies them in its first round. Harvest once and drop the
+        result to start from a clean state instead."""
         for s in self.slots:
             s.set_flags(dirty_log=True)
         self.active = True
-        self.harvest()          # drop what was dirty before (INITIALLY_SET: every page)
 
     def stop(self) -> None:
-        """Turn dirty logging off (pages are left writable)."""
-        if self.vm.closed:
+        """Turn dirty logging off (pages are left writable); what the rings still hold is
+        collected, the rings reset, and dropped with everything pending."""
+        if self.vm.closed or not self.active:
             return
+        self.active = False
         for s in self.slots:
             s.set_flags(dirty_log=False)
-        self.active = False
+        if self.mode == "ring":
+            with self._lock:
+                self._collect()
+                self.vm.reset_dirty_rings()
+                self._pending.clear()
+                self._pending_cost = [0, 0, 0, 0]
 
     # ---- harvesting ----
     def on_ring_full(self) -> None:
@@ -168,22 +173,50 @@ class DirtyTracker:
             c[1] += t_reset
             c[2] += len(slots)
             c[3] += 1
+            self.ring_full_exits += 1
 
-    def harvest(self) -> Harvest:
-        """Pages dirtied since the previous harvest, per slot, and re-protect them."""
+    def harvest(self, *, clear: bool = True) -> Harvest:
+        """Pages dirtied since the previous harvest, per slot, and re-protect them.
+
+        clear mode with `clear=False`: only read the bitmaps (KVM_GET_DIRTY_LOG); the pages stay
+        reported, and writable, until the caller re-protects them with `clear` (a migration
+        does so batch by batch, right before it copies them)."""
+        t0 = time.monotonic_ns()
         with self._lock:
             if self.mode == "ring":
-                return self._harvest_ring()
-            return self._harvest_bitmaps()
+                h = self._harvest_ring()
+            else:
+                h = self._harvest_bitmaps(clear)
+        self.harvest_ns += time.monotonic_ns() - t0
+        return h
 
-    def _harvest_bitmaps(self) -> Harvest:
+    def dirty_sets(self, clear_all: bool = False) -> list[np.ndarray]:
+        """`harvest` as a migration wants it: per slot (in the order of `slots`), the sorted
+        page indices (uint64) written since the last harvest; in clear mode since they were
+        last cleared, and `clear_all` re-protects all of them at once."""
+        return self.harvest(clear=clear_all).sets(self.slots)
+
+    def clear(self, pos: int, idx: np.ndarray) -> None:
+        """clear mode: re-protect the pages `idx` (sorted) of slot `self.slots[pos]` before
+        they are copied. One KVM_CLEAR_DIRTY_LOG over the 64-page-aligned span they cover."""
+        if self.mode != "clear" or not self.active or not len(idx):
+            return
+        t0 = time.monotonic_ns()
+        s = self.slots[pos]
+        first = int(idx[0]) & ~63
+        num = min((int(idx[-1]) - first) // 64 * 64 + 64, s.pages - first)
+        self.vm.clear_dirty_log(s, pages_bitmap(np.asarray(idx).astype(np.int64) - first, num),
+                                first, num)
+        self.clear_ns += time.monotonic_ns() - t0
+
+    def _harvest_bitmaps(self, clear: bool) -> Harvest:
         h = Harvest({})
         for s in self.slots:
             t0 = time.monotonic_ns()
             bm = self.vm.get_dirty_log(s)
             t1 = time.monotonic_ns()
             h.get_ns += t1 - t0
-            if self.mode == "clear":
+            if self.mode == "clear" and clear:
                 h.clear_calls += self._clear(s, bm)
                 h.clear_ns += time.monotonic_ns() - t1
             h.slot_ns[s.id] = time.monotonic_ns() - t0
@@ -229,17 +262,24 @@ class DirtyTracker:
                     ring_entries=len(slots) + c[2], ring_full_exits=c[3])
         self._pending.clear()
         self._pending_cost = [0, 0, 0, 0]
+        self.ring_entries += h.ring_entries
         all_s = np.concatenate(pend_s)
         all_o = np.concatenate(pend_o)
-        known = {s.id: s for s in self.vm.slots}
-        # the ring names a slot as (address space << 16) | slot id; vlab uses address space 0
-        bad = ~np.isin(all_s, np.array(list(known), dtype=np.uint32))
-        if bad.any():
-            raise VlabError(f"dirty ring entry names unknown slot {int(all_s[bad][0]):#x}")
+        _validate_ring(all_s, all_o, {s.id: s.pages for s in self.vm.slots})
         for s in self.slots:
-            o = all_o[all_s == s.id]
-            if o.size and int(o.max()) >= s.pages:
-                raise VlabError(f"dirty ring entry offset {int(o.max())} is beyond slot {s.id} "
-                                f"({s.pages} pages)")
-            h.bitmaps[s.id] = pages_bitmap(o, s.pages)
+            h.bitmaps[s.id] = pages_bitmap(all_o[all_s == s.id], s.pages)
         return h
+
+
+def _validate_ring(slots: np.ndarray, offs: np.ndarray, pages: dict[int, int]) -> None:
+    """Every ring entry must name a slot of the VM (`pages`: slot id -> its pages) and a page
+    inside it; anything else is KVM or memory gone wrong, and an error, never skipped. (The
+    ring names a slot as (address space << 16) | slot id; vlab uses address space 0 only.)"""
+    for sid in np.unique(slots):
+        n = pages.get(int(sid))
+        if n is None:
+            raise VlabError(f"dirty ring entry names unknown slot {int(sid):#x}")
+        o = offs[slots == sid]
+        if int(o.max()) >= n:
+            raise VlabError(f"dirty ring entry offset {int(o.max())} is beyond slot {int(sid)} "
+                            f"({n} pages)")

@@ -18,16 +18,18 @@ to start epoch 1 and then never again until `stop()`.
 """
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from vlab._errors import GuestTimeout, UsageError, VlabError
-from vlab.vmm.kvm import PAGE_SIZES, Kvm, MemorySlot
+from vlab._errors import UsageError, VlabError
+from vlab.vmm.kvm import Kvm
 from vlab.vmm.machine import DEFAULT_PT_POOL, Machine, pt_pool_for
+from vlab.vmm.memory import PAGE_SIZES, MemorySlot
+from vlab.vmm.thread import VcpuThread
+from vlab.vmm.vcpu import Stop, unexpected_stop
 
 WORKLOADS = {"uniform": 0, "hotcold": 1, "sequential": 2, "ratelimited": 3, "readmostly": 4,
              "counts": 5}
@@ -163,12 +165,9 @@ class WorkloadGuest:
         self._epoch = 0                 # the epoch the guest is in (as far as the host knows)
         self._ridx = 0                  # list entries consumed
         self._paused = False
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._done = threading.Event()
+        self._runner: VcpuThread | None = None
         self._stopped = False
         self.on_ring_full: Callable[[], None] | None = None
-        self.ring_full_exits = 0
         self.sync = sync
         if sync and workload != "counts":
             raise UsageError("guest-driven epochs (sync) need the counts workload")
@@ -222,46 +221,36 @@ class WorkloadGuest:
                 "runtime": (sys.id, 0, pool_first)}
 
     # ---- running ----
+    @property
+    def ring_full_exits(self) -> int:
+        """KVM_EXIT_DIRTY_RING_FULL exits the vCPU thread handled."""
+        return self._runner.ring_full if self._runner is not None else 0
+
     def start(self, timeout: float = 60.0, on_ring_full: Callable[[], None] | None = None,
               ready_timeout: float = 30.0) -> None:
         """Run the vCPU on its own thread (watchdog `timeout` s) and wait for the warm-up.
 
         `on_ring_full` is called on the vCPU thread for KVM_EXIT_DIRTY_RING_FULL."""
         self.on_ring_full = on_ring_full
-        self._thread = threading.Thread(target=self._vcpu_loop, args=(timeout,),
-                                        name="vlab-dirty-vcpu", daemon=True)
-        self._thread.start()
+        self._runner = VcpuThread(self.machine.vcpus[0], timeout=timeout,
+                                  on_ring_full=on_ring_full, name="vlab-dirty-vcpu").start()
         self._wait(lambda: int(self._ctrl[C_STATE]) >= S_READY, ready_timeout, "warm up")
         if int(self._ctrl[C_MAGIC]) != GUEST_MAGIC:
             raise VlabError("dirty guest did not identify itself (record region magic missing)")
 
     def run_synced(self, on_epoch: Callable[["WorkloadGuest"], bool], timeout: float = 60.0,
                    on_ring_full: Callable[[], None] | None = None) -> None:
-        """Guest-driven epochs (built with sync=True), on the calling thread: the guest ends
-        each epoch with a ucall; while the vCPU is out of the guest, `on_epoch(self)` runs
-        (harvest, `take_epoch()`) and returns whether to go on. Epoch 0 is the warm-up."""
+        """Guest-driven epochs (built with sync=True): the guest ends each epoch with a ucall;
+        while the vCPU is out of the guest, `on_epoch(self)` runs on the vCPU thread (harvest,
+        `take_epoch()`) and returns whether to go on. Epoch 0 is the warm-up. Returns once the
+        guest is done; re-raises what stopped it (or `on_epoch`) badly."""
         if not self.sync:
             raise VlabError("run_synced() needs a guest built with sync=True")
-        deadline = time.monotonic() + timeout
         self._stopped = False
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise GuestTimeout(timeout, None, "dirty workload still running")
-            st = self.machine.vcpus[0].run(left)
-            if st.reason == "dirty_ring_full":
-                if on_ring_full is None:
-                    raise VlabError("KVM_EXIT_DIRTY_RING_FULL but nobody harvests the ring")
-                self.ring_full_exits += 1
-                on_ring_full()
-                continue
-            if st.reason == "done":
-                if not self._stopped:
-                    raise VlabError("dirty guest finished before it was told to stop")
-                return
+
+        def at_sync(st: Stop) -> bool:
             if st.reason != "sync":
-                raise VlabError(f"dirty guest stopped unexpectedly: {st.reason} "
-                                f"{st.message}".strip())
+                raise unexpected_stop(st)
             if int(st.args[0]) != self._epoch or int(self._ctrl[C_ACK]) != self._epoch + 1:
                 raise VlabError(f"dirty guest reported epoch {int(st.args[0])}, expected "
                                 f"{self._epoch}")
@@ -275,34 +264,23 @@ class WorkloadGuest:
             else:
                 self._stopped = True
                 self._ctrl[C_STOP] = 1
+            return False                    # run on: the guest goes on or finishes
 
-    def _vcpu_loop(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+        self._runner = VcpuThread(self.machine.vcpus[0], timeout=timeout,
+                                  on_ring_full=on_ring_full, on_stop=at_sync,
+                                  name="vlab-dirty-vcpu").start()
         try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise GuestTimeout(timeout, None, "dirty workload still running")
-                st = self.machine.vcpus[0].run(left)
-                if st.reason == "dirty_ring_full":
-                    if self.on_ring_full is None:
-                        raise VlabError("KVM_EXIT_DIRTY_RING_FULL but nobody harvests the ring")
-                    self.ring_full_exits += 1
-                    self.on_ring_full()
-                    continue
-                if st.reason != "done":
-                    raise VlabError(f"dirty guest stopped unexpectedly: {st.reason} "
-                                    f"{st.message}".strip())
-                return
-        except BaseException as e:  # noqa: BLE001 - handed to the host thread
-            self._error = e
+            self._runner.wait_done(timeout + 30)    # the vCPU's watchdog fires first
         finally:
-            self._done.set()
+            self._runner.quit()
+        if not self._stopped:
+            raise VlabError("dirty guest finished before it was told to stop")
 
     def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
-        if self._done.is_set() and not self._stopped:
+        r = self._runner
+        if r is not None and r.error is not None:
+            raise r.error
+        if r is not None and r.finished and not self._stopped:
             raise VlabError("dirty guest finished before it was told to stop")
 
     def _wait(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
@@ -387,22 +365,21 @@ class WorkloadGuest:
         thread. Returns the guest TSC at which it stopped."""
         self._stopped = True
         self._ctrl[C_STOP] = 1
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
+        if self._runner is not None:
+            if not self._runner.join(timeout):
                 raise VlabError(f"dirty guest did not stop within {timeout:g} s")
-        if self._error is not None:
-            raise self._error
+            if self._runner.error is not None:
+                raise self._runner.error
         return int(self._ctrl[C_TSC_STOP])
 
     def close(self) -> None:
         """Stop the guest if it runs, then release the VM (never while the vCPU thread runs)."""
         try:
-            if self._thread is not None and self._thread.is_alive():
+            if self._runner is not None and not self._runner.finished:
                 self._stopped = True
                 self._ctrl[C_STOP] = 1
                 # bounded by the vCPU watchdog if the guest ignores STOP
-                self._thread.join()
+                self._runner.join()
         finally:
             self.machine.close()
 

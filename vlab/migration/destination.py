@@ -25,12 +25,14 @@ import numpy as np
 from vlab._argparse import one_line
 from vlab._errors import KvmError, VlabError
 from vlab.migration import stream as ms
-from vlab.migration.guest import (A_GEN, A_STOP, PAGE, GuestRunner, bits_to_index, params_view,
-                                  read_report)
+from vlab._bits import bitmap_pages
+from vlab.migration.guest import A_GEN, A_STOP, PAGE, params_view, read_report
+from vlab.vmm.thread import VcpuThread
 from vlab.migration.options import STRATEGIES
 from vlab.migration.postcopy import PostcopyReceiver, uffd_status
-from vlab.vmm.kvm import BACKINGS, Kvm, Vm
-from vlab.vmm.migration import GPA_PARAMS, add_u64, scatter_pages, set_tsc_khz, vcpu_state_size
+from vlab.vmm import BACKINGS, Kvm, Vm
+from vlab.vmm.migration import add_u64, scatter_pages, set_tsc_khz, vcpu_state_size
+from vlab.vmm.payloads import GPA_PARAMS
 
 PROTOCOL = ms.VERSION
 
@@ -204,7 +206,7 @@ class Destination:
                 if slot >= len(self.slots) or n != self.slots[slot].pages or slot in maps:
                     raise ms.StreamError(f"DIRTYMAP for slot {slot} ({n} pages) does not match "
                                          f"the layout")
-                maps[slot] = bits_to_index(bm.copy(), n)
+                maps[slot] = bitmap_pages(bm.copy(), n)
             elif mtype == ms.ABORT:
                 raise SourceAborted(f"source aborted the migration: "
                                     f"{r.read_json(mtype, pl)['reason']}")
@@ -260,7 +262,7 @@ class Destination:
             set_tsc_khz(v, khz)
 
     # ---- running it here ----
-    def _wait_first_mark(self, vcpu, runner: GuestRunner) -> int:
+    def _wait_first_mark(self, vcpu, runner: VcpuThread) -> int:
         """CLOCK_MONOTONIC ns of the resumed guest's first MARK (the end of the downtime)."""
         deadline = time.monotonic() + min(self.io_timeout, 30)
         while time.monotonic() < deadline and not runner.finished:
@@ -277,7 +279,7 @@ class Destination:
             for a in range(0, len(h), ms.MAX_HASHES):
                 w.send(ms.HASHES, *ms.encode_hashes(i, a, h[a:a + ms.MAX_HASHES]))
 
-    def _guest_report(self, runner: GuestRunner, t_resume: int) -> tuple[dict, str | None]:
+    def _guest_report(self, runner: VcpuThread, t_resume: int) -> tuple[dict, str | None]:
         """Let the guest run `run_after` s after its resume, then have it check itself."""
         left = self.run_after - (time.monotonic_ns() - t_resume) / 1e9
         if left > 0:
@@ -297,7 +299,7 @@ class Destination:
         """Receive, resume after GO, report. Returns the status (also on failure)."""
         sock.settimeout(self.io_timeout)
         st = self.status
-        runner: GuestRunner | None = None
+        runner: VcpuThread | None = None
         r, w = ms.Reader(sock, "source"), ms.Writer(sock)
         try:
             info = self.receive(r, w)
@@ -320,7 +322,7 @@ class Destination:
             # touch it from C (Python's lock released), never from Python, or the thread that
             # serves the fault could not run
             st["generation"] = add_u64(self.vm, GPA_PARAMS + 8 * (16 + A_GEN), 1)
-            runner = GuestRunner(vcpu)
+            runner = VcpuThread(vcpu, slice_ms=20)
             t_resume = time.monotonic_ns()
             runner.start()
             st["guest_resumed"] = True

@@ -25,7 +25,7 @@ import numpy as np
 
 from vlab._errors import VlabError
 from vlab.migration import stream as ms
-from vlab.vmm.kvm import MemorySlot
+from vlab.vmm.memory import MemorySlot
 from vlab.vmm.migration import Userfaultfd, buffer_hashes, uffd_probe
 
 POSTCOPY_WINDOW = 128                # pushed pages in flight (512 KiB: ~2 ms at 2 Gbit/s)

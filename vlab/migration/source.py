@@ -45,9 +45,11 @@ import numpy as np
 from vlab._argparse import one_line
 from vlab._errors import UsageError, VlabError
 from vlab.migration import stream as ms
-from vlab.migration.guest import (A_STOP, A_WS, PAGE, DirtyTracker, GuestRunner, GuestSpec,
-                                  build_guest, counter_of, index_to_bits, params_view,
-                                  read_report, report_ok)
+from vlab._bits import pages_bitmap
+from vlab.dirty.tracker import DirtyTracker
+from vlab.migration.guest import (A_STOP, A_WS, PAGE, GuestSpec, build_guest, counter_of,
+                                  params_view, read_report, report_ok)
+from vlab.vmm.thread import VcpuThread
 from vlab.migration.options import MigrateOptions
 from vlab.migration.postcopy import push_missing
 from vlab.vmm.migration import gather_pages, page_hashes, vcpu_state_size
@@ -95,8 +97,8 @@ class Source:
         self.vm = self.machine.vm
         self.slots = [self.machine.sys, *self.machine.data]
         self.vcpu = self.machine.vcpus[0]
-        self.tracker = DirtyTracker(self.vm, self.slots, opts.mode, self.machine.vcpus)
-        self.runner = GuestRunner(self.vcpu, on_ring_full=self.tracker.ring_full)
+        self.tracker = DirtyTracker(self.vm, opts.mode, slots=self.slots)
+        self.runner = VcpuThread(self.vcpu, on_ring_full=self.tracker.on_ring_full, slice_ms=20)
         self.data_gpa = self.machine.data[0].gpa
         self.state_size = vcpu_state_size()
         self.closed = False
@@ -137,7 +139,7 @@ class Source:
         iv = np.zeros(k, dtype=np.int64)
         self.tracker.start()
         try:
-            self.tracker.harvest(clear_all=True)
+            self.tracker.dirty_sets(clear_all=True)
             w0, t_last = self.writes_so_far(), time.monotonic_ns()
             t_first = t_last
             for i in range(k):
@@ -145,7 +147,7 @@ class Source:
                 delay = (target - time.monotonic_ns()) / 1e9
                 if delay > 0:
                     time.sleep(delay)
-                sets = self.tracker.harvest(clear_all=True)
+                sets = self.tracker.dirty_sets(clear_all=True)
                 t = time.monotonic_ns()
                 iv[i] = max(1, t - t_last)
                 t_last = t
@@ -308,7 +310,7 @@ class Source:
         for pos, idx in enumerate(to_send):
             m.sent_ever[pos][idx.astype(np.int64)] = True
         tr1 = time.monotonic_ns()
-        dirty = self.tracker.harvest()
+        dirty = self.tracker.dirty_sets()
         nd = int(sum(len(x) for x in dirty))
         secs = max((tr1 - tr0) / 1e9, 1e-9)
         rate = self.opts.bandwidth or (w.bytes - b0) / secs
@@ -349,7 +351,7 @@ class Source:
         t["pause"] = self.runner.pause()
         t["paused"] = time.monotonic_ns()
         m.paused = True
-        last = self.tracker.harvest() if self.tracker.active else m.pending
+        last = self.tracker.dirty_sets() if self.tracker.active else m.pending
         t["harvest"] = time.monotonic_ns()
         final = [_union(a, b, s.pages) for a, b, s in zip(m.pending, last, self.slots)]
         if o.drop_pages:
@@ -371,7 +373,7 @@ class Source:
                 need[final[pos].astype(np.int64)] = True
                 m.missing.append(np.flatnonzero(need).astype(np.uint64))
                 w.send(ms.DIRTYMAP, *ms.encode_dirtymap(pos, s.pages,
-                                                        index_to_bits(m.missing[-1], s.pages)))
+                                                        pages_bitmap(m.missing[-1], s.pages)))
         w.send(ms.STATE, *ms.encode_state(0, blob))
         m.pages_sent = int(sum(r["pages"] for r in m.rounds))
         w.send_json(ms.DONE, {"rounds": len(m.rounds), "pages_sent": m.pages_sent,

@@ -1,4 +1,5 @@
-"""Typed wrappers over the io-area native code: virtqueue device, doorbells, host transfers, VFIO.
+"""Typed wrappers over the VMM's devices and io-area native code: PIO/MMIO sinks, ioeventfds,
+the virtqueue device, doorbells, SPSC rings, host transfers, VFIO.
 
 The C side (native/vmm/virtio.c, io.c, vfio.c) does the work; this module checks results and
 turns failures into exceptions that name the operation. A broken virtqueue raises
@@ -6,13 +7,19 @@ turns failures into exceptions that name the operation. A broken virtqueue raise
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vlab._errors import KvmError
-from vlab.vmm.kvm import EventFd, MemorySlot, Vm, _check, _raise_last
+from vlab.vmm._checks import _check, _raise_last
 from vlab.vmm._native import ffi, lib
+from vlab.vmm.memory import MemorySlot
+
+if TYPE_CHECKING:
+    from vlab.vmm.vm import Vm
 
 NOTIFY = {"user": lib.VLAB_VQ_NOTIFY_USER, "kernel": lib.VLAB_VQ_NOTIFY_KERNEL,
           "poll": lib.VLAB_VQ_NOTIFY_POLL}
@@ -24,6 +31,7 @@ XFER_DOORBELL = lib.VLAB_XFER_F_DOORBELL
 XFER_BAD_SEQ = lib.VLAB_XFER_F_BAD_SEQ
 XFER_BAD_SUM = lib.VLAB_XFER_F_BAD_SUM
 MSG_MIN, MSG_MAX = 64, 65536
+VFIO_REGION_MMAP = lib.VLAB_VFIO_REGION_MMAP     # a region flag: the region can be mmapped
 
 _STAT_FIELDS = ("chains", "descs", "bytes", "kicks", "wakeups", "irqs", "empty_polls",
                 "bad_notifies", "seq_next", "seq_errors", "len_errors", "sum_errors", "busy_ns", "cpu_ns",
@@ -32,6 +40,37 @@ _STAT_FIELDS = ("chains", "descs", "bytes", "kicks", "wakeups", "irqs", "empty_p
 _XFER_OUT = ("received", "bytes", "seq_errors", "len_errors", "sum_errors", "tx_cpu_ns",
              "rx_cpu_ns", "tx_wait_ns", "rx_wait_ns", "tx_tid", "rx_tid", "wall_ns", "kicks", "waits", "full_spins",
              "empty_spins")
+
+
+@dataclass
+class Sink:
+    """A PIO or MMIO range whose exits the VMM consumes in C, counting each one."""
+    vm: "Vm"
+    index: int
+    kind: str
+    base: int
+    length: int
+
+    @property
+    def hits(self) -> int:
+        return lib.vlab_vm_sink_hits(self.vm._h, self.index)
+
+
+class EventFd:
+    """An ioeventfd: KVM signals it on a guest write without leaving the kernel."""
+
+    def __init__(self, fd: int, addr: int, length: int, pio: bool):
+        self.fd, self.addr, self.length, self.pio = fd, addr, length, pio
+        self.total = 0
+
+    def read(self) -> int:
+        """Writes since the last read (eventfd counters accumulate), added to `total`."""
+        try:
+            n = int.from_bytes(os.read(self.fd, 8), "little")
+        except BlockingIOError:
+            n = 0
+        self.total += n
+        return n
 
 
 class VirtqueueError(KvmError):
@@ -222,6 +261,15 @@ def native_ring(msg_bytes: int, **kw) -> tuple[np.ndarray, dict]:
     """The SPSC ring between two fresh host threads. Stream: chunk-boundary TSC stamps (chunks+1)
     taken by the consumer; echo: one TSC round-trip sample per message."""
     return _xfer(lib.vlab_xfer_native_ring, msg_bytes, **kw)
+
+
+def ring_solo(msg_bytes: int, *, batch: int, rounds: int, chunks: int) -> tuple[np.ndarray, int]:
+    """The SPSC ring code with both ends on one host thread: (TSC cycles of each of `chunks`
+    samples of `rounds` passes over the ring, the ring's slot count)."""
+    samples = np.zeros(chunks, dtype=np.uint64)
+    slots = _check(lib.vlab_ring_solo(msg_bytes, batch, rounds, chunks,
+                                      ffi.from_buffer("uint64_t[]", samples)))
+    return samples, slots
 
 
 def tcp_loopback(msg_bytes: int, **kw) -> tuple[np.ndarray, dict]:

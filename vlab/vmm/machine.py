@@ -7,16 +7,18 @@ chosen host backing and guest page size.
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from vlab._errors import VlabError
 from vlab.vmm.payloads import (P_CR3, P_DATA_BASE, P_DATA_SIZE, P_MAGIC, P_MMIO_BASE, P_NR_VCPUS,
                      P_RESULTS_BASE, P_RESULTS_STRIDE, P_SHARED_BASE, P_SHARED_SIZE, P_TSC_KHZ,
                      PARAM_MAGIC, P_ARG0, Payload, load_payload)
-from vlab.vmm.kvm import PAGE_SIZES, Kvm, MemorySlot, Stop, Vcpu, Vm
+from vlab.vmm.kvm import Kvm
+from vlab.vmm.memory import PAGE_SIZES, MemorySlot
 from vlab.vmm._native import lib
+from vlab.vmm.thread import VcpuThread
+from vlab.vmm.vcpu import Stop, Vcpu, unexpected_stop
+from vlab.vmm.vm import Vm
 
 SYS_FIXED = lib.VLAB_GPA_PTPOOL          # everything below the page-table pool
 DEFAULT_PT_POOL = 8 << 20
@@ -150,31 +152,26 @@ class Machine:
         """Run until the guest says done; anything else that stops it is an error."""
         st = self.vcpus[vcpu].run(timeout)
         if st.reason != "done":
-            raise VlabError(_unexpected(st))
+            raise unexpected_stop(st)
         return st
 
     def run_all(self, timeout: float = 10.0) -> list[Stop]:
         """Run every vCPU on its own thread to done; re-raise the first failure."""
         if len(self.vcpus) == 1:
             return [self.run_to_done(0, timeout)]
-        out: list = [None] * len(self.vcpus)
-
-        def worker(i: int) -> None:
-            try:
-                out[i] = self.run_to_done(i, timeout)
-            except BaseException as e:  # noqa: BLE001 - handed to the caller below
-                out[i] = e
-
-        threads = [threading.Thread(target=worker, args=(i,), name=f"vcpu{i}")
-                   for i in range(len(self.vcpus))]
+        threads = [VcpuThread(v, timeout=timeout) for v in self.vcpus]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            for t in threads:
+                t.quit()
         for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for r in out:
-            if isinstance(r, BaseException):
-                raise r
-        return out
+            if t.error is not None:
+                raise t.error
+        return [t.last_stop for t in threads]      # type: ignore[misc]
 
     def close(self) -> None:
         if getattr(self, "vm", None) is not None:
@@ -188,13 +185,3 @@ class Machine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def _unexpected(st: Stop) -> str:
-    if st.reason == "io":
-        port, direction, size, count = st.args[:4]
-        return (f"guest did unhandled port {'in' if direction == 0 else 'out'} on {port:#x} "
-                f"(size {size}, count {count}) at rip {st.rip:#x}")
-    if st.reason == "mmio":
-        addr, is_write, length = st.args[:3]
-        return f"guest did unhandled MMIO {'write' if is_write else 'read'} at {addr:#x} len {length}"
-    return f"guest stopped unexpectedly: {st.reason} {st.message}".strip()

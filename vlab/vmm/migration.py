@@ -12,13 +12,12 @@ import os
 
 import numpy as np
 
+from vlab._units import PAGE
+from vlab.vmm._checks import _check
 from vlab.vmm._native import ffi, lib
-from vlab.vmm.kvm import MemorySlot, Vcpu, Vm, _check
-
-PAGE = 4096
-GPA_PARAMS: int = lib.VLAB_GPA_PARAMS        # the payload's parameter page (native/include/vlab.h)
-GPA_RESULTS: int = lib.VLAB_GPA_RESULTS      # the results area and its size
-RESULTS_SIZE: int = lib.VLAB_RESULTS_SIZE
+from vlab.vmm.memory import MemorySlot
+from vlab.vmm.vcpu import Vcpu
+from vlab.vmm.vm import Vm
 
 
 # ---------------------------------------------------------------- vCPU
@@ -31,11 +30,6 @@ def vcpu_state_size() -> int:
 def set_tsc_khz(vcpu: Vcpu, khz: int) -> None:
     """KVM_SET_TSC_KHZ: run this vCPU's TSC at the source's rate."""
     _check(lib.vlab_vcpu_set_tsc_khz(vcpu._ptr(), khz))
-
-
-def kick(vcpu: Vcpu) -> None:
-    """Make the vCPU's thread leave KVM_RUN soon (a signal to it; harmless if it is not in it)."""
-    _check(lib.vlab_vcpu_kick(vcpu._ptr()))
 
 
 # ---------------------------------------------------------------- guest memory

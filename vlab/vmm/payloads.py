@@ -14,6 +14,16 @@ from vlab.vmm._native import ffi, lib
 
 PARAM_MAGIC = 0x564C4142504152   # "VLABPAR"
 
+# the guest-physical layout every payload shares (native/include/vlab.h)
+GPA_PARAMS = lib.VLAB_GPA_PARAMS          # the parameter page
+GPA_IMAGE = lib.VLAB_GPA_IMAGE            # where the payload image is loaded
+GPA_RESULTS = lib.VLAB_GPA_RESULTS        # the vCPUs' results areas ...
+RESULTS_SIZE = lib.VLAB_RESULTS_SIZE      # ... and their total size
+GPA_MMIO = lib.VLAB_GPA_MMIO              # the unbacked MMIO window (accesses exit) ...
+MMIO_SIZE = lib.VLAB_MMIO_SIZE            # ... and its size
+GPA_DATA = lib.VLAB_GPA_DATA              # the first data slot
+MAX_VCPUS = lib.VLAB_MAX_VCPUS            # vCPUs one Machine can have
+
 # parameter slots owned by the runtime (mirrors native/guest/rt/rt.h)
 P_MAGIC, P_NR_VCPUS, P_RESULTS_BASE, P_RESULTS_STRIDE, P_DATA_BASE, P_DATA_SIZE = range(6)
 P_MMIO_BASE, P_TSC_KHZ, P_CR3, P_CR3_ALT, P_SHARED_BASE, P_SHARED_SIZE = range(6, 12)
