@@ -208,7 +208,7 @@ def test_token_bucket_limits_rate():
 
 
 def test_addresses_and_sizes():
-    from vlab.migration.options import parse_rate, parse_size
+    from vlab._units import parse_rate, parse_size
     from vlab.migration.session import parse_addr
 
     assert parse_addr("7000", listen=True) == ("127.0.0.1", 7000)

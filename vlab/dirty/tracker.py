@@ -32,9 +32,9 @@ import numpy as np
 from vlab._bits import bitmap_pages, pages_bitmap, popcount
 from vlab._errors import KvmError, MissingCapability, UsageError, VlabError
 from vlab.vmm.memory import MemorySlot
+from vlab.dirty.modes import MODES
 from vlab.vmm.vm import Vm
 
-MODES = ("bitmap", "clear", "ring")
 RING_ENTRY_BYTES = 16            # struct kvm_dirty_gfn
 MANUAL_PROTECT_ENABLE = 1        # KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
 MANUAL_INITIALLY_SET = 2         # KVM_DIRTY_LOG_INITIALLY_SET

@@ -25,16 +25,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from vlab._errors import UsageError, VlabError
+from vlab._units import PAGE
 from vlab.vmm.kvm import Kvm
+from vlab.vmm.payloads import DIRTY_WORKLOADS as WORKLOADS
 from vlab.vmm.machine import DEFAULT_PT_POOL, Machine, pt_pool_for
 from vlab.vmm.memory import PAGE_SIZES, MemorySlot
 from vlab.vmm.thread import VcpuThread
 from vlab.vmm.vcpu import Stop, unexpected_stop
 
-WORKLOADS = {"uniform": 0, "hotcold": 1, "sequential": 2, "ratelimited": 3, "readmostly": 4,
-             "counts": 5}
 ZIPF_CELLS = 65536
-PAGE = 4096
 
 # ctrl page words (mirrors native/guest/payloads/dirty.c)
 C_REQ, C_GO, C_STOP, C_RIDX = 0, 1, 2, 3

@@ -22,7 +22,8 @@ import numpy as np
 from vlab._argparse import UsageParser, one_line
 from vlab._errors import UsageError, VlabError
 from vlab.migration.guest import GuestSpec
-from vlab.migration.options import MigrateOptions, add_arguments, parse_rate, parse_size
+from vlab._units import parse_rate, parse_size
+from vlab.migration.options import MigrateOptions, add_arguments
 from vlab.migration.session import RunConfig, listen, run_local, run_source
 
 DESCRIPTION = ("Live migration of a running vlab guest between two VMM processes, verified end "

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from vlab._errors import UsageError, VlabError
+from vlab._units import PAGE
+from vlab.vmm.payloads import MIGRATE_WORKLOADS as WORKLOADS
 from vlab.vmm.payloads import (GPA_PARAMS, GPA_RESULTS, P_RESULTS_BASE, P_RESULTS_STRIDE,
                                RESULTS_SIZE)
 from vlab.vmm.vm import Vm
 
-PAGE = 4096
-WORKLOADS = {"counter": 0, "uniform": 1}
 A_WORKLOAD, A_WS, A_RATE, A_SEED, A_LAG_US, A_STOP, A_GEN = 0, 1, 2, 3, 4, 8, 9
 CNT_MAGIC = 0x726574756E756F63
 RESULT_MAGIC = 0x544C5345524749

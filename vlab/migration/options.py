@@ -1,6 +1,6 @@
 """How a live migration runs: `MigrateOptions` (strategy, dirty tracking, link, convergence
 policy, throttle) with its validation, and the command-line options of `vlab migrate` and
-`python -m vlab.migrate` that set it, with their size and rate parsers.
+`python -m vlab.migrate` that set it (sizes and rates are parsed by `vlab._units`).
 
 Kept apart from the rest of vlab.migration so that building the `vlab` parser imports nothing
 heavy (no numpy, no native module): only the standard library here.
@@ -11,42 +11,10 @@ import argparse
 from dataclasses import dataclass
 
 from vlab._errors import UsageError
+from vlab.dirty.modes import MODES
 
 STRATEGIES = ("precopy", "postcopy")
-MODES = ("bitmap", "clear", "ring")
 POLICIES = ("stop_copy", "abort")
-
-_SIZE = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str, what: str) -> int:
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = 1
-    if t and t[-1] in _SIZE:
-        mult, t = _SIZE[t[-1]], t[:-1]
-    try:
-        v = float(t) * mult
-    except ValueError:
-        raise UsageError(f"{what}: {text!r} is not a size (e.g. 64M, 1G)") from None
-    if v <= 0:
-        raise UsageError(f"{what} must be positive")
-    return int(v)
-
-
-def parse_rate(text: str, what: str) -> float:
-    """bit/s with k/M/G (decimal) suffixes: 1G = 10^9 bit/s."""
-    t = text.strip().lower().removesuffix("bit/s").removesuffix("bps").removesuffix("b")
-    mult = {"k": 1e3, "m": 1e6, "g": 1e9}.get(t[-1:], 1.0)
-    if t[-1:] in "kmg":
-        t = t[:-1]
-    try:
-        v = float(t) * mult
-    except ValueError:
-        raise UsageError(f"{what}: {text!r} is not a rate (e.g. 1G for 1 Gbit/s)") from None
-    if v <= 0:
-        raise UsageError(f"{what} must be positive")
-    return v
-
 
 @dataclass
 class MigrateOptions:

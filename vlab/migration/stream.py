@@ -38,11 +38,11 @@ from typing import Any
 import numpy as np
 
 from vlab._errors import VlabError
+from vlab._units import PAGE
 
 MAGIC = 0x474D4C56          # "VLMG" little-endian
 VERSION = 1
 HEADER = struct.Struct("<IHHIIII")
-PAGE = 4096
 MAX_BATCH = 1024             # pages per PAGES message
 MAX_REQ = 1024
 MAX_HASHES = 1 << 17

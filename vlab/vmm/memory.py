@@ -9,6 +9,7 @@ import numpy as np
 
 from vlab.vmm._checks import _check
 from vlab.vmm._native import ffi, lib
+from vlab._units import PAGE_SIZES  # noqa: F401 (the guest page sizes, re-exported)
 
 if TYPE_CHECKING:
     from vlab.vmm.vm import Vm
@@ -16,7 +17,6 @@ if TYPE_CHECKING:
 BACKINGS = {"4k": lib.VLAB_BACKING_4K, "thp": lib.VLAB_BACKING_THP,
             "hugetlb-2m": lib.VLAB_BACKING_HUGETLB_2M, "hugetlb-1g": lib.VLAB_BACKING_HUGETLB_1G,
             "memfd": lib.VLAB_BACKING_MEMFD}
-PAGE_SIZES = {"4k": 4096, "2m": 2 << 20, "1g": 1 << 30}
 
 
 class MemorySlot:

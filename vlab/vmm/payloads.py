@@ -40,6 +40,15 @@ MICRO_OPS = {
     "write_word": 105, "read_word": 106, "ud2": 107, "wait_word": 108,
     "syscall_cs": 109, "cpl0_cr3": 110,
 }
+# Workload codes of the two payloads that take one (a payload's own enum, so each table mirrors
+# its C file; the same word can name different loops in different payloads):
+#: native/guest/payloads/dirty.c, enum workload
+DIRTY_WORKLOADS = {"uniform": 0, "hotcold": 1, "sequential": 2, "ratelimited": 3, "readmostly": 4,
+                   "counts": 5}
+#: native/guest/payloads/migrate.c, W_COUNTER / W_UNIFORM (its "uniform" is a rate-limited
+#: writer with a sequence table, not dirty.c's uniform random writer)
+MIGRATE_WORKLOADS = {"counter": 0, "uniform": 1}
+
 MICRO_F_MARK = 1
 MICRO_F_SYNC = 2
 

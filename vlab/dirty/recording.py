@@ -37,6 +37,7 @@ from vlab.dirty.workloads import WORKLOADS, Epoch, RecordLayout, WorkloadGuest, 
 from vlab.dirty.tracker import MODES, DirtyTracker, Harvest
 from vlab._bits import bitmap_pages, pages_bitmap, popcount
 from vlab._errors import UsageError, VlabError
+from vlab._units import PAGE
 from vlab._files import atomic_open
 
 __all__ = ["record", "DirtyRecording", "DirtyTracker", "Harvest", "WorkloadGuest", "Epoch",
@@ -44,7 +45,6 @@ __all__ = ["record", "DirtyRecording", "DirtyTracker", "Harvest", "WorkloadGuest
            "RECORDING_FORMAT", "popcount", "pages_bitmap", "bitmap_pages"]
 
 RECORDING_FORMAT = "vlab.dirty.recording/1"
-PAGE = 4096
 REGIONS = ("page_tables", "runtime", "recorder")     # dirty pages outside the buffer
 # harvest cost columns (ns): KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG, ring read, ring reset
 HARVEST_COLUMNS = ("get_ns", "clear_ns", "collect_ns", "reset_ns")
