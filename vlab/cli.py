@@ -12,15 +12,9 @@ import os
 import sys
 from typing import Sequence
 
+from vlab._argparse import UsageParser as _Parser
+from vlab._argparse import one_line as _one_line
 from vlab._errors import KvmError, UsageError, VlabError
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sub = self.prog.removeprefix("vlab").strip()
-        raise UsageError(f"{sub}: {message}" if sub else message)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -356,10 +350,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":
