@@ -1283,8 +1283,10 @@ def parse_addr(text: str, *, listen: bool) -> tuple[str, int]:
 
 
 def listen(addr: str, *, run_after: float = 1.0, accept_timeout: float = 60.0,
-           io_timeout: float = 30.0, max_mem: int | None = None, announce=None) -> dict:
-    """Destination: accept one connection on `addr`, receive and run the guest; the status."""
+           io_timeout: float = 30.0, max_mem: int | None = None, announce=None,
+           psk: bytes | None = None) -> dict:
+    """Destination: accept one connection on `addr`, receive and run the guest; the status.
+    With `psk` the source must authenticate first (vlab.migration.auth)."""
     host, port = parse_addr(addr, listen=True)
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(fam, socket.SOCK_STREAM) as srv:
@@ -1303,9 +1305,19 @@ def listen(addr: str, *, run_after: float = 1.0, accept_timeout: float = 60.0,
                     "vcpu_runs": 0}
     with conn:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # ---- auth hook (vlab/migration/auth.py): no VM exists before the peer is accepted ----
+        from vlab.migration.auth import AuthError, authenticate_destination, host_record
+        try:
+            auth = authenticate_destination(conn, psk, host_record=host_record,
+                                            timeout=io_timeout)
+        except AuthError as e:
+            return {"status": "refused", "reason": _one_line(e), "guest_resumed": False,
+                    "vcpu_runs": 0, "vm_created": False, "peer": f"{peer[0]}:{peer[1]}"}
+        # ---- end auth hook ----
         dest = Destination(run_after=run_after, max_mem=max_mem, io_timeout=io_timeout)
         st = dest.serve(conn)
         st["peer"] = f"{peer[0]}:{peer[1]}"
+        st["auth"] = auth
         return st
 
 
@@ -1329,6 +1341,7 @@ class RunConfig:
     trace_s: float = 0.0             # >0: record a dirty trace for the model first
     trace_interval_ms: float = 100.0
     trace_out: str | None = None     # where to save it (.npz)
+    psk_file: str | None = None      # the migration key (vlab.migration.auth)
 
 
 def run_source(addr: str, cfg: RunConfig) -> dict:
@@ -1356,7 +1369,14 @@ def run_source(addr: str, cfg: RunConfig) -> dict:
         w0, t0 = src.writes_so_far(), time.monotonic()
         sock = connect(addr)
         with sock:
+            # ---- auth hook (vlab/migration/auth.py): prove and check the key first ----
+            from vlab.migration.auth import authenticate_source, load_key
+            peer = authenticate_source(sock, load_key(cfg.psk_file) if cfg.psk_file else None,
+                                       timeout=cfg.opts.io_timeout)
+            # ---- end auth hook ----
             res = src.migrate(sock)
+        res["auth"] = {"authenticated": peer["authenticated"], "method": peer["method"]}
+        res["destination_host"] = peer["peer_host"]
         res.update(trace_info)
         res["guest"] = asdict(cfg.spec)
         res["host_load"] = list(os.getloadavg())
@@ -1398,7 +1418,8 @@ def run_local(cfg: RunConfig, *, run_after: float = 1.0, timeout: float = 600.0,
     env.setdefault("PYTHONUNBUFFERED", "1")
     dst = subprocess.Popen([sys.executable, "-m", "vlab.migration.session", "--listen", f"{host}:0",
                             "--run-after", str(run_after), "--json",
-                            "--io-timeout", str(cfg.opts.io_timeout)],
+                            "--io-timeout", str(cfg.opts.io_timeout),
+                            *(["--psk-file", cfg.psk_file] if cfg.psk_file else [])],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     src = None
     try:
@@ -1408,7 +1429,7 @@ def run_local(cfg: RunConfig, *, run_after: float = 1.0, timeout: float = 600.0,
             raise VlabError(f"destination did not start: {line.strip() or err.strip()[-300:]}")
         addr = line.split()[1]
         argv = [sys.executable, "-m", "vlab.migration.session", "--to", addr, "--json",
-                *_source_argv(cfg)]
+                "--no-results", *_source_argv(cfg)]
         if cfg.trace_s > 0:
             argv += ["--trace-s", str(cfg.trace_s), "--trace-interval-ms",
                      str(cfg.trace_interval_ms), "--trace-out", trace_path]
@@ -1497,6 +1518,8 @@ def _source_argv(cfg: RunConfig) -> list[str]:
         argv += ["--bandwidth", str(o.bandwidth * 8)]
     if o.auto_converge:
         argv += ["--auto-converge"]
+    if cfg.psk_file:
+        argv += ["--psk-file", cfg.psk_file]
     return argv
 
 
@@ -1533,7 +1556,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     spec.validate()
     opts.validate()
     return RunConfig(spec=spec, opts=opts, warmup_s=args.warmup_s, trace_s=args.trace_s,
-                     trace_interval_ms=args.trace_interval_ms, trace_out=args.trace_out)
+                     trace_interval_ms=args.trace_interval_ms, trace_out=args.trace_out,
+                     psk_file=args.psk_file)
 
 
 def format_result(res: dict) -> str:
@@ -1589,11 +1613,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run what the parsed arguments ask; print the result; the exit code."""
+    from vlab.migration.auth import listen_key
     if args.listen:
         def announce(a: str) -> None:
             print(f"LISTENING {a}", flush=True)
         st = listen(args.listen, run_after=args.run_after, accept_timeout=args.accept_timeout,
-                    io_timeout=args.io_timeout, announce=announce)
+                    io_timeout=args.io_timeout, announce=announce,
+                    psk=listen_key(args, parse_addr(args.listen, listen=True)[0]))
         print(json.dumps(st, default=_jsonable) if args.json else
               f"destination: {st['status']}" + (f" ({st['reason']})" if st.get("reason") else ""),
               flush=True)
@@ -1611,6 +1637,8 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"vlab migrate: {_one_line(e)}", file=sys.stderr)
         return 1
     print(json.dumps(res, default=_jsonable) if args.json else format_result(res), flush=True)
+    from vlab.migration.record import write_results     # `vlab migrate`'s results file
+    write_results(args, res, cfg)
     ok = res.get("outcome") == "aborted" or (res.get("outcome") in
                                              ("converged", "max_rounds_stop_copy", "postcopy")
                                              and res.get("verified"))
