@@ -160,7 +160,10 @@ class _Progress:
         if t_start is not None and kind in ("ok", "failed", "unreachable"):
             self.tasks[host][task] = round(ev.get("t", time.time()) - t_start, 3)
         took = f" ({self.tasks[host][task]:.1f} s)" if task in self.tasks[host] else ""
-        if kind == "ok" and task != "state":
+        if kind == "ok" and task == "vlab run" and not ev.get("changed"):
+            # `creates`: the host already has this fleet's results
+            self.say(host, f"{task}: skipped (results already on the host)")
+        elif kind == "ok" and task != "state":
             self.say(host, f"{task}: {'done' if ev.get('changed') else 'ok'}{took}")
         elif kind in ("failed", "unreachable") and not ev.get("ignored"):
             why = ev.get("reason") or kind

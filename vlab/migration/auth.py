@@ -25,8 +25,9 @@ attacker on the path after the exchange (the pages carry hashes against corrupti
 forgery). Across an untrusted network, run the migration inside a tunnel (IPsec, WireGuard,
 SSH port forwarding).
 
-A destination without a key accepts a source without one (a plain stream, as before this
-module): that is for loopback only, and `vlab migrate --listen` refuses a non-loopback address
+A source without a key opens with {"auth": null}; a destination without a key answers
+{"ok": true} and the plain stream follows (as before this module; a stream that starts with no
+line at all is accepted too): that is for loopback only, and `vlab migrate --listen` refuses a non-loopback address
 without `--psk-file`.
 """
 from __future__ import annotations
@@ -153,18 +154,21 @@ def _refuse(sock: socket.socket, reason: str) -> AuthError:
 
 def authenticate_source(sock: socket.socket, key: bytes | None, *,
                         timeout: float = 30.0) -> dict[str, Any]:
-    """The source's side, on a connected socket, before the stream. With no key it does
-    nothing (a plain stream follows). Returns {"authenticated", "method", "peer_host"}."""
-    if key is None:
-        return {"authenticated": False, "method": None, "peer_host": None}
+    """The source's side, on a connected socket, before the stream. Without a key it says so
+    ({"auth": null}), so that a destination that wants a key refuses with a reason before any
+    frame is sent. Returns {"authenticated", "method", "peer_host"}."""
     deadline = time.monotonic() + timeout
     ns = secrets.token_bytes(NONCE_BYTES)
     try:
-        _send(sock, {"auth": METHOD, "nonce": ns.hex()})
+        _send(sock, {"auth": METHOD if key is not None else None, "nonce": ns.hex()})
     except OSError as e:
         raise AuthError(f"authentication: cannot send to the destination: "
                         f"{e.strerror or e}") from None
     m = _recv(sock, deadline, "destination")
+    if key is None:
+        if m.get("ok") is not True:
+            raise AuthError("authentication: the destination did not confirm")
+        return {"authenticated": False, "method": None, "peer_host": None}
     nd = _nonce(m, "destination")
     if not hmac.compare_digest(str(m.get("mac", "")), _mac(key, b"dst", ns, nd)):
         raise _refuse(sock, "authentication failed: the destination's proof does not match "
@@ -196,26 +200,28 @@ def authenticate_destination(sock: socket.socket, key: bytes | None, *, host_rec
                              timeout: float = 30.0) -> dict[str, Any]:
     """The destination's side, on an accepted socket, before anything of the stream is read.
 
-    With a key the source must prove it holds it (and gets this side's proof); without one
-    only a plain stream is accepted. Anything else raises AuthError with a one-line reason
+    With a key the source must prove it holds it (and gets this side's proof); without one a
+    source without a key, or a plain stream, is accepted. Anything else raises AuthError with a one-line reason
     (the source is told it too). `host_record` is called after success and its result is sent
     to the source, so that its results carry both hosts' records."""
     deadline = time.monotonic() + timeout
-    first = _peek(sock, deadline)
-    wants_auth = first == b"{"
-    if key is None:
-        if wants_auth:
-            _recv_quiet(sock, deadline)
-            raise _refuse(sock, "authentication refused: the source wants "
-                                "to authenticate but this destination has no key "
-                                "(--psk-file)")
-        return {"authenticated": False, "method": None}
-    if not wants_auth:
-        reason = ("authentication failed: the source did not authenticate (it holds no "
-                  "migration key); refused before any guest memory was accepted")
-        _stream_error(sock, reason)
-        raise AuthError(reason)
+    no_key = ("authentication failed: the source holds no migration key (--psk-file); "
+              "refused before any guest memory moved")
+    if _peek(sock, deadline) != b"{":
+        # a plain stream (a source that does not say whether it has a key)
+        if key is None:
+            return {"authenticated": False, "method": None}
+        _stream_error(sock, no_key)
+        raise AuthError(no_key)
     m = _recv(sock, deadline, "source")
+    if m.get("auth") is None:
+        if key is not None:
+            raise _refuse(sock, no_key)
+        _send(sock, {"ok": True, "host": None})
+        return {"authenticated": False, "method": None}
+    if key is None:
+        raise _refuse(sock, "authentication refused: the source wants to authenticate but "
+                            "this destination has no migration key (--psk-file)")
     if m.get("auth") != METHOD:
         raise _refuse(sock, f"authentication failed: the source offers {m.get('auth')!r}, "
                             f"this destination {METHOD}")
@@ -229,13 +235,6 @@ def authenticate_destination(sock: socket.socket, key: bytes | None, *, host_rec
     host = host_record() if host_record is not None else None
     _send(sock, {"ok": True, "host": host})
     return {"authenticated": True, "method": METHOD}
-
-
-def _recv_quiet(sock: socket.socket, deadline: float) -> None:
-    try:
-        _recv(sock, deadline, "source")
-    except AuthError:
-        pass
 
 
 def _stream_error(sock: socket.socket, reason: str) -> None:
