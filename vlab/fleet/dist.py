@@ -89,4 +89,17 @@ def controller_wheel(dist: str | None = None, *, timeout: float = 1800.0, progre
         raise VlabError("building the wheel produced no vlab-*.whl")
     final = os.path.join(out, os.path.basename(built[-1]))
     os.replace(built[-1], final)
+    os.rmdir(tmp)
+    _prune(keep=3)
     return final
+
+
+def _prune(keep: int) -> None:
+    """Drop all but the `keep` most recent cached builds (one per source state)."""
+    import shutil
+
+    base = cache_dir()
+    dirs = sorted((os.path.join(base, d) for d in os.listdir(base)
+                   if not d.endswith(".tmp")), key=os.path.getmtime, reverse=True)
+    for d in dirs[keep:]:
+        shutil.rmtree(d, ignore_errors=True)

@@ -264,6 +264,7 @@ def run_fleet(opts: FleetOptions) -> dict[str, Any]:
     if opts.timeout <= 0:
         raise UsageError("--timeout must be positive")
     given = run_args(opts)
+    hosts = list_hosts(opts.inventory, opts.limit)
     fleet_dir = opts.out
     manifest = read_manifest(fleet_dir) if fleet_dir and os.path.isdir(fleet_dir) else None
     if manifest is not None:
@@ -284,7 +285,6 @@ def run_fleet(opts: FleetOptions) -> dict[str, Any]:
         manifest["created_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     os.makedirs(fleet_dir, exist_ok=True)
     out = opts.progress
-    hosts = list_hosts(opts.inventory, opts.limit)
     todo = [h for h in hosts if not has_results(fleet_dir, h)]
     for h in hosts:
         entry = manifest["hosts"].setdefault(h, {"status": None, "reason": None, "attempts": 0})
