@@ -212,7 +212,10 @@ Subsystem sftp internal-sftp
         "vars": {"ansible_user": "root", "ansible_ssh_private_key_file": client_key,
                  "ansible_ssh_common_args": ssh_args,
                  "ansible_python_interpreter": sys.executable,
-                 "vlab_python": sys.executable, **(host_vars or {})}}}
+                 "vlab_python": sys.executable,
+                 # the role's package step runs (the hosts are root), on a package sshd
+                 # itself needs, so that three hosts on one machine never race for apt's lock
+                 "vlab_system_packages": ["openssh-server"], **(host_vars or {})}}}
     inventory = os.path.join(base, "inventory.yml")
     with open(inventory, "w") as f:
         json.dump(inv, f, indent=1)             # JSON is YAML

@@ -59,7 +59,12 @@ def run_cli(args: argparse.Namespace) -> int:
                         params=args.param, processes=args.processes, values=args.values,
                         forks=args.forks, out=args.out, limit=args.limit, dist=args.dist,
                         timeout=args.timeout, progress=sys.stderr)
-    manifest = run_fleet(opts)
+    try:
+        manifest = run_fleet(opts)
+    except KeyboardInterrupt:
+        print("vlab fleet: interrupted; what was fetched is kept (resume with --resume DIR)",
+              file=sys.stderr)
+        return 130
     print(format_hosts(manifest))
     print(f"\nfleet: {manifest['dir']}")
     return exit_code(manifest)
