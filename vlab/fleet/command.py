@@ -11,7 +11,8 @@ import sys
 
 def add_arguments(p: argparse.ArgumentParser, parser_class) -> None:
     """The `fleet` sub-commands of `vlab`."""
-    sub = p.add_subparsers(dest="fleet_command", parser_class=parser_class)
+    sub = p.add_subparsers(dest="fleet_command", parser_class=parser_class,
+                           metavar="{run,report}")
     sub.required = True
     r = sub.add_parser("run", help="run vlab on every inventory host through Ansible and "
                                    "fetch the results")

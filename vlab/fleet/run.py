@@ -334,6 +334,10 @@ def run_fleet(opts: FleetOptions) -> dict[str, Any]:
                     why = "no results fetched" + (f" (ansible: {tail[0]})" if tail else "")
             entry.update(status="error", reason=" ".join(why.split()), results=None)
         write_manifest(fleet_dir, manifest)
+    try:
+        os.rmdir(os.path.join(fleet_dir, INCOMING))     # only when nothing is left in it
+    except OSError:
+        pass
     if interrupted:
         raise KeyboardInterrupt
     manifest["dir"] = fleet_dir
