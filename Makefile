@@ -20,7 +20,7 @@ sysdeps:
 
 $(STAMP): $(VENV)/bin/python $(SOURCES)
 	@bash scripts/sysdeps.sh
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -e '.[test,fleet]'
 	@bash scripts/bcc_shim.sh $(VENV)
 	@touch $(STAMP)
 

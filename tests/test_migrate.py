@@ -617,13 +617,18 @@ def test_auto_converge_throttles_the_guest():
 
 @needs_kvm
 def test_cli_migrate_end_to_end(tmp_path):
+    out = tmp_path / "migrate.json"
     r = subprocess.run([PY, "-m", "vlab", "migrate", "--mem", "2M", "--rate", "5000",
                         "--bandwidth", "1G",
-                        "--run-after", "0.2", "--warmup-s", "0.1", "--json"],
+                        "--run-after", "0.2", "--warmup-s", "0.1", "--json", "-o", str(out)],
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["verified"] is True and res["outcome"] == "converged"
+    from vlab import results                  # `vlab migrate` writes a results file too
+    doc = results.read(out)
+    assert doc["host"]["host_id"] and doc["destination_host"]["host_id"]
+    assert [r["median"] for r in doc["rows"] if r["metric"] == "verified"] == [1.0]
     bad = subprocess.run([PY, "-m", "vlab", "migrate", "--to", "127.0.0.1:1", "--mem", "2M"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "cannot connect" in bad.stderr

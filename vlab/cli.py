@@ -87,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
                                         "processes and verify it")
     _migrate_arguments(mg)
     # ---- end live migration ----
+
+    # ---- fleets (vlab/fleet) ----
+    from vlab.fleet.command import add_arguments as _fleet_arguments
+
+    _fleet_arguments(sub.add_parser("fleet", help="run and compare many hosts through Ansible"),
+                     _Parser)
     return p
 
 
@@ -321,9 +327,16 @@ def cmd_migrate(args) -> int:
 # ---- end live migration ----
 
 
+def cmd_fleet(args) -> int:
+    """`vlab fleet run|report` (vlab/fleet)."""
+    from vlab.fleet.command import run_cli
+
+    return run_cli(args)
+
+
 COMMANDS = {"doctor": cmd_doctor, "list": cmd_list, "run": cmd_run, "show": cmd_show,
             "compare": cmd_compare, "plot": cmd_plot, "report": cmd_report, "host": cmd_host,
-            "trace": cmd_trace, "migrate": cmd_migrate}
+            "trace": cmd_trace, "migrate": cmd_migrate, "fleet": cmd_fleet}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

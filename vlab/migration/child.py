@@ -2,7 +2,8 @@
 
 A job is a JSON object written by vlab/migration/session.py:
 
-    {"role": "destination", "listen": "HOST:PORT", "run_after": s, "io_timeout": s}
+    {"role": "destination", "listen": "HOST:PORT", "run_after": s, "io_timeout": s,
+     "psk_file": PATH or null}
     {"role": "source", "to": "HOST:PORT", "config": RunConfig.to_dict()}
 
 The child runs that role exactly as `python -m vlab.migrate --listen/--to ... --json` would
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 
 from vlab._argparse import one_line
 from vlab._errors import UsageError
+from vlab.migration.auth import load_key
 from vlab.migration.command import migrate, serve
 from vlab.migration.session import RunConfig
 
@@ -35,12 +37,13 @@ def run_job(job: dict[str, Any]) -> int:
             times = {k: float(job.get(k, d)) for k, d in (("run_after", 1.0),
                                                             ("accept_timeout", 60.0),
                                                             ("io_timeout", 30.0))}
+            key = load_key(job["psk_file"]) if job.get("psk_file") else None
         else:
             addr, cfg = str(job["to"]), RunConfig.from_dict(job["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"{role} job: bad or missing {one_line(e)}") from None
     if role == "destination":
-        return serve(addr, as_json=True, **times)
+        return serve(addr, as_json=True, psk=key, **times)
     return migrate(addr, cfg, as_json=True)
 
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,7 +25,9 @@ from vlab._errors import UsageError, VlabError
 from vlab.migration.guest import GuestSpec
 from vlab._units import parse_rate, parse_size
 from vlab.migration.options import MigrateOptions, add_arguments
-from vlab.migration.session import RunConfig, listen, run_local, run_source
+from vlab.migration.auth import listen_key
+from vlab.migration.record import write_results
+from vlab.migration.session import RunConfig, listen, parse_addr, run_local, run_source
 
 DESCRIPTION = ("Live migration of a running vlab guest between two VMM processes, verified end "
                "to end.")
@@ -44,7 +47,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     spec.validate()
     opts.validate()
     return RunConfig(spec=spec, opts=opts, warmup_s=args.warmup_s, trace_s=args.trace_s,
-                     trace_interval_ms=args.trace_interval_ms, trace_out=args.trace_out)
+                     trace_interval_ms=args.trace_interval_ms, trace_out=args.trace_out,
+                     psk_file=args.psk_file)
 
 
 def format_result(res: dict) -> str:
@@ -99,20 +103,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_cli(args: argparse.Namespace) -> int:
     """Run what the parsed arguments ask; print the result; the exit code."""
     if args.listen:
+        key = listen_key(args, parse_addr(args.listen, listen=True)[0])
         return serve(args.listen, run_after=args.run_after, accept_timeout=args.accept_timeout,
-                     io_timeout=args.io_timeout, as_json=args.json)
-    return migrate(args.to, config_from_args(args), run_after=args.run_after, as_json=args.json)
+                     io_timeout=args.io_timeout, as_json=args.json, psk=key)
+    cfg = config_from_args(args)
+    return migrate(args.to, cfg, run_after=args.run_after, as_json=args.json,
+                   on_result=lambda res: write_results(args, res, cfg))
 
 
 def serve(addr: str, *, run_after: float, accept_timeout: float, io_timeout: float,
-          as_json: bool) -> int:
+          as_json: bool, psk: bytes | None = None) -> int:
     """Be the destination on `addr`: print "LISTENING HOST:PORT", then the status; the exit
     code (1 unless the guest arrived, ran and checked itself)."""
     def announce(a: str) -> None:
         print(f"LISTENING {a}", flush=True)
 
     st = listen(addr, run_after=run_after, accept_timeout=accept_timeout,
-                io_timeout=io_timeout, announce=announce)
+                io_timeout=io_timeout, announce=announce, psk=psk)
     print(json.dumps(st, default=_jsonable) if as_json else
           f"destination: {st['status']}" + (f" ({st['reason']})" if st.get("reason") else ""),
           flush=True)
@@ -122,10 +129,11 @@ def serve(addr: str, *, run_after: float, accept_timeout: float, io_timeout: flo
     return 0
 
 
-def migrate(to: str | None, cfg: RunConfig, *, run_after: float = 1.0,
-            as_json: bool = False) -> int:
-    """Be the source migrating to `to` (None: both roles on loopback); print the result; the
-    exit code (0: verified, or aborted as the policy asked)."""
+def migrate(to: str | None, cfg: RunConfig, *, run_after: float = 1.0, as_json: bool = False,
+            on_result: Callable[[dict], Any] | None = None) -> int:
+    """Be the source migrating to `to` (None: both roles on loopback); print the result and
+    hand it to `on_result` (`vlab migrate` writes its results file there); the exit code (0:
+    verified, or aborted as the policy asked)."""
     try:
         if to:
             res = run_source(to, cfg)
@@ -135,6 +143,8 @@ def migrate(to: str | None, cfg: RunConfig, *, run_after: float = 1.0,
         print(f"vlab migrate: {one_line(e)}", file=sys.stderr)
         return 1
     print(json.dumps(res, default=_jsonable) if as_json else format_result(res), flush=True)
+    if on_result is not None:
+        on_result(res)
     ok = res.get("outcome") == "aborted" or (res.get("outcome") in GOOD_OUTCOMES
                                              and res.get("verified"))
     return 0 if ok else 1

@@ -105,3 +105,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--io-timeout", type=float, default=30.0)
     p.add_argument("--accept-timeout", type=float, default=60.0)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.add_argument("--psk-file", metavar="FILE",
+                   help="the migration key (mode 0600, at least 16 bytes): both ends prove they "
+                        "hold it before any guest memory moves; required to --listen on a "
+                        "non-loopback address (vlab.migration.auth)")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="source: the results file (default results/<host_id>/migrate-<stamp>.json)")
+    p.add_argument("--no-results", action="store_true", help="source: write no results file")

@@ -31,6 +31,8 @@ from vlab.migration.guest import PAGE, GuestSpec, report_ok
 from vlab.migration.options import MigrateOptions
 from vlab.migration.postcopy import MissingFeature, uffd_status
 from vlab.migration.source import Source
+from vlab.migration.auth import (AuthError, authenticate_destination, authenticate_source,
+                                 host_record, load_key)
 
 CHILD = "vlab.migration.child"       # the module run_local's two processes run
 
@@ -44,6 +46,7 @@ class RunConfig:
     trace_s: float = 0.0             # >0: record a dirty trace for the model first
     trace_interval_ms: float = 100.0
     trace_out: str | None = None     # where to save it (.npz)
+    psk_file: str | None = None      # the migration key (vlab.migration.auth)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data; `from_dict` gives the same config back."""
@@ -97,9 +100,10 @@ def parse_addr(text: str, *, listen: bool) -> tuple[str, int]:
 
 def listen(addr: str, *, run_after: float = 1.0, accept_timeout: float = 60.0,
            io_timeout: float = 30.0, max_mem: int | None = None,
-           announce: Callable[[str], None] | None = None) -> dict:
+           announce: Callable[[str], None] | None = None, psk: bytes | None = None) -> dict:
     """Destination: accept one connection on `addr`, receive and run the guest; the status.
-    `announce` is told the bound address (HOST:PORT) before waiting."""
+    `announce` is told the bound address (HOST:PORT) before waiting. With `psk` the source
+    must authenticate first (vlab.migration.auth); no VM exists before it has."""
     host, port = parse_addr(addr, listen=True)
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(fam, socket.SOCK_STREAM) as srv:
@@ -118,9 +122,16 @@ def listen(addr: str, *, run_after: float = 1.0, accept_timeout: float = 60.0,
                     "vcpu_runs": 0}
     with conn:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            auth = authenticate_destination(conn, psk, host_record=host_record,
+                                            timeout=io_timeout)
+        except AuthError as e:
+            return {"status": "refused", "reason": one_line(e), "guest_resumed": False,
+                    "vcpu_runs": 0, "vm_created": False, "peer": f"{peer[0]}:{peer[1]}"}
         dest = Destination(run_after=run_after, max_mem=max_mem, io_timeout=io_timeout)
         st = dest.serve(conn)
         st["peer"] = f"{peer[0]}:{peer[1]}"
+        st["auth"] = auth
         return st
 
 
@@ -150,7 +161,11 @@ def run_source(addr: str, cfg: RunConfig) -> dict:
             trace_info = _trace(src, cfg)
         sock = connect(addr)
         with sock:
+            peer = authenticate_source(sock, load_key(cfg.psk_file) if cfg.psk_file else None,
+                                       timeout=cfg.opts.io_timeout)
             res = src.migrate(sock)
+        res["auth"] = {"authenticated": peer["authenticated"], "method": peer["method"]}
+        res["destination_host"] = peer["peer_host"]
         res.update(trace_info)
         res["guest"] = asdict(cfg.spec)
         res["host_load"] = list(os.getloadavg())
@@ -210,7 +225,8 @@ def run_local(cfg: RunConfig, *, run_after: float = 1.0, timeout: float = 600.0,
     try:
         dst = _spawn(tmp, "destination", {"role": "destination", "listen": f"{host}:0",
                                           "run_after": run_after,
-                                          "io_timeout": cfg.opts.io_timeout}, env)
+                                          "io_timeout": cfg.opts.io_timeout,
+                                          "psk_file": cfg.psk_file}, env)
         line = _read_line(dst, 60)
         if not line.startswith("LISTENING "):
             err = dst.stderr.read() if dst.poll() is not None else ""
@@ -218,7 +234,8 @@ def run_local(cfg: RunConfig, *, run_after: float = 1.0, timeout: float = 600.0,
         addr = line.split()[1]
         run = RunConfig(spec=cfg.spec, opts=cfg.opts, warmup_s=cfg.warmup_s,
                         trace_s=cfg.trace_s, trace_interval_ms=cfg.trace_interval_ms,
-                        trace_out=trace_path if cfg.trace_s > 0 else None)
+                        trace_out=trace_path if cfg.trace_s > 0 else None,
+                        psk_file=cfg.psk_file)
         src = _spawn(tmp, "source", {"role": "source", "to": addr, "config": run.to_dict()}, env)
         try:
             s_out, s_err = src.communicate(timeout=timeout)
