@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
-import uuid
 from typing import Any
 
 EXPERIMENT = "migrate"
