@@ -24,7 +24,7 @@ the rule's `why` and in docs/exits.md; the short version:
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 # VMX basic exit reasons (Intel SDM Vol. 3D, appendix C) and SVM exit codes (AMD APM Vol. 2,
@@ -471,7 +471,13 @@ def expectation(name: str, params: dict, host: dict, iters: int = 1) -> Expectat
     fn = RULES.get(name)
     if fn is None:
         return None
-    return fn(settings(host), params, iters)
+    s = settings(host)
+    e = fn(s, params, iters)
+    if s["flavor"] == "pvm" and params.get("cpl", 3) == 0 and e.tol < PVM_EMULATED_TOL:
+        # every CPL0 row on PVM runs in the emulator, whose own returns to the run loop add a
+        # few counted exits per thousand operations (1.01 for an operation that exits once)
+        e = replace(e, tol=PVM_EMULATED_TOL)
+    return e
 
 
 def check(exp: Expectation, measured: float) -> str | None:

@@ -25,7 +25,7 @@ def exits_run():
     """One quick-grid run of every exit experiment, through the real runner and pyperf."""
     from vlab._runner import RunOptions, execute
 
-    doc, code = execute(RunOptions(selectors=["exits.*"], overrides={"vcpus": [1]},
+    doc, code = execute(RunOptions(selectors=["exits.*"], overrides={"vcpus": [1], "leaf": [0]},
                                    pyperf={"processes": 2, "values": 2}))
     rows = {}
     for r in doc["rows"]:
@@ -254,3 +254,23 @@ def test_vlab_agrees_with_the_bare_c_measurement(exitbench, exp, op):
         ours.append([r for r in doc["rows"] if r["metric"] == "guest_cycles"][0]["median"])
     a, b = float(np.median(ours)), float(np.median(bare))
     assert abs(a - b) / b <= 0.10, (exp, ours, bare)
+
+
+def test_a_guest_fault_on_an_msr_is_reported_not_a_crash():
+    """IA32_PRED_CMD is write-only: reading it takes a #GP in the guest on every flavor. The
+    VMM reports the fault (vector, CPL) and the host side carries on."""
+    from vlab._errors import GuestFault
+    from vlab._guest import MICRO_OPS
+    from vlab._machine import Machine
+
+    with Machine(cpl=0) as m:
+        m.restart()
+        m.set_args(MICRO_OPS["rdmsr_value"], 0, 0, 0x49)
+        with pytest.raises(GuestFault) as e:
+            m.run_to_done(timeout=10)
+        assert e.value.vector == 13 and e.value.cpl == 0
+        # the same machine still runs guest code afterwards
+        m.restart()
+        m.set_args(MICRO_OPS["nop"], 10, 2, 0, 0, 0, 0)
+        m.run_to_done(timeout=10)
+        assert len(m.results(0)) == 2
