@@ -78,8 +78,11 @@ def test_run_writes_a_valid_file_with_the_expected_rows(cpuid_run):
     rows = {(r["experiment"], r["metric"]): r for r in doc["rows"]}
     for metric in ("guest_cycles", "host_ns", "exits_per_op"):
         assert rows[("exits.cpuid", metric)]["status"] == "ok"
-    # one exit per cpuid, from KVM's own statistics, within 1%
-    assert abs(rows[("exits.cpuid", "exits_per_op")]["mean"] - 1.0) <= 0.01
+    # exits per cpuid from KVM's own statistics, as this host's expectation says: 1, or 0 on a
+    # PVM host without CPUID faulting (experiments/_expect.py)
+    e = rows[("exits.cpuid", "exits_per_op")]
+    assert e["extra"]["expected_exits_per_op"] in (0, 1)
+    assert abs(e["mean"] - e["extra"]["expected_exits_per_op"]) <= 0.01
     assert abs(rows[("exits.pio_user", "exits_per_op")]["mean"] - 1.0) <= 0.01
     g = rows[("exits.cpuid", "guest_cycles")]
     assert g["n"] == len(g["samples"]) > 0 and g["min"] <= g["median"] <= g["p99"] <= g["max"]
