@@ -47,10 +47,11 @@ SVM = {"cpuid": "CPUID (0x72)", "hlt": "HLT (0x78)", "invd": "INVD (0x76)",
 # warning then names this rule and both numbers.
 CR0_WP_GUEST_OWNED_SINCE = (6, 4)
 
-# Emulated CPL0 on PVM: kvm_pvm's emulator returns to KVM's run loop after pvm_emul_batch (1024)
-# emulated instructions, and KVM's stats count that as an exit: measured 0.004-0.013 per
-# operation for 3-5 instruction loops on the build host.
-PVM_EMULATED_TOL = 0.02
+# Emulated CPL0 on PVM: KVM's stats count a few exits per thousand emulated operations, consistent
+# with the emulator's return to the run loop every pvm_emul_batch (1024) instructions (the cause
+# is not confirmed: PVM has no kvm_exit tracepoint): measured 0.004-0.013 per
+# operation for 3-5 instruction loops on the build host, 0.02 for a CR4.PGE toggle (a TLB flush).
+PVM_EMULATED_TOL = 0.05
 
 
 @dataclass(frozen=True)
@@ -118,10 +119,10 @@ def _pvm_emulated(s: dict, p: dict, what: str) -> Expectation | None:
     if s["flavor"] == "pvm" and p.get("cpl", 3) == 0:
         return Expectation(0, "none (instruction emulator)", _fmt("pvm", cpl=0),
                            f"guest CPL0 runs in KVM's instruction emulator on PVM, which handles "
-                           f"{what} in line; KVM's statistics count no exit for it, only the "
-                           "emulator's own return to the run loop every pvm_emul_batch (1024) "
-                           "instructions, a few per thousand operations (measured, "
-                           "docs/exits.md)", tol=PVM_EMULATED_TOL)
+                           f"{what} in line; KVM's statistics count no exit for it, only a few "
+                           "per thousand operations (likely the emulator's return to the run "
+                           "loop every pvm_emul_batch instructions; measured, "
+                           "docs/kvm-on-pvm.md)", tol=PVM_EMULATED_TOL)
     return None
 
 

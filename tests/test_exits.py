@@ -243,8 +243,13 @@ def test_vlab_agrees_with_the_bare_c_measurement(exitbench, exp, op):
 
     Both are medians of many samples; the two are interleaved so that host load affects both.
     """
+    from vlab import _host
     from vlab._runner import RunOptions, execute
+    from vlab.experiments import _expect
 
+    if op == "cpuid" and not _expect.expectation(exp, {"cpl": 3}, _host.fingerprint("/")).exits:
+        pytest.skip("cpuid is not a KVM exit on this host (PVM without CPUID faulting): it times "
+                    "the outer hypervisor, whose cost moved by 30% between processes here")
     ours, bare = [], []
     for _ in range(2):
         bare.append(exitbench(op)["guest_cycles"])

@@ -46,15 +46,20 @@ def test_tracer_counts_a_vlab_guest_exactly():
         res = tr.snapshot()
         delta = diff(v.stats(), k0)
     c = res.counts
-    assert c.get("cpuid") == N
+    from vlab import _host
+    from vlab.experiments import _expect
+
+    # a CPL3 cpuid exits to KVM except on a PVM host without CPUID faulting (experiments/_expect.py)
+    cpuid_exits = _expect.expectation("exits.cpuid", {"cpl": 3}, _host.fingerprint("/")).exits
+    assert (c.get("cpuid") or 0) == N * cpuid_exits
     assert c.get("pio:out:0x80") == N == sink.hits
     assert c.get("mmio:write") == N == mmio.hits
     # user-space exits: N outs + N MMIO writes + one DONE ucall per run
     assert c.get("userspace_exit:IO") == N + 3
     assert c.get("userspace_exit:MMIO") == N
     # KVM's own exit counter agrees with the traced exits
-    assert guest_exits(delta) - 3 <= 3 * N + 3
-    assert guest_exits(delta) >= 3 * N
+    assert guest_exits(delta) - 3 <= (2 + cpuid_exits) * N + 3
+    assert guest_exits(delta) >= (2 + cpuid_exits) * N
 
 
 @pytest.mark.skipif(shutil.which("perf") is None, reason="perf is not installed")

@@ -89,6 +89,14 @@ def test_ioeventfd_counts_exactly_n_and_no_user_exits(kvm, cpl):
         assert_kernel_handled(dk, N * S + 1)
 
 
+def _cpuid_exits() -> bool:
+    """Whether a CPL3 cpuid exits to KVM on this host, by the exit table's expectation."""
+    from vlab import _host
+    from vlab.experiments import _expect
+
+    return _expect.expectation("exits.cpuid", {"cpl": 3}, _host.fingerprint("/")).exits == 1
+
+
 @pytest.mark.parametrize("cpl", [3, 0])
 def test_cpuid_is_handled_in_kernel(kvm, cpl):
     from vlab import Machine
@@ -96,8 +104,14 @@ def test_cpuid_is_handled_in_kernel(kvm, cpl):
     with Machine(kvm=kvm, cpl=cpl) as m:
         dc, dk, samples = run_counted(m, "cpuid", 0)
         assert dc["exits_total"] == 1           # no user-space exit for cpuid
-        if cpl == 3:
-            assert_kvm_exits(dk, N * S + 1)      # a real exit per cpuid at CPL3, on every backend
+        if cpl == 3 and _cpuid_exits():
+            assert_kvm_exits(dk, N * S + 1)      # a real exit per cpuid at CPL3 ...
+        elif cpl == 3:
+            # ... except on a PVM host without CPUID faulting, where the guest runs cpuid
+            # itself (experiments/_expect.py): only the DONE ucall (and a stray interrupt) exits
+            from vlab._stats import guest_exits
+
+            assert guest_exits(dk) <= 1 + 3, dk
         else:
             assert_kernel_handled(dk, N * S + 1)
         assert (samples > 0).all()
