@@ -1,4 +1,4 @@
 """vlab's experiments: one module per area (exits, paging, io, migration) plus the suites.
 
-Installed as the package `vlab.experiments`; `vlab._registry` discovers the modules here.
+Installed as the package `vlab.experiments`; `vlab.run.registry` discovers the modules here.
 """

@@ -7,7 +7,15 @@ timestamps a MARK ucall before the first and after every sample. From one `measu
   at the same CPL (so a CPL0 figure is the excess over the CPL0 nop baseline);
 - host_ns: per operation, (interval between marks - the cost of an empty sample) / iters;
 - exits_per_op: KVM's binary-stats exits (less host-caused ones and our own ucalls) per
-  operation, with the VMM's own user-space exit count beside it.
+  operation, with the VMM's own user-space exit count beside it;
+- guest_cycles_single: one operation per rdtsc bracket, less the bracket (and at CPL0 the nop
+  loop's cost per iteration), so its p50 and p99 describe single operations and single exits,
+  not batches. The batched guest_cycles stays: it averages the bracket's own jitter away and is
+  the steadier figure for cheap operations.
+
+Each call also records both views of the same batches (extra `views`): the guest's rdtsc cycles
+per operation and the host's mark-to-mark ns per operation converted with the vCPU's TSC rate,
+which `views_agree` compares.
 """
 from __future__ import annotations
 
@@ -40,6 +48,9 @@ class MicroCase:
     vcpus: int = 1
     prepare: Callable[[Machine], dict] | None = None     # add sinks/eventfds; returns handles
     counts: Callable[[dict], int] | None = None          # ground-truth count from the handles
+    flags: int = 0                  # extra guest flags (MICRO_F_KEEP)
+    irqchip: bool = False           # an in-kernel irqchip (exits.pio_device)
+    single: int = 32                # one-operation samples per measure call (0: none)
 
 
 @dataclass
@@ -51,6 +62,7 @@ class MicroState:
     nop_per_iter: float       # cycles per nop-loop iteration at this CPL
     mark_ns: float            # host ns of an empty sample (one MARK round trip)
     tsc_khz: int
+    mark_spread_ns: float = 0.0   # interquartile range of the empty samples' mark intervals
     calls: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -77,16 +89,22 @@ def _per_op_cycles(samples: np.ndarray, iters: int, bracket: float) -> np.ndarra
 
 def setup(case: MicroCase) -> MicroState:
     """Build the machine and calibrate this process's bracket, nop baseline and mark cost."""
-    m = Machine(vcpus=case.vcpus, cpl=case.cpl)
+    m = Machine(vcpus=case.vcpus, cpl=case.cpl, irqchip=case.irqchip)
     try:
         handles = case.prepare(m) if case.prepare else {}
         _run_samples(m, "empty", 0, 64, 0, 0)
         bracket = float(np.median(m.results(0)))
-        mark_ns = float(np.median(np.diff(m.vcpus[0].marks().astype(np.int64))))
+        marks = np.diff(m.vcpus[0].marks().astype(np.int64))
+        mark_ns = float(np.median(marks))
+        spread = float(np.subtract(*np.percentile(marks, [75, 25])))
         nop_iters = 2000 if case.cpl == 3 else 20
         _run_samples(m, "nop", nop_iters, 32, 0, 0)
         nop = float(np.median(_per_op_cycles(m.results(0), nop_iters, bracket)))
-        return MicroState(case, m, handles, bracket, nop, mark_ns, m.vcpus[0].tsc_khz or 1)
+        # Prime: run the operation once, so one-time work (a lazily passed-through MSR's first
+        # write, first-touch faults of the code and data) is not counted as its steady cost.
+        _run_samples(m, case.op, case.iters, 1, case.a0, case.a1, MICRO_F_MARK | case.flags)
+        return MicroState(case, m, handles, bracket, nop, mark_ns, m.vcpus[0].tsc_khz or 1,
+                          mark_spread_ns=spread)
     except BaseException:
         m.close()
         raise
@@ -96,7 +114,8 @@ def measure(st: MicroState, loops: int) -> Measurement:
     """Run `loops` samples of `iters` operations on every vCPU; see the module docstring."""
     c, m = st.case, st.machine
     m.restart()
-    m.set_args(MICRO_OPS[c.op], c.iters, loops, c.a0, c.a1, MICRO_F_MARK | MICRO_F_SYNC, 0)
+    m.set_args(MICRO_OPS[c.op], c.iters, loops, c.a0, c.a1,
+               MICRO_F_MARK | MICRO_F_SYNC | c.flags, 0)
     for v in m.vcpus:
         v.record_marks(loops + 2)
     before_truth = c.counts(st.handles) if c.counts else None
@@ -120,7 +139,7 @@ def measure(st: MicroState, loops: int) -> Measurement:
             t.quit()
 
     ops_per_vcpu = c.iters * loops
-    cycles, host_ns, per_vcpu = [], [], []
+    cycles, host_ns, per_vcpu, raw_guest = [], [], [], []
     exits_kvm = exits_vmm = 0
     for v in m.vcpus:
         c0, k0 = snaps[v.id]
@@ -135,13 +154,22 @@ def measure(st: MicroState, loops: int) -> Measurement:
         h = (np.diff(marks)[:loops] - st.mark_ns) / c.iters
         cycles += g.tolist()
         host_ns += h.tolist()
+        raw_guest += (g + st.nop_per_iter).tolist()
         per_vcpu.append({"vcpu": v.id, "guest_cycles_median": float(np.median(g)),
                          "host_ns_median": float(np.median(h)),
                          "emulated_insns": dk.get("insn_emulation", 0)})
     total_ops = ops_per_vcpu * len(m.vcpus)
+    khz = st.tsc_khz
     extra = {"iters": c.iters, "loops": loops, "bracket_cycles": st.bracket,
              "nop_cycles_per_iter": st.nop_per_iter, "mark_ns": st.mark_ns,
-             "vmm_exits_per_op": exits_vmm / total_ops, "per_vcpu": per_vcpu}
+             "guest_cycles_batch": c.iters,
+             "vmm_exits_per_op": exits_vmm / total_ops, "per_vcpu": per_vcpu,
+             # the same batches seen twice: guest rdtsc cycles per op (nop loop not taken off)
+             # and host mark-to-mark ns per op times the vCPU's TSC rate
+             "views": {"guest_cycles": float(np.median(raw_guest)),
+                       "host_cycles": float(np.median(host_ns)) * khz / 1e6,
+                       "mark_spread_cycles": st.mark_spread_ns * khz / 1e6 / c.iters,
+                       "tsc_khz": khz}}
     if c.counts:
         extra["truth_per_op"] = (c.counts(st.handles) - before_truth) / total_ops
     # pyperf calibrates its loop count against what we return: the wall time these samples
@@ -150,10 +178,46 @@ def measure(st: MicroState, loops: int) -> Measurement:
     marks0 = m.vcpus[0].marks().astype(np.int64)
     wall = float(marks0[-1] - marks0[0]) / 1e9 if len(marks0) > 1 else 0.0
     st.calls += 1
-    return Measurement(seconds=wall,
-                       metrics={"guest_cycles": cycles, "host_ns": host_ns,
-                                "exits_per_op": [exits_kvm / total_ops]},
-                       extra=extra)
+    metrics = {"guest_cycles": cycles, "host_ns": host_ns,
+               "exits_per_op": [exits_kvm / total_ops]}
+    if c.single:
+        metrics["guest_cycles_single"] = single_op_samples(st)
+        extra["single_samples_per_call"] = c.single
+    return Measurement(seconds=wall, metrics=metrics, extra=extra)
+
+
+def single_op_samples(st: MicroState) -> list[float]:
+    """`case.single` samples of one operation each, per vCPU: rdtsc bracket minus the empty
+    bracket's median (and at CPL0 the nop loop's cost per iteration, as for the batched figure).
+    Run after the batched samples, outside the exit accounting."""
+    c, m = st.case, st.machine
+    m.restart()
+    m.set_args(MICRO_OPS[c.op], 1, c.single, c.a0, c.a1, c.flags, 0)
+    m.run_all(timeout=60)
+    out: list[float] = []
+    for v in m.vcpus:
+        out += (_per_op_cycles(m.results(v.id), 1, st.bracket) - st.nop_per_iter).tolist()
+    return out
+
+
+def views_agree(extras: list[dict], rel_tol: float = 0.10) -> dict | None:
+    """Compare the guest's and the host's view of the same batches (extra `views` of each
+    measure call): guest rdtsc cycles per operation against host ns per operation x TSC kHz.
+
+    They agree when the medians over calls differ by at most `rel_tol` of the guest figure plus
+    twice the jitter of one mark-to-mark interval spread over the batch (for cheap operations
+    the host's view is mostly that jitter). Returns the figures and the verdict, or None when
+    no call recorded both views."""
+    views = [e["views"] for e in extras if e.get("views")]
+    if not views:
+        return None
+    guest = float(np.median([v["guest_cycles"] for v in views]))
+    host = float(np.median([v["host_cycles"] for v in views]))
+    spread = float(np.median([v.get("mark_spread_cycles", 0.0) for v in views]))
+    tol = rel_tol * abs(guest) + 2 * spread
+    return {"guest_cycles": guest, "host_cycles": host, "tolerance_cycles": tol,
+            "rel_tol": rel_tol, "agree": abs(host - guest) <= tol,
+            "host_over_guest": host / guest if guest else None}
 
 
 def teardown(st: MicroState) -> None:

@@ -444,6 +444,8 @@ def sriov_target(host: dict) -> dict:
 def _sriov_validate(params: dict, host: dict) -> None:
     _int_param(params, "bar", -1, 5, "-1 (first mappable) to 5")
     _int_param(params, "write_offset", -1, 1 << 40, "-1 (no writes) up")
+    if "write_value" in params:
+        _int_param(params, "write_value", 0, (1 << 32) - 1, "0 to 0xffffffff (a 32-bit write)")
 
 
 def _sriov_requirement() -> Requirement:
@@ -527,7 +529,10 @@ register(OneShotExperiment(
     name="io.sriov",
     description="SR-IOV VF through VFIO: a BAR mapped into the guest (MMIO without exits) and "
                 "VFIO_IOMMU_MAP_DMA cost per page",
-    params={"bar": [-1], "write_offset": [-1]}, quick={"bar": [-1], "write_offset": [-1]},
+    # write_value only matters with write_offset >= 0; it is a grid axis so that `-p write_value=V`
+    # (which the skip reason advertises) is accepted
+    params={"bar": [-1], "write_offset": [-1], "write_value": [0]},
+    quick={"bar": [-1], "write_offset": [-1], "write_value": [0]},
     metrics=SRIOV_METRICS, requires=[needs_kvm(), _sriov_requirement()],
     validate=_sriov_validate,
     handled_by="device (direct assignment)", payload="micro", run=_sriov_run))

@@ -247,7 +247,7 @@ def host_setting(host: dict) -> dict:
     out: dict[str, Any] = {"paging": host.get("paging"), "kvm_flavor": kvm.get("flavor"),
                            "nested": host.get("nested")}
     keys = {"kvm": ("tdp_mmu", "nx_huge_pages", "eager_page_split"),
-            "kvm_intel": ("ept", "enable_unrestricted_guest", "vpid"),
+            "kvm_intel": ("ept", "unrestricted_guest", "vpid"),
             "kvm_amd": ("npt",)}
     for mod, names in keys.items():
         for k in names:

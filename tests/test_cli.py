@@ -69,7 +69,7 @@ def test_list_shows_every_experiment_and_whether_it_runs():
 
 
 @needs_kvm
-def test_run_writes_a_valid_file_with_the_expected_rows(cpuid_run, cpuid_exits_counted):
+def test_run_writes_a_valid_file_with_the_expected_rows(cpuid_run):
     from vlab import results
 
     out, proc = cpuid_run
@@ -78,10 +78,11 @@ def test_run_writes_a_valid_file_with_the_expected_rows(cpuid_run, cpuid_exits_c
     rows = {(r["experiment"], r["metric"]): r for r in doc["rows"]}
     for metric in ("guest_cycles", "host_ns", "exits_per_op"):
         assert rows[("exits.cpuid", metric)]["status"] == "ok"
-    # one exit per cpuid, from KVM's own statistics, within 1% (none where a PVM switcher
-    # answers CPUID without KVM: see conftest.cpuid_exits_counted)
-    want = 1.0 if cpuid_exits_counted else 0.0
-    assert abs(rows[("exits.cpuid", "exits_per_op")]["mean"] - want) <= 0.01
+    # exits per cpuid from KVM's own statistics, as this host's expectation says: 1, or 0 on a
+    # PVM host without CPUID faulting (experiments/_expect.py)
+    e = rows[("exits.cpuid", "exits_per_op")]
+    assert e["extra"]["expected_exits_per_op"] in (0, 1)
+    assert abs(e["mean"] - e["extra"]["expected_exits_per_op"]) <= 0.01
     assert abs(rows[("exits.pio_user", "exits_per_op")]["mean"] - 1.0) <= 0.01
     g = rows[("exits.cpuid", "guest_cycles")]
     assert g["n"] == len(g["samples"]) > 0 and g["min"] <= g["median"] <= g["p99"] <= g["max"]

@@ -25,7 +25,7 @@ def exits_run():
     """One quick-grid run of every exit experiment, through the real runner and pyperf."""
     from vlab.run.runner import RunOptions, execute
 
-    doc, code = execute(RunOptions(selectors=["exits.*"], overrides={"vcpus": [1]},
+    doc, code = execute(RunOptions(selectors=["exits.*"], overrides={"vcpus": [1], "leaf": [0]},
                                    pyperf={"processes": 2, "values": 2}))
     rows = {}
     for r in doc["rows"]:
@@ -48,10 +48,14 @@ def test_no_case_failed(exits_run):
 
 @pytest.mark.parametrize("exp", EXITING_CPL3)
 def test_one_exit_per_operation_at_cpl3(exits_run, exp):
+    """Port and MMIO accesses exit once on every flavor; cpuid does too, except on a PVM host
+    without CPUID faulting, where the guest runs it itself (experiments/_expect.py)."""
     _, _, rows = exits_run
     for r in rows[exp]:
         if r["metric"] == "exits_per_op" and r["status"] == "ok":
-            assert abs(r["mean"] - 1.0) <= 0.01, (exp, r["params"], r["mean"])
+            want = r["extra"]["expected_exits_per_op"]
+            assert want == 1 or (exp == "exits.cpuid" and want == 0), (exp, want)
+            assert abs(r["mean"] - want) <= 0.01, (exp, r["params"], r["mean"])
 
 
 @pytest.mark.parametrize("exp", USER_EXITS_CPL0)
@@ -63,22 +67,104 @@ def test_one_user_space_exit_per_operation_at_cpl0(exits_run, exp):
 
 
 def test_nop_causes_no_exit(exits_run):
+    """The nop loop expects no exit; on PVM a CPL0 nop runs in KVM's emulator, whose own returns
+    to the run loop show as a few counted exits per thousand (the expectation's tolerance)."""
     _, _, rows = exits_run
     for r in rows["exits.nop"]:
         if r["metric"] == "exits_per_op":
-            assert r["mean"] <= 0.01, r["params"]
+            e = r["extra"]["expectation"]
+            assert e["exits"] == 0 and r["mean"] <= e["tol"], (r["params"], r["mean"], e["tol"])
 
 
 def test_every_unexpected_exit_count_is_explained(exits_run):
-    """A row whose exits_per_op is not what the operation should cost says so, and why."""
+    """Every exits_per_op row records the expectation it was checked against; a count outside
+    it carries the warning that names both numbers and the setting, and a count inside it
+    carries no such warning."""
+    from vlab.experiments import _expect
+
     _, _, rows = exits_run
+    checked = 0
     for exp, rs in rows.items():
         for r in rs:
             if r["metric"] != "exits_per_op" or r["status"] != "ok":
                 continue
-            expected = r["extra"].get("expected_exits_per_op")
-            if expected is not None and abs(r["mean"] - expected) > 0.01 * max(1, expected):
-                assert any("expected" in w for w in r.get("warnings", [])), (exp, r["params"])
+            e = _expect.Expectation(**r["extra"]["expectation"])
+            assert r["extra"]["expected_exits_per_op"] == e.exits
+            want = _expect.check(e, r["mean"])
+            mine = [w for w in r.get("warnings", []) if w.startswith("exits_per_op is")]
+            if want is None:
+                assert mine == [], (exp, r["params"], mine)
+            else:
+                assert mine == [want], (exp, r["params"], mine)
+                assert f"{r['mean']:.2f}" in want and f"{e.exits:.2f}" in want
+                assert e.setting in want
+            checked += 1
+    assert checked >= 28
+
+
+def test_live_exit_counts_match_their_expectation(exits_run):
+    """On this host every measured exit count fits the table in experiments/_expect.py."""
+    _, _, rows = exits_run
+    off = [(exp, r["params"], r["mean"], r["extra"]["expectation"]["exits"])
+           for exp, rs in rows.items() for r in rs
+           if r["metric"] == "exits_per_op" and r["status"] == "ok"
+           and any(w.startswith("exits_per_op is") for w in r.get("warnings", []))]
+    assert off == []
+
+
+def test_every_msr_row_records_its_msr(exits_run):
+    _, _, rows = exits_run
+    for exp in ("exits.msr_kernel", "exits.msr_passthrough", "exits.msr_user",
+                "exits.tsc_adjust", "exits.kernel_gs_base", "exits.spec_ctrl", "exits.pred_cmd",
+                "exits.tsx_ctrl"):
+        for r in rows[exp]:
+            if r["status"] == "ok":
+                assert r["extra"]["msr"] and r["extra"]["msr_index"].startswith("0x"), exp
+            else:
+                assert r["status"] == "skip" and r["reason"], (exp, r)
+    r = _row(rows, "exits.msr_kernel", "exits_per_op", direction="read")
+    assert r["extra"]["msr"] == "IA32_MISC_ENABLE"
+
+
+def test_single_operation_distribution_describes_single_operations(exits_run):
+    """guest_cycles_single has one operation per sample: for an exiting operation its median
+    is close to the batched per-operation figure, and p99 >= p50."""
+    _, _, rows = exits_run
+    for exp in ("exits.cpuid", "exits.pio_user"):
+        single = _row(rows, exp, "guest_cycles_single")
+        batched = _row(rows, exp, "guest_cycles")
+        assert single["n"] >= 32 and single["p99"] >= single["median"]
+        assert 0.5 < single["median"] / batched["median"] < 2.0, (exp, single["median"],
+                                                                  batched["median"])
+        assert batched["extra"]["guest_cycles_batch"] == batched["extra"]["iters"]
+
+
+def test_the_two_views_are_compared_on_every_row(exits_run):
+    _, _, rows = exits_run
+    for exp, rs in rows.items():
+        for r in rs:
+            if r["metric"] == "guest_cycles" and r["status"] == "ok":
+                v = r["extra"]["views"]
+                # both are numbers; for a sub-nanosecond operation (a CPL3 nop) the host's
+                # mark-to-mark view is jitter and may even come out negative
+                assert np.isfinite(v["guest_cycles"]) and np.isfinite(v["host_cycles"])
+                assert v["agree"] == (abs(v["host_cycles"] - v["guest_cycles"])
+                                      <= v["tolerance_cycles"])
+                if not v["agree"]:
+                    assert any("views disagree" in w for w in r["warnings"]), (exp, r["params"])
+    # an exit that costs tens of microseconds is seen alike from both sides
+    v = _row(rows, "exits.pio_user", "guest_cycles", direction="out")["extra"]["views"]
+    assert v["agree"], v
+
+
+def test_x_syscall_is_a_derived_row(exits_run):
+    _, _, rows = exits_run
+    for mech in ("syscall", "int3"):
+        x = _row(rows, "exits.syscall", "x_syscall", mechanism=mech)
+        g = _row(rows, "exits.syscall", "guest_cycles", mechanism=mech)
+        assert x["flags"]["derived"] and x["unit"] == "x"
+        assert x["median"] == pytest.approx(g["median"] / g["extra"]["host_syscall_cycles"])
+        assert x["median"] > 0
 
 
 @pytest.mark.parametrize("exp", ["exits.pio_user", "exits.pio_kernel", "exits.mmio_user",
@@ -162,8 +248,13 @@ def test_vlab_agrees_with_the_bare_c_measurement(exitbench, exp, op):
 
     Both are medians of many samples; the two are interleaved so that host load affects both.
     """
+    from vlab import host as _host
+    from vlab.experiments import _expect
     from vlab.run.runner import RunOptions, execute
 
+    if op == "cpuid" and not _expect.expectation(exp, {"cpl": 3}, _host.fingerprint("/")).exits:
+        pytest.skip("cpuid is not a KVM exit on this host (PVM without CPUID faulting): it times "
+                    "the outer hypervisor, whose cost moved by 30% between processes here")
     ours, bare = [], []
     for _ in range(2):
         bare.append(exitbench(op)["guest_cycles"])
@@ -173,3 +264,23 @@ def test_vlab_agrees_with_the_bare_c_measurement(exitbench, exp, op):
         ours.append([r for r in doc["rows"] if r["metric"] == "guest_cycles"][0]["median"])
     a, b = float(np.median(ours)), float(np.median(bare))
     assert abs(a - b) / b <= 0.10, (exp, ours, bare)
+
+
+def test_a_guest_fault_on_an_msr_is_reported_not_a_crash():
+    """IA32_PRED_CMD is write-only: reading it takes a #GP in the guest on every flavor. The
+    VMM reports the fault (vector, CPL) and the host side carries on."""
+    from vlab._errors import GuestFault
+    from vlab.vmm.payloads import MICRO_OPS
+    from vlab.vmm.machine import Machine
+
+    with Machine(cpl=0) as m:
+        m.restart()
+        m.set_args(MICRO_OPS["rdmsr_value"], 0, 0, 0x49)
+        with pytest.raises(GuestFault) as e:
+            m.run_to_done(timeout=10)
+        assert e.value.vector == 13 and e.value.cpl == 0
+        # the same machine still runs guest code afterwards
+        m.restart()
+        m.set_args(MICRO_OPS["nop"], 10, 2, 0, 0, 0, 0)
+        m.run_to_done(timeout=10)
+        assert len(m.results(0)) == 2

@@ -113,6 +113,11 @@ def test_bad_input_writes_nothing(tmp_path):
 # A real browser
 
 
+# Where the browser test keeps its screenshot (build/ is ignored by git).
+SCREENSHOT_KEPT = (Path(__file__).resolve().parents[1] / "build" / "test-artifacts"
+                   / "report-chromium.png")
+
+
 def _chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         path = shutil.which(name)
@@ -158,6 +163,11 @@ def test_report_renders_in_chromium(two_file_report, tmp_path):
     assert shot.exists() and shot.read_bytes().startswith(PNG_MAGIC)
     assert shot.stat().st_size > 50_000  # a real page, not a blank one
     assert _console_errors(run.stderr) == []
+    # Kept, as the README says: the last run's screenshot outlives the test's temporary dir.
+    keep = SCREENSHOT_KEPT
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shot, keep)
+    assert keep.read_bytes().startswith(PNG_MAGIC)
 
 
 def test_console_error_detection_would_fire():

@@ -46,8 +46,9 @@ def test_tracer_counts_a_vlab_guest_exactly(cpuid_exits_counted):
         res = tr.snapshot()
         delta = diff(v.stats(), k0)
     c = res.counts
-    # kvm_cpuid fires once per cpuid wherever KVM handles it; a PVM switcher that answers CPUID
-    # itself (see conftest.cpuid_exits_counted) leaves both KVM's counter and the tracepoint at 0
+    # kvm_cpuid fires once per cpuid wherever KVM handles it; where KVM never sees the cpuid (PVM
+    # without CPUID faulting, see conftest.cpuid_exits_counted) its counter and the tracepoint
+    # stay at 0
     n_cpuid = N if cpuid_exits_counted else 0
     assert c.get("cpuid", 0) == n_cpuid
     assert c.get("pio:out:0x80") == N == sink.hits

@@ -99,8 +99,9 @@ def test_cpuid_is_handled_in_kernel(kvm, cpl, cpuid_exits_counted):
         if cpl == 3 and cpuid_exits_counted:
             assert_kvm_exits(dk, N * S + 1)      # a real exit per cpuid at CPL3 (VMX, SVM, most PVM)
         elif cpl == 3:
-            # a PVM switcher answers CPUID: no KVM exit but the DONE ucall, yet it still traps,
-            # costing far more than the same number of nops
+            # PVM without CPUID faulting: the guest executes cpuid itself and only the outer
+            # hypervisor traps it; no KVM exit but the DONE ucall, yet it costs far more than
+            # the same number of nops
             assert_kvm_exits(dk, 1)
             _, _, nops = run_counted(m, "nop")
             assert np.median(samples) > 100 * max(np.median(nops), 1), (samples, nops)

@@ -1,7 +1,7 @@
 """Page-walk reference-count model and a TLB simulator (numba kernels).
 
 Why: the paging experiments measure cycles per access under shadow paging (the only mode the
-PVM hosts offer, see KVM-ON-PVM.md) or EPT/NPT. This module puts a *model* next to those
+PVM hosts offer, see docs/kvm-on-pvm.md) or EPT/NPT. This module puts a *model* next to those
 figures: how many memory references one TLB miss costs in each translation mode, and how often
 a TLB of a given size misses for a given working set. Everything it returns is a model, and the
 dict outputs say so with `model: True`.

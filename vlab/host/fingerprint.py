@@ -32,6 +32,7 @@ CPU_FLAGS = (
     "tpr_shadow", "vnmi", "posted_intr", "pml", "avic", "x2avic", "nrip_save", "tsc_scale",
     "pdpe1gb", "pse", "la57", "pcid", "invpcid", "hypervisor", "constant_tsc", "nonstop_tsc",
     "tsc_known_freq", "tsc_deadline_timer", "rdtscp", "x2apic", "arch_perfmon",
+    "cpuid_fault",      # PVM traps a guest's CPL3 cpuid only with CPUID faulting
 )
 
 # Dotted paths hashed into host_id: change any of these and results stop being comparable.

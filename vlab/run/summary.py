@@ -1,7 +1,8 @@
 """The table `vlab run` prints: readable at a glance, one line per case.
 
 Exit experiments get the exit table (kind, handled by, guest cycles p50/p99, host ns p50/p99,
-exits/op, and each cost as a multiple of the host's own system call); other areas use the
+exits/op measured and expected for this host's flavor, and each cost as a multiple of the host's
+own system call, from the stored `x_syscall` row where there is one); other areas use the
 generic results table.
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ def exits_table(doc: dict) -> str:
     native_ns = (native.get("host_ns") or {}).get("median")
     emulated = doc.get("host", {}).get("emulated_cpl0")
     head = (f"{'kind':<19} {'params':<28} {'handled by':<28} {'guest cyc p50':>13} {'p99':>9} "
-            f"{'host ns p50':>11} {'p99':>9} {'exits/op':>8} {'x syscall':>9}")
+            f"{'host ns p50':>11} {'p99':>9} {'exits/op':>8} {'expect':>6} {'x syscall':>9}")
     lines = [head, "-" * len(head)]
     notes: list[str] = []
     for key in order:
@@ -61,7 +62,10 @@ def exits_table(doc: dict) -> str:
         extra = (g or h).get("extra") or {}
         handled = str(extra.get("handled_by", ""))[:28]
         mult = "-"
-        if g.get("median") is not None and native_cycles:
+        x = rows.get("x_syscall") or {}
+        if x.get("median") is not None:
+            mult = f"{x['median']:.1f}x"
+        elif g.get("median") is not None and native_cycles:
             mult = f"{g['median'] / native_cycles:.1f}x"
         elif h.get("median") is not None and native_ns and not g:
             mult = f"{h['median'] / native_ns:.1f}x"
@@ -72,9 +76,10 @@ def exits_table(doc: dict) -> str:
         if warn:
             flag += " !"
             notes += [f"  ! {name} {key[1]}: {w}" for w in dict.fromkeys(warn)]
+        want = (e.get("extra") or {}).get("expected_exits_per_op")
         lines.append(f"{name:<19} {key[1]:<28} {handled:<28} {_fmt(g.get('median')):>13} "
                      f"{_fmt(g.get('p99')):>9} {_fmt(h.get('median')):>11} {_fmt(h.get('p99')):>9} "
-                     f"{_fmt(e.get('median')):>8} {mult:>9}{flag}")
+                     f"{_fmt(e.get('median')):>8} {_fmt(want):>6} {mult:>9}{flag}")
     if emulated and any((r.get("params") or {}).get("cpl") == 0 for rows in cases.values()
                         for r in rows.values()):
         lines.append("  * CPL0 is emulated by KVM on this host: CPL0 figures are the excess over "

@@ -72,6 +72,20 @@ class Kvm:
             return None
         return tuple(regs)  # type: ignore[return-value]
 
+    def feature_msr(self, index: int) -> int | None:
+        """A feature MSR's value as KVM offers it to guests (KVM_GET_MSRS on /dev/kvm, e.g.
+        IA32_ARCH_CAPABILITIES), or None when KVM does not offer that MSR."""
+        import fcntl
+        import struct
+
+        buf = bytearray(struct.pack("IIIIQ", 1, 0, index, 0, 0))   # struct kvm_msrs, 1 entry
+        try:
+            if fcntl.ioctl(lib.vlab_kvm_fd(self._h), 0xC008AE88, buf) != 1:   # KVM_GET_MSRS
+                return None
+        except OSError:
+            return None
+        return struct.unpack("IIIIQ", bytes(buf))[4]
+
     def has_1g_pages(self) -> bool:
         """pdpe1gb offered to guests (CPUID 0x80000001 EDX bit 26)."""
         r = self.supported_cpuid(0x80000001)

@@ -40,7 +40,7 @@ class Machine:
     def __init__(self, payload: str | Payload = "micro", *, vcpus: int = 1, cpl: int = 3,
                  kvm: Kvm | None = None, pt_pool: int = DEFAULT_PT_POOL,
                  sys_backing: str = "4k", preset_ad: bool = True, dirty_ring: int = 0,
-                 mmio: bool = True):
+                 mmio: bool = True, irqchip: bool = False):
         self._own_kvm = kvm is None
         self.kvm = kvm or Kvm()
         self.payload = payload if isinstance(payload, Payload) else load_payload(payload)
@@ -50,6 +50,8 @@ class Machine:
         try:
             if dirty_ring:
                 self.vm.enable_dirty_ring(dirty_ring)
+            if irqchip:
+                self.vm.create_irqchip()
             self.sys = self.vm.add_slot(0, SYS_FIXED + pt_pool, sys_backing)
             self.vm.load_image(self.payload.image)
             self.vm.setup_tables(lib.VLAB_GPA_PTPOOL, pt_pool)

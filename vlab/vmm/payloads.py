@@ -36,9 +36,10 @@ MICRO_OPS = {
     "nop": 0, "cpuid": 1, "out": 2, "in": 3, "mmio_write": 4, "mmio_read": 5, "vmcall": 6,
     "vmmcall": 7, "hlt": 8, "rdmsr": 9, "wrmsr": 10, "cr3_write": 11, "invlpg": 12,
     "syscall": 13, "rdtsc": 14, "rdtscp": 15, "pause": 16, "empty": 17, "int3": 18,
+    "cr0_wp": 19, "cr4_pge": 20, "dr_write": 21, "dr_read": 22, "wbinvd": 23, "invd": 24,
     "spin": 100, "triple_fault": 101, "assert_fail": 102, "print": 103, "touch": 104,
     "write_word": 105, "read_word": 106, "ud2": 107, "wait_word": 108,
-    "syscall_cs": 109, "cpl0_cr3": 110,
+    "syscall_cs": 109, "cpl0_cr3": 110, "rdmsr_value": 111,
 }
 # Workload codes of the two payloads that take one (a payload's own enum, so each table mirrors
 # its C file; the same word can name different loops in different payloads):
@@ -51,6 +52,7 @@ MIGRATE_WORKLOADS = {"counter": 0, "uniform": 1}
 
 MICRO_F_MARK = 1
 MICRO_F_SYNC = 2
+MICRO_F_KEEP = 4      # wrmsr writes back the MSR's current value
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,18 @@ class Vm:
         self._stats: StatsReader | None = None
         self._fin = weakref.finalize(self, lib.vlab_vm_destroy, self._h)
 
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP: KVM's in-kernel PIC, IOAPIC and local APICs. Only before the
+        first vCPU; the PIC then answers its ports (0x20/0x21, 0xa0/0xa1, ELCR 0x4d0/0x4d1) in the
+        kernel, which is what exits.pio_device measures. Off by default: with it, hlt no longer
+        exits to the VMM."""
+        import fcntl
+
+        if self.vcpus:
+            raise ValueError("an in-kernel irqchip must be created before the first vCPU")
+        self.kvm.require("IRQCHIP", "an in-kernel irqchip")
+        fcntl.ioctl(lib.vlab_vm_fd(self._h), 0xAE60)      # _IO(KVMIO, 0x60)
+
     # ---- memory ----
     def add_slot(self, gpa: int, size: int, backing: str = "4k", *, dirty_log: bool = False,
                  readonly: bool = False, prefault: bool = False,

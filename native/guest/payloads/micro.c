@@ -10,6 +10,8 @@
  *   5 flags      F_MARK: ucall MARK before the first and after every sample (host
  *                timestamps each batch)
  *                F_SYNC: ucall SYNC(1) before the first sample (host snapshots counters)
+ *                F_KEEP: wrmsr writes back the MSR's current value (read once, before the
+ *                first sample) instead of a1, so a write changes nothing the guest relies on
  *   6 warmup     samples run first and not recorded
  * Each vCPU records into its own results area; all vCPUs run the same loop.
  */
@@ -18,14 +20,19 @@
 enum op {
     OP_NOP = 0, OP_CPUID, OP_OUT, OP_IN, OP_MMIO_WRITE, OP_MMIO_READ, OP_VMCALL, OP_VMMCALL,
     OP_HLT, OP_RDMSR, OP_WRMSR, OP_CR3_WRITE, OP_INVLPG, OP_SYSCALL, OP_RDTSC, OP_RDTSCP,
-    OP_PAUSE, OP_EMPTY, OP_INT3,
+    OP_PAUSE, OP_EMPTY, OP_INT3, OP_CR0_WP, OP_CR4_PGE, OP_DR_WRITE, OP_DR_READ, OP_WBINVD,
+    OP_INVD,
     /* not timed loops: behaviour probes used by tests */
     OP_SPIN = 100, OP_TRIPLE_FAULT, OP_ASSERT_FAIL, OP_PRINT, OP_TOUCH, OP_WRITE_WORD,
-    OP_READ_WORD, OP_UD2, OP_WAIT_WORD, OP_SYSCALL_CS, OP_CPL0_CR3,
+    OP_READ_WORD, OP_UD2, OP_WAIT_WORD, OP_SYSCALL_CS, OP_CPL0_CR3, OP_RDMSR_VALUE,
 };
 
 #define F_MARK 1
 #define F_SYNC 2
+#define F_KEEP 4
+
+#define CR0_WP (1UL << 16)
+#define CR4_PGE (1UL << 7)
 
 #define LOOP(name, ...)                                                      \
     static void __attribute__((noinline)) loop_##name(u64 n, u64 a0, u64 a1) \
@@ -55,6 +62,16 @@ LOOP(rdtsc, { u32 lo, hi; __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); })
 LOOP(rdtscp, { u32 lo, hi, c; __asm__ volatile("rdtscp" : "=a"(lo), "=d"(hi), "=c"(c)); })
 LOOP(pause, __asm__ volatile("pause"))
 LOOP(empty, __asm__ volatile("" ::: "memory"))
+/* Each iteration flips one control bit, so every write changes it (a write of the same value may
+ * be filtered by the CPU or KVM); payload_main restores the original value after the samples. */
+LOOP(cr0_wp, { u64 v; __asm__ volatile("mov %%cr0, %0" : "=r"(v)); v ^= CR0_WP;
+               __asm__ volatile("mov %0, %%cr0" :: "r"(v) : "memory"); })
+LOOP(cr4_pge, { u64 v; __asm__ volatile("mov %%cr4, %0" : "=r"(v)); v ^= CR4_PGE;
+                __asm__ volatile("mov %0, %%cr4" :: "r"(v) : "memory"); })
+LOOP(dr_write, __asm__ volatile("mov %0, %%dr7" :: "r"(a1)))
+LOOP(dr_read, { u64 v; __asm__ volatile("mov %%dr7, %0" : "=r"(v)); })
+LOOP(wbinvd, __asm__ volatile("wbinvd" ::: "memory"))
+LOOP(invd, __asm__ volatile("invd" ::: "memory"))
 
 typedef void (*loop_fn)(u64, u64, u64);
 static const loop_fn loops[] = {
@@ -64,8 +81,34 @@ static const loop_fn loops[] = {
     [OP_RDMSR] = loop_rdmsr, [OP_WRMSR] = loop_wrmsr, [OP_CR3_WRITE] = loop_cr3_write,
     [OP_INVLPG] = loop_invlpg, [OP_SYSCALL] = loop_syscall, [OP_RDTSC] = loop_rdtsc,
     [OP_RDTSCP] = loop_rdtscp, [OP_PAUSE] = loop_pause, [OP_EMPTY] = loop_empty,
-    [OP_INT3] = loop_int3,
+    [OP_INT3] = loop_int3, [OP_CR0_WP] = loop_cr0_wp, [OP_CR4_PGE] = loop_cr4_pge,
+    [OP_DR_WRITE] = loop_dr_write, [OP_DR_READ] = loop_dr_read, [OP_WBINVD] = loop_wbinvd,
+    [OP_INVD] = loop_invd,
 };
+
+static u64 rdmsr64(u32 msr)
+{
+    u32 lo, hi;
+
+    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+    return ((u64)hi << 32) | lo;
+}
+
+static u64 read_cr0(void)
+{
+    u64 v;
+
+    __asm__ volatile("mov %%cr0, %0" : "=r"(v));
+    return v;
+}
+
+static u64 read_cr4(void)
+{
+    u64 v;
+
+    __asm__ volatile("mov %%cr4, %0" : "=r"(v));
+    return v;
+}
 
 static void timed(u64 id, loop_fn fn, u64 a0, u64 a1)
 {
@@ -111,6 +154,18 @@ void payload_main(u64 id)
 
     if (op == OP_CR3_WRITE)
         a1 = read_cr3();        /* write back the same value */
+    if (op == OP_WRMSR && (ARG(5) & F_KEEP))
+        a1 = rdmsr64((u32)a0);
+    if (op == OP_CR0_WP || op == OP_CR4_PGE) {
+        u64 saved = op == OP_CR0_WP ? read_cr0() : read_cr4();
+
+        timed(id, loops[op], a0, a1);
+        if (op == OP_CR0_WP)
+            __asm__ volatile("mov %0, %%cr0" :: "r"(saved) : "memory");
+        else
+            __asm__ volatile("mov %0, %%cr4" :: "r"(saved) : "memory");
+        return;
+    }
     if (op < sizeof(loops) / sizeof(loops[0]) && loops[op]) {
         timed(id, loops[op], a0, a1);
         return;
@@ -153,6 +208,10 @@ void payload_main(u64 id)
         /* from CPL3, read CR3 at CPL0 through the call gate */
         result_push(id, cpl0_call(cpl0_read_cr3, 0, 0));
         result_push(id, read_cs());
+        break;
+    case OP_RDMSR_VALUE:
+        /* probe: the MSR's value (a #GP on an MSR the vCPU lacks is reported as a guest fault) */
+        result_push(id, rdmsr64((u32)a0));
         break;
     case OP_WAIT_WORD:
         /* spin until the word at a0 equals a1 (another VM writes it through shared memory) */

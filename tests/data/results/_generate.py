@@ -1,7 +1,7 @@
 """Regenerate the small results files the tests read (run from the repo root:
 `.venv/bin/python tests/data/results/_generate.py`).
 
-They are synthetic, not recorded: magnitudes follow the measurements in KVM-ON-PVM.md (a PVM
+They are synthetic, not recorded: magnitudes follow the measurements in docs/kvm-on-pvm.md (a PVM
 host: nested, shadow paging, guest CPL0 emulated), with seeded log-normal noise, so that every
 figure and report section has something realistic to show. `pvm_quick_thp_never.json` is the
 same host with THP off: the THP-backed paging rows get slower (~1.5x), the rest changes by noise
@@ -208,7 +208,7 @@ def doc(run_id: str, started: str, finished: str, rows: list[dict], thp: str, me
             "finished_at": finished, "vlab_version": "0.1.0",
             "argv": ["vlab", "run", "--suite", "quick"], "host": host(thp, mem, cal),
             "suite": "quick", "rows": rows,
-            "comment": "synthetic test fixture; magnitudes from KVM-ON-PVM.md"}
+            "comment": "synthetic test fixture; magnitudes from docs/kvm-on-pvm.md"}
 
 
 def main() -> None:
