@@ -28,7 +28,7 @@ def exp_module():
 
 @pytest.fixture(scope="module")
 def registry():
-    from vlab import _experiment
+    from vlab.run import registry as _experiment
 
     _experiment.discover()
     return {n: e for n, e in _experiment._REGISTRY.items() if n.startswith("exits.")}
@@ -213,6 +213,6 @@ def test_expectation_skips_name_the_missing_feature(hosts, monkeypatch):
 
 
 def registry_get(name: str):
-    from vlab import _experiment
+    from vlab.run import registry as _experiment
 
     return _experiment.get(name)
