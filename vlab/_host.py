@@ -404,7 +404,7 @@ def fingerprint(root: str = "/", kvm: dict | None = None) -> dict:
     the record says why. Everything else is read from files, so this never needs privileges and
     never fails: what cannot be read is recorded as None.
     """
-    from . import _sriov  # _sriov reads files with this module's helpers
+    from . import _emulation, _sriov  # both read files with this module's helpers
 
     cpu = _cpu(root)
     release = read_text(root, "/proc/sys/kernel/osrelease")
@@ -426,6 +426,8 @@ def fingerprint(root: str = "/", kvm: dict | None = None) -> dict:
         "cpu": {k: cpu[k] for k in ("family", "model", "stepping", "microcode", "flags", "bugs",
                                     "count")},
         "nested": cpu["flags"]["hypervisor"],
+        # Not in host_id: the CPU model already differs, and old records stay comparable.
+        "emulation": _emulation.detect(root, cpu["model_name"]),
         "kernel": release,
         "kernel_version": read_text(root, "/proc/sys/kernel/version"),
         "kernel_cmdline": read_text(root, "/proc/cmdline"),
@@ -660,6 +662,12 @@ def doctor_checks(host: dict, extra: Iterable[Check] = ()) -> list[Check]:
     elif flavor in ("vmx", "svm"):
         checks.append(Check("cpl0", True, "guest CPL0 runs natively"))
 
+    from ._emulation import warning as emulation_warning
+    tcg = emulation_warning(host)
+    if tcg:
+        checks.append(Check("cpu.emulated", False, tcg, level="warn",
+                            advice="use its exit counts, exit reasons and paging modes; take "
+                                   "costs only from hardware hosts"))
     if host.get("nested"):
         checks.append(Check("nested", False,
                             "running under a hypervisor (cpu flag 'hypervisor'): every exit also "
