@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import results
+from . import _emulation, results
 from ._compare import compare, flatten_host, is_volatile
 from ._files import atomic_open
 from ._plot import AREAS, area_figure, area_of, compare_figure, host_caption
@@ -272,6 +272,9 @@ def _warnings(items: Sequence[tuple[Mapping[str, Any], str]]
     for doc, name in items:
         where = f"{name}: " if multi else ""
         host = doc.get("host", {})
+        tcg = _emulation.warning(host)
+        if tcg:
+            out.append(("emulated CPU", f"{where}host {host.get('host_id')}: {tcg}.", []))
         if host.get("nested"):
             out.append(("nested virtualization", f"{where}host {host.get('host_id')} is itself "
                         "a virtual machine; every figure includes the outer hypervisor's cost "
