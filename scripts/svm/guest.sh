@@ -52,6 +52,25 @@ say "guest $(uname -r), $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | c
 step modprobe 300 modprobe kvm_amd || { finish; exit 1; }
 say "kvm_amd: npt=$(cat /sys/module/kvm_amd/parameters/npt) nested=$(cat /sys/module/kvm_amd/parameters/nested)"
 
+# The files vlab's host record reads to tell an emulated CPU (kept for the report and tests).
+probe() {
+    local d=$out/probe
+    mkdir -p "$d/proc" "$d/sys/class/dmi/id"
+    cp /proc/cpuinfo "$d/proc/cpuinfo"
+    for f in sys_vendor product_name product_version bios_vendor bios_version board_vendor \
+             chassis_vendor; do
+        cat "/sys/class/dmi/id/$f" > "$d/sys/class/dmi/id/$f" 2>/dev/null || true
+    done
+    mkdir -p "$d/sys/devices/system/clocksource/clocksource0"
+    cp /sys/devices/system/clocksource/clocksource0/available_clocksource \
+        "$d/sys/devices/system/clocksource/clocksource0/" 2>/dev/null || true
+    ls /sys/hypervisor > "$d/sys-hypervisor.txt" 2>&1 || true
+    dmesg | grep -iE 'hypervisor|tcg|qemu|DMI:|clocksource' > "$d/dmesg-hypervisor.txt" || true
+}
+export -f probe
+export out
+step probe 60 bash -c probe
+
 step doctor 300 bash -c 'vlab doctor && vlab doctor --json > "$1/doctor.json"' _ "$out"
 
 # The real-KVM tests whose outcome depends on the KVM flavor (marker svm_lane).
