@@ -96,6 +96,13 @@ def annotate_exits(params: dict, host: dict, metric: str, samples: list, extras:
         if truth and abs(np.mean(truth) - 1) > 1e-9:
             warnings.append(f"ground truth (sink/eventfd count) is {np.mean(truth):.4f} per "
                             "operation, expected exactly 1")
+    if metric == "host_ns":
+        below = sum(e.get("host_ns_below_resolution", 0) for e in extras)
+        total = sum(e.get("host_ns_samples", 0) for e in extras)
+        if below:
+            warnings.append(f"host_ns: {below} of {total} samples took less than an empty "
+                            "sample (the operation costs less than the MARK calibration "
+                            "resolves); they count as 0")
     if last.get("syscall_handler_cpl") not in (None, 0) and params.get("mechanism") == "syscall":
         warnings.append("syscall did not reach CPL0 on this host: the handler ran at CPL"
                         f"{last['syscall_handler_cpl']} (PVM delivers a guest syscall to LSTAR "
