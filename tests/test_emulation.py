@@ -119,3 +119,11 @@ def test_report_warns_for_an_emulated_host(tmp_path):
     html = render([(doc, "tcg.json")])
     assert "emulated CPU:" in html and "not hardware timings" in html
     assert "emulated CPU:" not in render([(results.read(QUICK), "q.json")])
+
+
+def test_doctor_nested_row_does_not_blame_an_outer_hypervisor_under_tcg():
+    nested = {c.name: c for c in _host.doctor_checks(tcg_host())}["nested"]
+    assert nested.status == "WARN" and "emulated CPU" in nested.detail
+    assert "outer hypervisor" not in nested.detail
+    hw = {c.name: c for c in _host.doctor_checks(fp(HOSTS / "pvm"))}["nested"]
+    assert "outer hypervisor" in hw.detail

@@ -668,7 +668,13 @@ def doctor_checks(host: dict, extra: Iterable[Check] = ()) -> list[Check]:
         checks.append(Check("cpu.emulated", False, tcg, level="warn",
                             advice="use its exit counts, exit reasons and paging modes; take "
                                    "costs only from hardware hosts"))
-    if host.get("nested"):
+    if host.get("nested") and tcg:
+        checks.append(Check("nested", False,
+                            "running inside QEMU with an emulated CPU (cpu flag 'hypervisor'): "
+                            "no outer hardware hypervisor, every exit and walk is emulated",
+                            level="warn", advice="compare exit counts and reasons with other "
+                                                 "hosts, not times"))
+    elif host.get("nested"):
         checks.append(Check("nested", False,
                             "running under a hypervisor (cpu flag 'hypervisor'): every exit also "
                             "pays the outer hypervisor", level="warn",
