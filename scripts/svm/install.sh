@@ -9,14 +9,15 @@
 set -euo pipefail
 
 SOURCES=/etc/apt/sources.list.d/vlab-backports.sources
+QEMU=${SVM_QEMU:-qemu-system-x86_64}   # another binary for tests of the skip path
 QEMU_MIN_MAJOR=8
 
 skip() { echo "SKIP: $*" >&2; exit 3; }
 
 qemu_ok() {
-    command -v qemu-system-x86_64 >/dev/null 2>&1 || return 1
+    command -v "$QEMU" >/dev/null 2>&1 || return 1
     local major
-    major=$(qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p')
+    major=$("$QEMU" --version | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p')
     [ -n "$major" ] && [ "$major" -ge "$QEMU_MIN_MAJOR" ]
 }
 
@@ -73,5 +74,5 @@ if [ -n "$release" ] && [ ! -r "/boot/vmlinuz-$release" ]; then
     timeout 1200 apt-get install -y --no-install-recommends "linux-image-$release" >>"$log" 2>&1 \
         || skip "apt-get install linux-image-$release failed (see $log)"
 fi
-qemu_ok || skip "qemu-system-x86_64 >= $QEMU_MIN_MAJOR still missing after install (see $log)"
+qemu_ok || skip "$QEMU >= $QEMU_MIN_MAJOR still missing after install (see $log)"
 exit 0

@@ -5,7 +5,8 @@
 # the guest console in build/svm/console.log, the guest's verdict in build/svm/status.
 # A host that cannot run the lane (not root and packages missing, no KVM-less QEMU) is a SKIP:
 # one line naming the reason, exit 0. Ctrl-C stops the lane and QEMU.
-# Environment: SVM_BOOT_TIMEOUT (s, whole guest run, default 2400), SVM_STEPS (guest steps).
+# Environment: SVM_BOOT_TIMEOUT (s, whole guest run, default 2400), SVM_STEPS (guest steps),
+# SVM_QEMU (the QEMU binary, default qemu-system-x86_64).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 checkout=$(pwd)
@@ -27,7 +28,8 @@ rm -f "$errlog"
 release=$(dpkg-query -W -f='${Depends}' linux-headers-amd64 | tr ',' '\n' \
     | sed -n 's/^ *linux-headers-\([^ ]*\).*/\1/p' | head -n1)
 kernel=/boot/vmlinuz-$release
-phase "install checked: $(qemu-system-x86_64 --version | head -n1), kernel $release"
+qemu=${SVM_QEMU:-qemu-system-x86_64}
+phase "install checked: $("$qemu" --version | head -n1), kernel $release"
 
 mkdir -p "$out"
 rm -f "$out"/{doctor.json,npt1.json,npt0.json,compare.md,pytest.log,console.log,status}
@@ -42,22 +44,22 @@ limit=${SVM_BOOT_TIMEOUT:-2400}
 append="console=ttyS0 panic=-1 loglevel=4 vlab.checkout=$checkout"
 [ -n "${SVM_STEPS:-}" ] && append+=" vlab.steps=$SVM_STEPS"
 # No -nic/-netdev and -nodefaults: the guest has no network.
-timeout -k 15 "$limit" qemu-system-x86_64 \
+timeout -k 15 "$limit" "$qemu" \
     -accel tcg,thread=multi -machine q35 -cpu max,+svm,+npt,+vgif -smp 2 -m 4G \
     -nodefaults -no-reboot -display none -serial stdio -monitor none \
     -kernel "$kernel" -initrd "$out/initramfs.cpio.gz" -append "$append" \
     -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
     -virtfs "local,path=$out,mount_tag=out,security_model=none,multidevs=remap" \
     </dev/null >"$out/console.log" 2>&1 &
-qemu=$!
-stop() { kill -TERM "$qemu" 2>/dev/null || true; wait "$qemu" 2>/dev/null || true;
+qpid=$!
+stop() { kill -TERM "$qpid" 2>/dev/null || true; wait "$qpid" 2>/dev/null || true;
          echo "svm-lane: interrupted; QEMU stopped (console: $out/console.log)" >&2; exit 130; }
 trap stop INT TERM
-phase "QEMU started (pid $qemu, timeout ${limit}s); console: $out/console.log"
-tail -n +1 -F --pid="$qemu" "$out/console.log" 2>/dev/null \
+phase "QEMU started (pid $qpid, timeout ${limit}s); console: $out/console.log"
+tail -n +1 -F --pid="$qpid" "$out/console.log" 2>/dev/null \
     | grep --line-buffered -E '^(svm-lane|svm-init):|Kernel panic|BUG:|assertion' &
 rc=0
-wait "$qemu" || rc=$?
+wait "$qpid" || rc=$?
 trap - INT TERM
 sleep 1
 [ $rc -eq 124 ] && phase "QEMU TIMED OUT after ${limit}s"
