@@ -60,7 +60,7 @@ main() {
     trap stop INT TERM
     phase "QEMU started (pid $qpid, timeout ${limit}s); console: $out/console.log"
     tail -n +1 -F --pid="$qpid" "$out/console.log" 2>/dev/null \
-        | grep --line-buffered -E '^(svm-lane|svm-init):|Kernel panic|BUG:|assertion' &
+        | grep --line-buffered -E '^(svm-lane|svm-init):|^\[ *[0-9]+/[0-9]+\]|^(run|results):|Kernel panic|BUG:|assertion' &
     rc=0
     wait "$qpid" || rc=$?
     trap - INT TERM
