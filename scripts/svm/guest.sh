@@ -94,6 +94,10 @@ main() {
     fi
     step run-npt0 1200 vlab run --suite svm-paging --trace -o "$out/npt0.json"
 
+    # Developer hook, never part of the lane: vlab.steps=...,debug runs build/svm/debug.sh.
+    if [ "$steps" != all ] && want debug && [ -f "$out/debug.sh" ]; then
+        step debug 1200 bash "$out/debug.sh"
+    fi
     step compare 300 bash -c 'vlab compare "$1/npt1.json" "$1/npt0.json" --md > "$1/compare.md"' _ "$out"
     finish
 }
