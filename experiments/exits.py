@@ -13,6 +13,7 @@ import numpy as np
 
 from vlab._experiment import (LoopExperiment, Measurement, Requirement, needs_cap, needs_kvm,
                               register)
+from vlab._emulation import tcg_shadow_requirement
 from vlab._native import ffi, lib
 
 from . import _micro
@@ -273,13 +274,13 @@ micro_experiment(
 micro_experiment(
     "exits.cr3_write", "mov to cr3 of the same value (a TLB flush; shadow paging resyncs)",
     params={"cpl": [0]}, quick={"cpl": [0]},
-    handled_by="kernel", expect=expect_trap_without_tdp,
+    handled_by="kernel", expect=expect_trap_without_tdp, requires=[tcg_shadow_requirement()],
     make_case=lambda p: _case("cr3_write", 4, 4, p))
 
 micro_experiment(
     "exits.invlpg", "invlpg of a mapped page",
     params={"cpl": [0]}, quick={"cpl": [0]},
-    handled_by="kernel", expect=expect_trap_without_tdp,
+    handled_by="kernel", expect=expect_trap_without_tdp, requires=[tcg_shadow_requirement()],
     make_case=lambda p: _case("invlpg", 4, 4, p, a0=lib.VLAB_GPA_IMAGE))
 
 

@@ -127,3 +127,28 @@ def test_doctor_nested_row_does_not_blame_an_outer_hypervisor_under_tcg():
     assert "outer hypervisor" not in nested.detail
     hw = {c.name: c for c in _host.doctor_checks(fp(HOSTS / "pvm"))}["nested"]
     assert "outer hypervisor" in hw.detail
+
+
+def test_shadow_paging_cases_are_skipped_with_the_reason_only_on_tcg_svm():
+    """What make test-svm found under kvm_amd.npt=0 is a skip with its reason there, and
+    nowhere else (hardware SVM with shadow paging, NPT on TCG, PVM)."""
+    req = _emulation.tcg_shadow_requirement()
+    tcg = tcg_host()
+    assert req.check(tcg, {}) is None                       # NPT on TCG: runs
+    shadow = dict(tcg, paging="shadow")
+    assert "triple fault" in req.check(shadow, {})
+    hw_shadow = dict(fp(HOSTS / "svm"), paging="shadow")
+    assert req.check(hw_shadow, {}) is None
+    assert req.check(fp(HOSTS / "pvm"), {}) is None
+
+
+def test_the_lane_suites_plan_the_shadow_skips_on_a_tcg_shadow_host():
+    from vlab._runner import RunOptions, plan
+
+    host = dict(tcg_host(), paging="shadow")
+    host["kvm"] = dict(host["kvm"], usable=True)
+    cases, _, _ = plan(RunOptions(suite="svm-paging"), host)
+    reasons = {c.exp.name: c.skip for c in cases}
+    for name in ("exits.cr3_write", "exits.invlpg", "paging.random_read", "paging.first_touch"):
+        assert "triple fault" in (reasons[name] or ""), name
+    assert reasons["exits.cpuid"] is None and reasons["exits.mmio_user"] is None
