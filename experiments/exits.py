@@ -111,6 +111,22 @@ def annotate_exits(params: dict, host: dict, metric: str, samples: list, extras:
     return warnings, flags, {}
 
 
+def _validate_choices(declared: dict):
+    """`_validate_common` plus: a word-valued axis (direction, insn) takes only the words the
+    experiment declares, so `-p direction=out` on exits.mmio_user is one line and exit 2
+    rather than a KeyError in a pyperf worker."""
+    def validate(params: dict, host: dict) -> None:
+        from vlab._errors import UsageError
+
+        _validate_common(params, host)
+        for key, allowed in declared.items():
+            if key in params and allowed and all(isinstance(a, str) for a in allowed) \
+                    and params[key] not in allowed:
+                raise UsageError(f"{key} must be one of {', '.join(allowed)}, "
+                                 f"not {params[key]!r}")
+    return validate
+
+
 def expect_trap_without_tdp(params: dict, host: dict) -> int:
     """Exits per cr3 write / invlpg: none with EPT or NPT (the guest owns CR3 and its TLB and
     KVM does not intercept them), one under shadow paging (KVM must resync its shadow tables)."""
@@ -143,7 +159,8 @@ def micro_experiment(name: str, description: str, *, params: dict, quick: dict |
     return register(LoopExperiment(
         name=name, description=description, params=params, quick=quick,
         metrics=dict(EXIT_METRICS), requires=[needs_kvm(), _fits_vcpus(), *requires],
-        cpl="cpl", handled_by=handled_by, validate=_validate_common, annotate=annotate_exits,
+        cpl="cpl", handled_by=handled_by, validate=_validate_choices(params),
+        annotate=annotate_exits,
         setup=setup, measure=_loop_measure, teardown=_micro.teardown))
 
 
