@@ -9,7 +9,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 say() { echo "svm-init: $*" > /dev/console; }
-fail() { say "FATAL: $*"; echo o > /proc/sysrq-trigger; sleep 10; }
+fail() { say "FATAL: $*"; poweroff -f; sleep 10; }
 
 checkout=
 for word in $(cat /proc/cmdline); do
@@ -24,9 +24,17 @@ done < /modules/order
 mkdir -p /newroot
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576,cache=loose,ro hostroot /newroot \
     || fail "cannot mount the host root share"
+# The checkout may live under a directory the tmpfs mounts below hide (/tmp, /run, /var/tmp):
+# hold it on a bind mount first and put it back on top of the tmpfs afterwards.
+mkdir -p /checkout
+mount --bind "/newroot$checkout" /checkout || fail "no $checkout in the host root share"
 for d in tmp run var/tmp; do
     mount -t tmpfs -o mode=1777 tmpfs "/newroot/$d" || fail "tmpfs on /$d"
 done
+if [ ! -d "/newroot$checkout/scripts/svm" ]; then
+    mkdir -p "/newroot$checkout"
+    mount --move /checkout "/newroot$checkout" || fail "cannot put $checkout back"
+fi
 mount --move /dev /newroot/dev || fail "move /dev"
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys
