@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.vlab-installed
 SOURCES := $(shell find native vlab experiments -type f \( -name '*.c' -o -name '*.h' -o -name '*.S' -o -name '*.ld' -o -name '*.py' -o -name '*.toml' \) -not -name '_native.c' 2>/dev/null) pyproject.toml setup.py
 
-.PHONY: install run test sysdeps clean bench
+.PHONY: install run test test-svm sysdeps clean bench
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ run: install
 
 test: install
 	$(VPY) -m pytest -q
+
+# The SVM/NPT lane: a KVM host emulated by QEMU's TCG, booted with this checkout (scripts/svm/).
+test-svm: install
+	@bash scripts/svm/lane.sh
 
 # Speed goals live here, not in tests: the numba models, and what the exit tracer costs.
 bench: install

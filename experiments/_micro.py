@@ -5,7 +5,8 @@ timestamps a MARK ucall before the first and after every sample. From one `measu
 
 - guest_cycles: per operation, (sample - bracket) / iters - the nop loop's cost per iteration
   at the same CPL (so a CPL0 figure is the excess over the CPL0 nop baseline);
-- host_ns: per operation, (interval between marks - the cost of an empty sample) / iters;
+- host_ns: per operation, (interval between marks - the cost of an empty sample) / iters,
+  floored at 0 (samples below the empty-sample cost are counted in host_ns_below_resolution);
 - exits_per_op: KVM's binary-stats exits (less host-caused ones and our own ucalls) per
   operation, with the VMM's own user-space exit count beside it;
 - guest_cycles_single: one operation per rdtsc bracket, less the bracket (and at CPL0 the nop
@@ -141,6 +142,7 @@ def measure(st: MicroState, loops: int) -> Measurement:
     ops_per_vcpu = c.iters * loops
     cycles, host_ns, per_vcpu, raw_guest = [], [], [], []
     exits_kvm = exits_vmm = 0
+    below = 0
     for v in m.vcpus:
         c0, k0 = snaps[v.id]
         c1, k1 = v.counters(), v.stats()
@@ -152,6 +154,11 @@ def measure(st: MicroState, loops: int) -> Measurement:
         g = _per_op_cycles(m.results(v.id), c.iters, st.bracket) - st.nop_per_iter
         marks = v.marks().astype(np.int64)
         h = (np.diff(marks)[:loops] - st.mark_ns) / c.iters
+        # A sample faster than the median empty sample is noise around an operation that costs
+        # less than the calibration can resolve (no exit: an MSR passed through, a cr3 write
+        # under NPT). A duration is never negative: such samples count as 0 and are reported.
+        below += int(np.count_nonzero(h < 0))
+        h = np.maximum(h, 0.0)
         cycles += g.tolist()
         host_ns += h.tolist()
         raw_guest += (g + st.nop_per_iter).tolist()
@@ -164,6 +171,7 @@ def measure(st: MicroState, loops: int) -> Measurement:
              "nop_cycles_per_iter": st.nop_per_iter, "mark_ns": st.mark_ns,
              "guest_cycles_batch": c.iters,
              "vmm_exits_per_op": exits_vmm / total_ops, "per_vcpu": per_vcpu,
+             "host_ns_below_resolution": below, "host_ns_samples": len(host_ns),
              # the same batches seen twice: guest rdtsc cycles per op (nop loop not taken off)
              # and host mark-to-mark ns per op times the vCPU's TSC rate
              "views": {"guest_cycles": float(np.median(raw_guest)),

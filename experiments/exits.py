@@ -20,6 +20,7 @@ import numpy as np
 
 from vlab.run.registry import (LoopExperiment, Measurement, Requirement, needs_cap, needs_kvm,
                               register)
+from vlab.host.emulation import tcg_shadow_requirement
 from vlab.vmm.hostkernels import syscall_loop
 from vlab.vmm.payloads import GPA_IMAGE, MAX_VCPUS, MICRO_F_KEEP
 
@@ -130,6 +131,13 @@ def annotate_exits(params: dict, host: dict, metric: str, samples: list, extras:
                     f"{h:,.0f} cycles/op; the {larger} view is larger by {abs(h - g):,.0f} "
                     f"cycles ({pct:.0f}%), beyond the tolerance of {views['tolerance_cycles']:,.0f}"
                     f" ({views['rel_tol'] * 100:.0f}% + twice the mark jitter)")
+    if metric == "host_ns":
+        below = sum(e.get("host_ns_below_resolution", 0) for e in extras)
+        total = sum(e.get("host_ns_samples", 0) for e in extras)
+        if below:
+            warnings.append(f"host_ns: {below} of {total} samples took less than an empty "
+                            "sample (the operation costs less than the MARK calibration "
+                            "resolves); they count as 0")
     if metric == "guest_cycles_single":
         more["method"] = ("one operation per lfence;rdtsc bracket, less the empty bracket's median"
                           + (" and the CPL0 nop loop's cost per iteration" if cpl == 0 else ""))
@@ -138,6 +146,22 @@ def annotate_exits(params: dict, host: dict, metric: str, samples: list, extras:
                         f"{last['syscall_handler_cpl']} (PVM delivers a guest syscall to LSTAR "
                         "without a privilege change); mechanism=int3 is a real CPL3->0->3 trip")
     return warnings, flags, more
+
+
+def _validate_choices(declared: dict):
+    """`_validate_common` plus: a word-valued axis (direction, insn) takes only the words the
+    experiment declares, so `-p direction=out` on exits.mmio_user is one line and exit 2
+    rather than a KeyError in a pyperf worker."""
+    def validate(params: dict, host: dict) -> None:
+        from vlab._errors import UsageError
+
+        _validate_common(params, host)
+        for key, allowed in declared.items():
+            if key in params and allowed and all(isinstance(a, str) for a in allowed) \
+                    and params[key] not in allowed:
+                raise UsageError(f"{key} must be one of {', '.join(allowed)}, "
+                                 f"not {params[key]!r}")
+    return validate
 
 
 def micro_experiment(name: str, description: str, *, params: dict, quick: dict | None,
@@ -160,8 +184,9 @@ def micro_experiment(name: str, description: str, *, params: dict, quick: dict |
     return register(LoopExperiment(
         name=name, description=description, params=params, quick=quick,
         metrics=dict(EXIT_METRICS), requires=[needs_kvm(), _fits_vcpus(), *requires],
-        cpl="cpl", handled_by=handled_by, validate=_validate_common, annotate=annotate_exits,
-        setup=setup, measure=_loop_measure, teardown=_micro.teardown, derive=derive))
+        cpl="cpl", handled_by=handled_by, validate=_validate_choices(params),
+        annotate=annotate_exits, setup=setup, measure=_loop_measure, teardown=_micro.teardown,
+        derive=derive))
 
 
 def _case(op: str, cpl3_iters: int, cpl0_iters: int, p: dict, **kw) -> MicroCase:
@@ -400,13 +425,13 @@ micro_experiment(
 micro_experiment(
     "exits.cr3_write", "mov to cr3 of the same value (a TLB flush; shadow paging resyncs)",
     params={"cpl": [0]}, quick={"cpl": [0]},
-    handled_by="kernel (shadow paging) / none (EPT, NPT)",
+    handled_by="kernel (shadow paging) / none (EPT, NPT)", requires=[tcg_shadow_requirement()],
     make_case=lambda p: _case("cr3_write", 4, 4, p))
 
 micro_experiment(
     "exits.invlpg", "invlpg of a mapped page",
     params={"cpl": [0]}, quick={"cpl": [0]},
-    handled_by="kernel (shadow paging) / none (EPT, NPT)",
+    handled_by="kernel (shadow paging) / none (EPT, NPT)", requires=[tcg_shadow_requirement()],
     make_case=lambda p: _case("invlpg", 4, 4, p, a0=GPA_IMAGE))
 
 micro_experiment(

@@ -234,8 +234,10 @@ def _cpl0_only(name: str, what: str):
 
 
 def requirements(name: str, extra: tuple = ()) -> list[Requirement]:
+    from vlab.host.emulation import tcg_shadow_requirement
+
     return [Requirement("kvm", _guest_ok), Requirement("guest_page", _guest_page_ok), *extra,
-            _fits(name)]
+            _fits(name), tcg_shadow_requirement()]
 
 
 # --------------------------------------------------------------------------- host settings

@@ -216,3 +216,31 @@ def registry_get(name: str):
     from vlab.run import registry as _experiment
 
     return _experiment.get(name)
+
+
+def test_host_ns_samples_below_the_empty_sample_are_said():
+    """(From the SVM lane, where a negative host_ns median showed up for a pass-through MSR.)"""
+    from vlab.experiments.exits import annotate_exits
+
+    host = {"kvm": {"flavor": "svm"}, "paging": "npt"}
+    extras = [{"host_ns_below_resolution": 3, "host_ns_samples": 8},
+              {"host_ns_below_resolution": 1, "host_ns_samples": 8}]
+    warnings, _, _ = annotate_exits({"cpl": 0}, host, "host_ns", [0.0] * 16, extras)
+    assert len(warnings) == 1 and warnings[0].startswith("host_ns: 4 of 16 samples took less")
+    clean = [{"host_ns_below_resolution": 0, "host_ns_samples": 8}]
+    assert annotate_exits({"cpl": 0}, host, "host_ns", [5.0] * 8, clean)[0] == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["exits.mmio_user", "-p", "direction=out"], "direction must be one of write, read"),
+    (["exits.hypercall", "-p", "insn=syscall"], "insn must be one of vmcall, vmmcall"),
+])
+def test_a_word_outside_the_declared_axis_is_one_line_and_exit_2(args, message):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "vlab", "run", *args], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"vlab: {message}, not "
+                                                f"{args[-1].split('=')[1]!r}"]

@@ -198,8 +198,12 @@ def cmd_run(args) -> int:
 
 def cmd_show(args) -> int:
     from vlab import results
+    from vlab.host import emulation as _emulation
 
     doc = results.read(args.file)
+    tcg = None if args.csv else _emulation.warning(doc.get("host") or {})
+    if tcg:
+        print(f"WARNING: {tcg}")
     print(results.to_csv(doc) if args.csv else results.format_table(doc), end="")
     return 0
 

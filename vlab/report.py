@@ -28,6 +28,7 @@ from vlab.compare import compare
 from vlab._files import atomic_open
 from vlab.host.diff import flatten_host, is_volatile
 from vlab.plot import AREAS, area_figure, area_of, compare_figure, host_caption
+from vlab.host import emulation as _emulation
 
 _HOW_TO_READ = {
     "exits": (
@@ -273,6 +274,9 @@ def _warnings(items: Sequence[tuple[Mapping[str, Any], str]]
     for doc, name in items:
         where = f"{name}: " if multi else ""
         host = doc.get("host", {})
+        tcg = _emulation.warning(host)
+        if tcg:
+            out.append(("emulated CPU", f"{where}host {host.get('host_id')}: {tcg}.", []))
         if host.get("nested"):
             out.append(("nested virtualization", f"{where}host {host.get('host_id')} is itself "
                         "a virtual machine; every figure includes the outer hypervisor's cost "

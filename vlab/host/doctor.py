@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from vlab.host.fingerprint import HALTPOLL_ADVICE, cap_value, idle_halts_at_once
+from vlab.host.emulation import warning as emulation_warning
 
 _KVM_API_VERSION = 12
 
@@ -125,7 +126,18 @@ def _virtualization_checks(host: dict) -> list[Check]:
     elif flavor in ("vmx", "svm"):
         checks.append(Check("cpl0", True, "guest CPL0 runs natively"))
 
-    if host.get("nested"):
+    tcg = emulation_warning(host)
+    if tcg:
+        checks.append(Check("cpu.emulated", False, tcg, level="warn",
+                            advice="use its exit counts, exit reasons and paging modes; take "
+                                   "costs only from hardware hosts"))
+    if host.get("nested") and tcg:
+        checks.append(Check("nested", False,
+                            "running inside QEMU with an emulated CPU (cpu flag 'hypervisor'): "
+                            "no outer hardware hypervisor, every exit and walk is emulated",
+                            level="warn", advice="compare exit counts and reasons with other "
+                                                 "hosts, not times"))
+    elif host.get("nested"):
         checks.append(Check("nested", False,
                             "running under a hypervisor (cpu flag 'hypervisor'): every exit also "
                             "pays the outer hypervisor", level="warn",

@@ -19,6 +19,7 @@ import os
 import socket
 from typing import Any
 
+from vlab.host.emulation import detect as _detect_emulation
 from vlab.host.sriov import detect as _detect_sriov
 from vlab.host.sysfs import (bracketed, cpulist_count, exists, kernel_config, listdir,
                              module_state, param_true, read_int, read_text, to_int)
@@ -277,6 +278,8 @@ def fingerprint(root: str = "/", kvm: dict | None = None) -> dict:
         "cpu": {k: cpu[k] for k in ("family", "model", "stepping", "microcode", "flags", "bugs",
                                     "count")},
         "nested": cpu["flags"]["hypervisor"],
+        # Not in host_id: the CPU model already differs, and old records stay comparable.
+        "emulation": _detect_emulation(root, cpu["model_name"]),
         "kernel": release,
         "kernel_version": read_text(root, "/proc/sys/kernel/version"),
         "kernel_cmdline": read_text(root, "/proc/cmdline"),
