@@ -14,7 +14,7 @@ from pathlib import Path
 from vlab import host as _host
 from vlab import results
 from vlab.host import emulation as _emulation
-from vlab._report import render
+from vlab.report import render
 
 HOSTS = Path(__file__).parent / "data" / "hosts"
 QUICK = Path(__file__).parent / "data" / "results" / "pvm_quick.json"
