@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--trace", action="store_true", help="attach the exit tracer to every case")
     r.add_argument("--processes", type=int, help="pyperf worker processes per case")
     r.add_argument("--values", type=int, help="pyperf values per process")
+    r.add_argument("--resume", metavar="FILE",
+                   help="continue a stopped or killed run from its journal (FILE.journal)")
+    r.add_argument("--force", action="store_true", help="replace an existing -o results file")
 
     s = sub.add_parser("show", help="print the table of a results file")
     s.add_argument("file")
@@ -161,8 +164,7 @@ def cmd_list(args) -> int:
 
 def cmd_run(args) -> int:
     from vlab.run import registry as reg
-    from vlab import results
-    from vlab.run.runner import RunOptions, default_output, execute
+    from vlab.run.runner import RunOptions, execute
     from vlab.run.summary import summary
 
     overrides: dict[str, list] = {}
@@ -185,13 +187,30 @@ def cmd_run(args) -> int:
         raise UsageError(f"{dev} does not exist: this host has no KVM (see `vlab doctor`)")
     if not os.access(dev, os.R_OK | os.W_OK):
         raise UsageError(f"{dev} is not readable and writable by this user (see `vlab doctor`)")
+    # ---- output, journal, resume and interrupts (vlab/run/journal.py, interrupt.py) ----
+    from vlab.run.interrupt import Interrupted, catching, stop_children
+    from vlab.run.journal import RunSession, resume_options
+
+    session = RunSession(args.output, "results", args.force)
     opts = RunOptions(selectors=args.selectors, suite=args.suite, overrides=overrides,
                       output=args.output, trace=args.trace, argv=sys.argv[1:],
-                      progress=sys.stderr, pyperf=pyperf)
-    doc, code = execute(opts)
-    path = args.output or default_output(doc)
-    results.validate(doc)
-    results.write_atomic(doc, path)
+                      progress=sys.stderr, pyperf=pyperf,
+                      on_start=session.on_start, on_case=session.on_case)
+    if args.resume:
+        resume_options(session, args.resume, opts)
+    else:
+        session.check_early()
+    try:
+        with catching():
+            doc, code = execute(opts)
+    except Interrupted as e:
+        stop_children()
+        session.abandon()
+        print(f"vlab: interrupted by {e.name} before the first case finished; nothing "
+              "measured", file=sys.stderr)
+        return e.exit_code
+    path, code = session.finish(doc, code)
+    # ---- end output ----
     print(summary(doc))
     print(f"\nresults: {path}  ({doc['duration_s']:.1f} s)")
     return code

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from vlab._errors import UsageError
 from vlab._files import atomic_open
+from vlab._inputs import read_file
 
 if TYPE_CHECKING:  # pandas is imported lazily: `vlab show` of one file should start fast
     import pandas as pd
@@ -40,6 +41,9 @@ SCHEMA = "vlab.run/1"
 #: Keys every results file has at top level, in the order the file is written.
 TOP_KEYS = ("schema", "run_id", "started_at", "finished_at", "vlab_version", "argv", "host",
             "suite", "rows")
+#: Optional top-level keys and the JSON type each must have: a run stopped by SIGINT/SIGTERM
+#: holds its finished cases, `interrupted` true and the signal's name ("SIGINT").
+OPTIONAL_TOP_KEYS = {"interrupted": bool, "signal": (str, type(None))}
 #: Statistics every row carries (null for skip/error rows).
 STAT_KEYS = ("n", "mean", "median", "stdev", "min", "max", "p90", "p99")
 #: Keys every row has.
@@ -193,6 +197,9 @@ def validate(doc: Any) -> None:
         raise UsageError("'argv' must be an array of strings")
     if not isinstance(doc["suite"], (str, type(None))):
         raise UsageError(f"'suite' must be a string or null, got {_type_name(doc['suite'])}")
+    for key, types in OPTIONAL_TOP_KEYS.items():
+        if key in doc and not isinstance(doc[key], types):
+            raise UsageError(f"'{key}' has the wrong type ({_type_name(doc[key])})")
     host = doc["host"]
     if not isinstance(host, dict):
         raise UsageError(f"'host' must be an object, got {_type_name(host)}")
@@ -211,12 +218,7 @@ def validate(doc: Any) -> None:
 def read(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate one results file; any problem is a one-line `UsageError` naming it."""
     p = Path(path)
-    try:
-        text = p.read_bytes()
-    except IsADirectoryError:
-        raise UsageError(f"{p}: is a directory, not a results file") from None
-    except OSError as e:
-        raise UsageError(f"{p}: cannot read: {e.strerror or e}") from None
+    text = read_file(p, "results file")     # a regular file of sane size, or UsageError
     if not text.strip():
         raise UsageError(f"{p}: empty file, not a vlab results file")
     try:

@@ -18,13 +18,14 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import numpy as np
 
 from vlab import __version__
 from vlab.run import registry as registry
 from vlab._errors import UsageError, VlabError
+from vlab.run.interrupt import Interrupted, deferred, stop_children
 from vlab.run.registry import Experiment
 
 DEFAULT_PYPERF = {"processes": 3, "values": 3, "warmups": 1, "min_time": 0.02}
@@ -49,6 +50,12 @@ class RunOptions:
     argv: list[str] = field(default_factory=list)
     progress: TextIO | None = None
     pyperf: dict[str, Any] = field(default_factory=dict)
+    # ---- journal and resume (vlab/run/journal.py) ----
+    run_id: str | None = None
+    host: dict | None = None                    # resuming: the journal's host (no calibration)
+    done: dict[str, list[dict]] = field(default_factory=dict)   # case id -> rows, not rerun
+    on_start: Callable[..., None] | None = None   # after planning, before the first case
+    on_case: Callable[[str, list[dict]], None] | None = None    # a case finished: its rows
 
 
 def plan(opts: RunOptions, host: dict) -> tuple[list[Case], dict[str, Any], str | None]:
@@ -215,9 +222,10 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
 
     started = _dt.datetime.now(_dt.timezone.utc)
     t_start = time.monotonic()
-    host = collect_host()
+    run_id = opts.run_id or uuid.uuid4().hex[:12]
+    host = opts.host or collect_host()
     cases, pyperf_opts, suite = plan(opts, host)
-    if host.get("kvm", {}).get("usable"):
+    if opts.host is None and host.get("kvm", {}).get("usable"):
         _progress(opts, "calibrating ...", end=" ")
         cal = calibrate()
         host["calibration"] = cal
@@ -226,14 +234,23 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
         _progress(opts, f"CPL3 nop {cal.get('cpl3_nop_cycles_per_iter', 0):.1f} cycles, "
                         f"CPL0 nop {cal.get('cpl0_nop_cycles_per_iter', 0):.0f} cycles"
                         + (" (CPL0 is emulated on this host)" if cal.get("emulated_cpl0") else ""))
+    if opts.on_start is not None:
+        opts.on_start(run_id=run_id, started_at=started.isoformat(timespec="seconds"),
+                      host=host, cases=cases, pyperf=pyperf_opts, suite=suite,
+                      trace=opts.trace, argv=opts.argv,
+                      options={"selectors": opts.selectors, "suite": opts.suite,
+                               "overrides": opts.overrides, "trace": opts.trace,
+                               "pyperf": opts.pyperf})
     tmp = tempfile.mkdtemp(prefix="vlab-run-")
     rows: list[dict] = []
-    failed = False
+    failed = any(r.get("status") == "error" for rs in opts.done.values() for r in rs)
+    interrupted: Interrupted | None = None
     tracer, trace_reason = (_open_tracer(opts) if opts.trace else (None, None))
     try:
         side_dir = os.path.join(tmp, "side")
         os.makedirs(side_dir)
-        loop_cases = [c for c in cases if c.skip is None and c.exp.kind == "loop"]
+        loop_cases = [c for c in cases if c.skip is None and c.exp.kind == "loop"
+                      and c.id not in opts.done]
         plan_path = os.path.join(tmp, "plan.json")
         with open(plan_path, "w") as f:
             json.dump({"host": host, "side_dir": side_dir,
@@ -244,9 +261,15 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
         total = len(cases)
         for i, case in enumerate(cases, 1):
             label = f"[{i:>{len(str(total))}}/{total}] {case.exp.name} {_fmt_params(case.params)}"
+            if case.id in opts.done:
+                _progress(opts, f"{label}  done before (journal)")
+                rows += opts.done[case.id]
+                continue
             if case.skip:
                 _progress(opts, f"{label}  skip: {case.skip}")
-                rows += _skip_rows(case, case.skip)
+                with deferred():
+                    rows += _skip_rows(case, case.skip)
+                    _journal(opts, case, rows[-len(case.exp.metrics):])
                 continue
             _progress(opts, f"{label} ...", end=" ")
             t0 = time.monotonic()
@@ -270,18 +293,23 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
                 else:
                     case_rows = case.exp.run(case.params, host,
                                              lambda s: _progress(opts, s, end=" "))
-                rows += case_rows
                 if opts.trace:
-                    rows += _trace_case_rows(tracer, trace_reason, f"{case.exp.name} "
-                                             f"{_fmt_params(case.params)}".strip())
+                    case_rows = case_rows + _trace_case_rows(
+                        tracer, trace_reason,
+                        f"{case.exp.name} {_fmt_params(case.params)}".strip())
+                with deferred():          # the rows and their journal line, or neither
+                    rows += case_rows
+                    _journal(opts, case, case_rows)
                 _progress(opts, f"ok ({time.monotonic() - t0:.1f} s)  {_headline(case_rows)}")
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, Interrupted):
                 raise
             except BaseException as e:  # noqa: BLE001 - an error row, the run goes on
                 side = _read_side(side_dir, case.id) if case.exp.kind == "loop" else {}
                 msg = _error_text(side, e) if side else f"{type(e).__name__}: {e}"
                 _progress(opts, f"error: {msg}")
-                rows += _skip_rows(case, msg, status="error")
+                with deferred():
+                    rows += _skip_rows(case, msg, status="error")
+                    _journal(opts, case, rows[-len(case.exp.metrics):])
                 failed = True
         if pyperf_meta:
             host["pyperf"] = pyperf_meta
@@ -289,6 +317,10 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
         more, derive_failed = derived_rows(cases, rows, host, opts)
         rows += more
         failed |= derive_failed
+    except Interrupted as e:      # stop now: end the workers, keep the finished cases
+        interrupted = e
+        _progress(opts, f"\n{e.name}: stopping the workers ...")
+        stop_children()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if tracer is not None:
@@ -297,13 +329,21 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
                              "unavailable": last.unavailable}
             tracer.close(wait=True)
     finished = _dt.datetime.now(_dt.timezone.utc)
-    doc = {"schema": "vlab.run/1", "run_id": uuid.uuid4().hex[:12],
+    doc = {"schema": "vlab.run/1", "run_id": run_id,
            "started_at": started.isoformat(timespec="seconds"),
            "finished_at": finished.isoformat(timespec="seconds"),
            "vlab_version": __version__, "argv": opts.argv, "suite": suite,
            "duration_s": round(time.monotonic() - t_start, 2),
            "host": host, "rows": rows}
+    if interrupted is not None:
+        doc.update(interrupted=True, signal=interrupted.name)
+        return doc, interrupted.exit_code
     return doc, (1 if failed else 0)
+
+
+def _journal(opts: RunOptions, case: Case, rows: list[dict]) -> None:
+    if opts.on_case is not None:
+        opts.on_case(case.id, rows)
 
 
 def _open_tracer(opts: RunOptions):

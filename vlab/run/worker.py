@@ -14,6 +14,9 @@ import traceback
 
 
 def main() -> None:
+    from vlab.run.interrupt import die_with_parent
+
+    die_with_parent()       # the runner killed with SIGKILL: no worker (or guest) runs on
     plan_path = sys.argv[1]
     with open(plan_path) as f:
         plan = json.load(f)
