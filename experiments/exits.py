@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from vlab.run.registry import (LoopExperiment, Measurement, Requirement, needs_cap, needs_kvm,
-                              register)
+                              one_of, register, within)
 from vlab.vmm._native import ffi, lib
 
 from vlab.experiments import _micro
@@ -42,6 +42,12 @@ def _validate_common(params: dict, host: dict) -> None:
     v = params.get("vcpus", 1)
     if not isinstance(v, int) or v < 1:
         raise UsageError(f"vcpus must be a positive integer, not {v!r}")
+
+
+# what each value may be (vlab.run.registry.Limit); a string parameter takes its declared values
+LIMITS = {"cpl": within(0, 3, "privilege level, 2 bits"),
+          "vcpus": within(1, 255, "vCPU count; an xAPIC ID is 8 bits"),
+          "leaf": within(0, (1 << 32) - 1, "CPUID leaf, the 32-bit EAX")}
 
 
 def _fits_vcpus() -> Requirement:
@@ -119,6 +125,8 @@ def micro_experiment(name: str, description: str, *, params: dict, quick: dict |
         name=name, description=description, params=params, quick=quick,
         metrics=dict(EXIT_METRICS), requires=[needs_kvm(), _fits_vcpus(), *requires],
         cpl="cpl", handled_by=handled_by, validate=_validate_common, annotate=annotate_exits,
+        limits={**LIMITS, **{k: one_of(*v) for k, v in params.items()
+                             if all(isinstance(x, str) for x in v)}},
         setup=setup, measure=_loop_measure, teardown=_micro.teardown))
 
 

@@ -165,3 +165,55 @@ def save_fallback(data: bytes, name: str) -> Path:
         except OSError as e:
             last = e
     raise OSError(f"no fallback directory took the file ({_why(last) if last else 'none'})")
+
+
+def save(data: bytes, path: str | os.PathLike[str], *, replace: bool = False,
+         alternative: str | os.PathLike[str] | None = None) -> tuple[Path | None, str | None]:
+    """Write finished results so that they are never lost: to `path` (never over an existing
+    file unless `replace`), else to `alternative` if `path` exists, else to a fallback
+    directory. Returns where they went (None if nowhere) and, if not at `path`, a one-line
+    message saying why and where."""
+    target = Path(path)
+    try:
+        return write_new(data, target, replace=replace), None
+    except FileExistsError:
+        why = "it exists"
+        if alternative is not None:
+            try:
+                return write_new(data, alternative), None
+            except OSError as e:
+                why = _why(e)
+    except OSError as e:
+        why = _why(e)
+    try:
+        where = save_fallback(data, target.name)
+    except OSError as e:
+        return None, f"cannot write {target} ({why}), nor a fallback copy ({e})"
+    return where, f"cannot write {target} ({why}); saved to {where} instead"
+
+
+def write_stdout(text: str) -> None:
+    """Print `text` to standard output; a stdout that cannot be written (a full disk,
+    /dev/full, a closed pipe) is a one-line UsageError instead of a traceback."""
+    import sys
+
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        _silence_stdout()
+        raise UsageError(f"cannot write to standard output: {_why(e)}") from None
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush does not fail again."""
+    import sys
+
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError):
+        pass

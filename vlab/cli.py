@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--duration", type=float, help="stop after this many seconds")
     t.add_argument("--interval", type=float, default=1.0, help="refresh period (default 1 s)")
     t.add_argument("-o", "--output", help="results file (default results/<host_id>/trace-<stamp>.json)")
+    t.add_argument("--force", action="store_true", help="replace an existing -o results file")
     t.add_argument("cmdline", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="a command to run and trace")
 
     h = sub.add_parser("host", help="opt-in host configuration changes")
@@ -177,10 +178,14 @@ def cmd_run(args) -> int:
     if args.processes is not None:
         if args.processes < 1:
             raise UsageError("--processes must be at least 1")
+        if args.processes > 1000:
+            raise UsageError("--processes must be at most 1000")
         pyperf["processes"] = args.processes
     if args.values is not None:
         if args.values < 1:
             raise UsageError("--values must be at least 1")
+        if args.values > 100000:
+            raise UsageError("--values must be at most 100000")
         pyperf["values"] = args.values
     dev = os.environ.get("VLAB_DEV_KVM") or "/dev/kvm"
     if not os.path.exists(dev):
@@ -219,8 +224,10 @@ def cmd_run(args) -> int:
 def cmd_show(args) -> int:
     from vlab import results
 
+    from vlab._outputs import write_stdout
+
     doc = results.read(args.file)
-    print(results.to_csv(doc) if args.csv else results.format_table(doc), end="")
+    write_stdout(results.to_csv(doc) if args.csv else results.format_table(doc))
     return 0
 
 
@@ -228,8 +235,11 @@ def cmd_compare(args) -> int:
     from vlab import results
     from vlab.compare import compare, format_compare
 
+    from vlab._inputs import finite
+
     if len(args.files) < 2:
         raise UsageError("compare needs at least two results files")
+    finite("--min-effect", args.min_effect, 0.0)
     docs = [results.read(f) for f in args.files]
     res = compare(docs, min_effect=args.min_effect, strict=args.strict,
                   names=[os.path.basename(f) for f in args.files])
@@ -291,8 +301,16 @@ def cmd_trace(args) -> int:
     if args.interval <= 0:
         raise UsageError("--interval must be positive")
     for pid in args.pid or []:
-        if not os.path.exists(f"/proc/{pid}"):
+        if not 0 < pid < 1 << 22 or not os.path.exists(f"/proc/{pid}"):   # PID_MAX_LIMIT
             raise UsageError(f"no process with pid {pid}")
+    from vlab import _inputs, _outputs
+
+    _inputs.finite("--duration", args.duration, 0.0, lo_open=True)
+    _inputs.finite("--interval", args.interval, 0.0, 86400.0, lo_open=True)
+    if args.output is not None:          # checked before tracing, not after
+        _outputs.check_file(args.output, "results file", force=args.force)
+    else:
+        _outputs.check_dir("results", "results directory")
     ok, reason, _ = trace.status(mount=True)
     if not ok:
         print(f"vlab: tracing unavailable: {reason}", file=sys.stderr)
@@ -334,7 +352,14 @@ def cmd_trace(args) -> int:
                             "notes": total.notes}
     path = args.output or default_output(doc).replace(os.sep + doc["started_at"][:4],
                                                         os.sep + "trace-" + doc["started_at"][:4])
-    results.write_atomic(doc, path)
+    results.validate(doc)
+    stem, ext = os.path.splitext(path)
+    path, problem = _outputs.save((json.dumps(doc, indent=1, allow_nan=False) + "\n").encode(),
+                                  path, replace=args.force,
+                                  alternative=None if args.output else f"{stem}-{doc['run_id']}{ext}")
+    if problem:
+        print(f"vlab: {problem}", file=sys.stderr)
+        return 1
     print(f"\ntrace of {of}: source {total.source}; results: {path}")
     return 0 if code == 0 else 1
 
@@ -346,6 +371,10 @@ def cmd_migrate(args) -> int:
     migration verified and set beside the pre-copy model; or one role (--listen / --to)."""
     from vlab.migration.session import run_cli
 
+    if getattr(args, "trace_out", None):      # the one file migrate writes: checked first
+        from vlab._outputs import check_file
+
+        check_file(args.trace_out, "--trace-out file")
     return run_cli(args)
 
 # ---- end live migration ----

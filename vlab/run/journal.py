@@ -76,15 +76,25 @@ class Journal:
     path: Path
     header: dict[str, Any] = field(default_factory=dict)
     done: dict[str, list[dict]] = field(default_factory=dict)
+    broken: str | None = None       # why appending failed (the run goes on without it)
 
     def write_header(self, header: dict[str, Any]) -> None:
         self.header = header
         self._append({"journal": FORMAT, **header})
 
     def record(self, case_id: str, rows: list[dict]) -> None:
-        """Append one finished case (signals are held back so the line is whole)."""
+        """Append one finished case (signals are held back so the line is whole). A journal
+        that cannot be written any more is reported once and the run goes on: the results
+        are kept in memory and saved at the end (or to a fallback)."""
         self.done[case_id] = rows
-        self._append({"case": case_id, "rows": rows})
+        if self.broken is not None:
+            return
+        try:
+            self._append({"case": case_id, "rows": rows})
+        except OSError as e:
+            self.broken = e.strerror or str(e)
+            print(f"vlab: warning: cannot append to the journal {self.path} ({self.broken}); "
+                  "the run goes on, but cannot be resumed if it is killed", file=sys.stderr)
 
     def _append(self, obj: dict) -> None:
         line = (json.dumps(obj, allow_nan=False) + "\n").encode()
@@ -264,20 +274,12 @@ class RunSession:
         results.validate(doc)
         data = (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode()
         with interrupt.ignored():
-            try:
-                where = _outputs.write_new(data, self.path, replace=self.replace)
-            except OSError as e:
-                why = "it exists" if isinstance(e, FileExistsError) else (e.strerror or str(e))
-                try:
-                    where = _outputs.save_fallback(data, self.path.name)
-                except OSError as e2:
-                    kept = self.journal.path if self.journal else None
-                    print(f"vlab: cannot write results file {self.path} ({why}), nor a "
-                          f"fallback ({e2}); the finished cases are in {kept}", file=sys.stderr)
-                    return self.path, 1
-                print(f"vlab: cannot write results file {self.path} ({why}); results saved to "
-                      f"{where}", file=sys.stderr)
+            where, problem = _outputs.save(data, self.path, replace=self.replace)
+            if problem:
+                print(f"vlab: {problem}", file=sys.stderr)
                 code = code or 1
+                if where is None:
+                    return self.path, code       # nothing written: the journal is kept
             if self.journal is not None:
                 if not doc.get("interrupted"):
                     self.journal.remove()

@@ -90,6 +90,7 @@ def plan(opts: RunOptions, host: dict) -> tuple[list[Case], dict[str, Any], str 
         for params in grid:
             if exp.validate:
                 exp.validate(params, host)
+            exp.check_values(params)        # declared ranges: a value must fit its register
             cid = exp.name + "".join(f",{k}={v}" for k, v in params.items())
             if cid in seen:
                 continue
