@@ -33,7 +33,7 @@ import numpy as np
 from vlab._errors import UsageError
 from vlab.host.fingerprint import HALTPOLL_ADVICE, idle_halts_at_once
 from vlab.run.registry import (LoopExperiment, Measurement, OneShotExperiment, Requirement,
-                              needs_cap, needs_kvm, register, within)
+                              needs_cap, needs_kvm, one_of, register, within)
 
 from vlab.experiments import _iopaths
 from vlab.experiments._iopaths import HostPath, Run, make_path
@@ -376,7 +376,8 @@ LIMITS = {"msg_bytes": within(64, 65536, "message bytes, at most 64 KiB"),
           "batch": within(1, 4096, "messages per kick"),
           "qsize": within(2, 32768, "virtqueue size, a 16-bit field (at most 32768)"),
           "bar": within(-1, 5, "BAR index, -1 for the first mappable"),
-          "write_offset": within(-1, 1 << 40, "byte offset in the BAR, -1 for none")}
+          "write_offset": within(-1, 1 << 40, "byte offset in the BAR, -1 for none"),
+          "event_idx": one_of(False, True)}
 
 register(LoopExperiment(
     name="io.virtio",

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from vlab._errors import UsageError, VlabError
-from vlab.run.registry import LoopExperiment, Measurement, Requirement, register, within
+from vlab.run.registry import LoopExperiment, Measurement, Requirement, one_of, register, within
 
 from vlab.experiments import _paging as P
 
@@ -80,7 +80,8 @@ def _norm_backing(v: Any) -> Any:
 
 # what each value may be (vlab.run.registry.Limit); guest-physical addresses are 52 bits
 LIMITS = {"wss": within(1, 1 << 52, "working set in bytes, in the 52-bit guest-physical space"),
-          "pages": within(1, (1 << 32) - 1, "page count, a 32-bit count")}
+          "pages": within(1, (1 << 32) - 1, "page count, a 32-bit count"),
+          "prefault": one_of(False, True), "preset_ad": one_of(False, True)}
 
 
 @dataclass

@@ -172,6 +172,24 @@ class Experiment:
                 except UsageError as e:
                     raise UsageError(f"{self.name}: {e}") from None
 
+    def check_params(self, params: dict, host: dict) -> None:
+        """The declared limits first (a validator may assume a number is a number), then the
+        experiment's own `validate`. Where both refuse a value, the validator's message wins
+        (it is the more specific one, e.g. "cpl must be 0 or 3")."""
+        try:
+            self.check_values(params)
+        except UsageError as limit_error:
+            if self.validate is not None:
+                try:
+                    self.validate(params, host)
+                except UsageError as own:
+                    raise own from None
+                except Exception:  # noqa: BLE001 - the limit's message stands
+                    pass
+            raise limit_error from None
+        if self.validate is not None:
+            self.validate(params, host)
+
     @property
     def area(self) -> str:
         return self.name.split(".", 1)[0]

@@ -88,9 +88,7 @@ def plan(opts: RunOptions, host: dict) -> tuple[list[Case], dict[str, Any], str 
         if "iters" in opts.overrides:
             grid = [dict(p, iters=it) for p in grid for it in opts.overrides["iters"]]
         for params in grid:
-            if exp.validate:
-                exp.validate(params, host)
-            exp.check_values(params)        # declared ranges: a value must fit its register
+            exp.check_params(params, host)  # declared limits and the experiment's validate
             cid = exp.name + "".join(f",{k}={v}" for k, v in params.items())
             if cid in seen:
                 continue
