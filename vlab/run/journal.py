@@ -109,7 +109,7 @@ class Journal:
     def remove(self) -> None:
         try:
             os.unlink(self.path)
-        except FileNotFoundError:
+        except OSError:         # gone already, or its directory went away (results saved elsewhere)
             pass
 
     @classmethod
