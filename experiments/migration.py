@@ -462,7 +462,7 @@ def _needs_kvm_unless_trace() -> Requirement:
 U32 = (1 << 32) - 1
 LIMITS = {"wss": within(1, 1 << 52, "bytes of guest memory, 52-bit guest-physical space"),
           "slot": within(1, 1 << 52, "memory slot bytes, 52-bit guest-physical space"),
-          "dirty": within(0, U32, "pages per interval, a 32-bit guest argument"),
+          "dirty": within(0, U32, "pages per interval, 32 bits"),
           "intervals": within(1, U32, "interval count"),
           "ring_size": within(4096, U32, "dirty ring bytes, a 32-bit KVM_CAP_DIRTY_LOG_RING size"),
           "clear_chunk_pages": within(0, U32, "KVM_CLEAR_DIRTY_LOG num_pages, 32 bits"),

@@ -50,12 +50,12 @@ QUICK = {"workload": ["uniform"], "mem": [64 << 20], "rate": [10000], "link_mbit
 # what each value may be (vlab.run.registry.Limit)
 U32 = (1 << 32) - 1
 LIMITS = {"mem": within(1, 1 << 52, "guest memory bytes, 52-bit guest-physical space"),
-          "rate": within(0, U32, "pages/s, a 32-bit guest argument"),
+          "rate": within(0, U32, "pages/s, 32 bits"),
           "link_mbit": within(0, 10_000_000, "Mbit/s, at most 10 Tbit/s", integer=False),
           "max_downtime_ms": within(0, 3_600_000, "milliseconds, at most an hour",
                                     integer=False),
           "max_rounds": within(1, U32, "round count"),
-          "lag_us": within(0, U32, "microseconds, a 32-bit guest argument"),
+          "lag_us": within(0, U32, "microseconds, 32 bits"),
           "auto_converge": one_of(False, True)}
 
 

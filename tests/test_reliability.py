@@ -340,6 +340,21 @@ def test_values_that_do_not_fit_their_register():
     _bad(vlab("run", "exits.nop", "--processes", "99999999999999999999"), "--processes")
 
 
+def test_migrate_values_that_do_not_fit():
+    _bad(vlab("migrate", "--rate", "99999999999999999999999"), "--rate")
+    _bad(vlab("migrate", "--lag-us", "-5"), "--lag-us")
+    _bad(vlab("migrate", "--warmup-s", "nan"), "finite")
+    _bad(vlab("migrate", "--io-timeout", "inf"), "finite")
+    _bad(vlab("migrate", "--mem", "99999999999999999999999"), "--mem")
+    _bad(vlab("migrate", "--mem", "nan"), "not a size")
+    _bad(vlab("migrate", "--bandwidth", "1e400"), "finite")
+
+
+def test_host_set_values_that_do_not_fit():
+    _bad(vlab("host", "set", "kvm.halt_poll_ns=4294967296", "--dry-run"), "32-bit")
+    _bad(vlab("host", "set", "hugepages.2m=99999999999999999999", "--dry-run"), "64-bit")
+
+
 def test_bad_float_options():
     _bad(vlab("trace", "--pid", str(os.getpid()), "--interval", "nan"), "--interval")
     _bad(vlab("trace", "--pid", "99999999999999999999"), "no process")

@@ -102,3 +102,74 @@ def finite(name: str, value: float | None, lo: float = -math.inf, hi: float = ma
         low = f"more than {lo:g}" if lo_open else f"at least {lo:g}"
         high = f" and at most {hi:g}" if math.isfinite(hi) else ""
         raise UsageError(f"{name} must be {low}{high}, not {value:g}")
+
+
+_U32, _U64 = (1 << 32) - 1, (1 << 64) - 1
+
+#: `vlab migrate` options and the values each may take: (option, lo, hi, integer, what). The
+#: guest's writer takes rate, seed and lag_us as arguments; the rest are counts and durations
+#: (nan, inf or a 70-bit count once hung a migration or ended it in a traceback). Checked at
+#: the command's entry (vlab/cli.py) so that vlab/migration/ need not change for it.
+MIGRATE_OPTIONS = (
+    ("rate", 0, _U32, True, "pages/s, 32 bits"),
+    ("seed", 0, _U64, True, "the guest writer's 64-bit PRNG seed"),
+    ("lag_us", 0, _U32, True, "microseconds, 32 bits"),
+    ("max_rounds", 1, _U32, True, "rounds"),
+    ("postcopy_rounds", 0, _U32, True, "rounds"),
+    ("max_downtime_ms", 0, 3_600_000, False, "milliseconds, at most an hour"),
+    ("warmup_s", 0, 3600, False, "seconds, at most an hour"),
+    ("trace_s", 0, 3600, False, "seconds, at most an hour"),
+    ("trace_interval_ms", 0.01, 60_000, False, "milliseconds"),
+    ("run_after", 0, 3600, False, "seconds, at most an hour"),
+    ("io_timeout", 0.001, 86400, False, "seconds, at most a day"),
+    ("accept_timeout", 0.001, 86400, False, "seconds, at most a day"),
+)
+#: Guest memory and working set: within the 52-bit guest-physical address space.
+MAX_GUEST_BYTES = 1 << 52
+#: Link limit: 10 Tbit/s is beyond any link.
+MAX_LINK_BIT_S = 1e13
+
+
+def check_migrate_options(args) -> None:
+    """Every numeric option of `vlab migrate` fits where it goes; a one-line UsageError if not."""
+    from vlab.migration.options import parse_rate, parse_size
+
+    for attr, lo, hi, integer, what in MIGRATE_OPTIONS:
+        v = getattr(args, attr, None)
+        if v is None:
+            continue
+        name = "--" + attr.replace("_", "-")
+        if integer:
+            check_fits(name, v, lo, hi, what)
+        else:
+            finite(name, v, lo, hi)
+    for attr in ("mem", "ws"):
+        text = getattr(args, attr, None)
+        if text is None:
+            continue
+        try:
+            v = parse_size(text, f"--{attr}")
+        except (ValueError, OverflowError):
+            raise UsageError(f"--{attr}: {text!r} is not a size (e.g. 64M, 1G)") from None
+        check_fits(f"--{attr}", v, 1, MAX_GUEST_BYTES, "bytes, 52-bit guest-physical space")
+    if getattr(args, "bandwidth", None):
+        v = parse_rate(args.bandwidth, "--bandwidth")
+        finite("--bandwidth", v, 0.0, MAX_LINK_BIT_S, lo_open=True)
+
+
+#: `vlab host set` integer settings and the width of the kernel variable each is written to
+#: (module parameters declared `uint`; nr_hugepages an unsigned long).
+HOST_SETTING_BITS = {"kvm.halt_poll_ns": 32, "haltpoll.guest_halt_poll_ns": 32,
+                     "hugepages.2m": 64, "hugepages.1g": 64}
+
+
+def check_host_setting(key: str, value: str) -> None:
+    """An integer `vlab host set KEY=VALUE` must fit the kernel variable it is written to."""
+    bits = HOST_SETTING_BITS.get(key)
+    if bits is None:
+        return
+    try:
+        n = int(value.strip(), 10)
+    except ValueError:
+        return                      # not a number: the setting's own parser says so
+    check_fits(key, n, 0, (1 << bits) - 1, f"a {bits}-bit kernel variable")

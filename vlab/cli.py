@@ -274,6 +274,9 @@ def cmd_host(args) -> int:
 
     if args.host_command == "set":
         key, value = _hostset.parse_assignment(args.assignment)
+        from vlab._inputs import check_host_setting
+
+        check_host_setting(key, value)          # fits the kernel variable it is written to
         print(_hostset.set_host(key, value, dry_run=args.dry_run))
     elif args.host_command == "restore":
         print(_hostset.restore_host(args.key, dry_run=args.dry_run))
@@ -371,9 +374,11 @@ def cmd_migrate(args) -> int:
     migration verified and set beside the pre-copy model; or one role (--listen / --to)."""
     from vlab.migration.session import run_cli
 
-    if getattr(args, "trace_out", None):      # the one file migrate writes: checked first
-        from vlab._outputs import check_file
+    from vlab._inputs import check_migrate_options
+    from vlab._outputs import check_file
 
+    check_migrate_options(args)               # every value fits where it goes
+    if getattr(args, "trace_out", None):      # the one file migrate writes: checked first
         check_file(args.trace_out, "--trace-out file")
     return run_cli(args)
 
