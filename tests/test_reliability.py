@@ -415,3 +415,15 @@ def test_results_schema_accepts_interrupted_and_signal():
         results.validate(dict(doc, interrupted="yes"))
     with pytest.raises(UsageError, match="signal"):
         results.validate(dict(doc, signal=2))
+
+
+def test_a_journal_is_held_by_one_run_at_a_time(tmp_path):
+    from vlab._errors import UsageError
+    from vlab.run.journal import Journal
+
+    path = tmp_path / "r.json.journal"
+    first = Journal(path)
+    first.write_header({"run_id": "x"})
+    first.lock()
+    with pytest.raises(UsageError, match="still going"):
+        Journal.read(path).lock()

@@ -19,6 +19,7 @@ reads after a run was killed (SIGKILL, a lost machine) or interrupted:
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
@@ -77,6 +78,20 @@ class Journal:
     header: dict[str, Any] = field(default_factory=dict)
     done: dict[str, list[dict]] = field(default_factory=dict)
     broken: str | None = None       # why appending failed (the run goes on without it)
+    _lock_fd: int | None = None
+
+    def lock(self) -> None:
+        """Hold the journal for this run (an exclusive flock, released when the process
+        ends): a second `--resume` of a run still going is refused instead of measuring its
+        cases twice."""
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(f"{self.path}: the run it journals is still going (another "
+                             "vlab run holds it); stop that run first") from None
+        self._lock_fd = fd
 
     def write_header(self, header: dict[str, Any]) -> None:
         self.header = header
@@ -216,6 +231,7 @@ class RunSession:
                 self.path = _outputs.reserve(self.output, run_id, default=False,
                                              force=self.force)
             self.journal = Journal(journal_path(self.path))
+            self.journal.lock()
             self.journal.write_header({
                 "run_id": run_id, "started_at": started_at, "output": str(self.path),
                 "host_id": host.get("host_id"), "host": host, "suite": suite, "argv": argv,
@@ -241,6 +257,7 @@ class RunSession:
             raise UsageError(f"{file}: no such journal (a complete run leaves none; "
                              "nothing to resume)")
         j = Journal.read(p)
+        j.lock()
         here = collect_host()
         if j.header.get("host_id") != here.get("host_id"):
             raise UsageError(f"cannot resume {p}: it was recorded on host "
@@ -250,9 +267,8 @@ class RunSession:
         if out.exists():
             # the partial results of this same run (interrupted before) may be replaced
             try:
-                with open(out, encoding="utf-8") as f:
-                    theirs = json.load(f).get("run_id")
-            except (OSError, ValueError, AttributeError):
+                theirs = json.loads(_inputs.read_file(out, "results file")).get("run_id")
+            except (UsageError, ValueError, AttributeError):
                 theirs = None
             if theirs != j.header.get("run_id"):
                 raise UsageError(f"cannot resume {p}: its results file {out} now holds "
