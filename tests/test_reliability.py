@@ -141,8 +141,17 @@ def test_kill9_then_resume_measures_every_case_once(tmp_path):
     out = tmp_path / "r.json"
     proc = _start([*NOP2, "-o", str(out)])
     _read_until(proc, " ok (")
-    os.killpg(proc.pid, signal.SIGKILL)
+    workers: set[int] = set()
+    deadline = time.monotonic() + 120
+    while not workers and time.monotonic() < deadline and proc.poll() is None:
+        workers = _workers_of(proc.pid)
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)            # the runner alone, as `kill -9 PID` does
     proc.wait(timeout=30)
+    deadline = time.monotonic() + 15              # its workers die with it (PDEATHSIG)
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)], "a worker outlived its killed runner"
     journal = tmp_path / "r.json.journal"
     assert not out.exists() and journal.exists()
     done = Journal.read(journal).done

@@ -223,7 +223,6 @@ def cmd_run(args) -> int:
 
 def cmd_show(args) -> int:
     from vlab import results
-
     from vlab._outputs import write_stdout
 
     doc = results.read(args.file)
@@ -233,9 +232,8 @@ def cmd_show(args) -> int:
 
 def cmd_compare(args) -> int:
     from vlab import results
-    from vlab.compare import compare, format_compare
-
     from vlab._inputs import finite
+    from vlab.compare import compare, format_compare
 
     if len(args.files) < 2:
         raise UsageError("compare needs at least two results files")
@@ -372,10 +370,9 @@ def cmd_trace(args) -> int:
 def cmd_migrate(args) -> int:
     """`vlab migrate`: by default a destination and a source process on loopback, the
     migration verified and set beside the pre-copy model; or one role (--listen / --to)."""
-    from vlab.migration.session import run_cli
-
     from vlab._inputs import check_migrate_options
     from vlab._outputs import check_file
+    from vlab.migration.session import run_cli
 
     check_migrate_options(args)               # every value fits where it goes
     if getattr(args, "trace_out", None):      # the one file migrate writes: checked first

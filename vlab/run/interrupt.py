@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -161,6 +163,18 @@ def _reap() -> None:
             return
         if pid == 0:
             return
+
+
+def worker_command(args: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """(program, arguments) that start a pyperf worker `python *args` in a session of its
+    own, through util-linux `setsid` (which, in a child that leads no process group, calls
+    setsid() and execs in place: same pid, still our child). A terminal's Ctrl-C then reaches
+    the runner alone, which ends its workers itself, instead of hitting a worker in the middle
+    of its start-up. Without `setsid`, the interpreter itself (workers ignore SIGINT)."""
+    setsid = shutil.which("setsid")
+    if setsid is None:
+        return sys.executable, args
+    return setsid, (sys.executable, *args)
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:

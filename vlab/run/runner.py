@@ -25,7 +25,7 @@ import numpy as np
 from vlab import __version__
 from vlab.run import registry as registry
 from vlab._errors import UsageError, VlabError
-from vlab.run.interrupt import Interrupted, deferred, stop_children
+from vlab.run.interrupt import Interrupted, deferred, stop_children, worker_command
 from vlab.run.registry import Experiment
 
 DEFAULT_PYPERF = {"processes": 3, "values": 3, "warmups": 1, "min_time": 0.02}
@@ -116,10 +116,11 @@ def _new_runner(pyperf_opts: dict, plan_path: str):
 
     # pyperf allows one Runner per process; a run creates its own, so let go of an old one
     pyperf.Runner._created.clear()
-    runner = pyperf.Runner(program_args=("-m", "vlab.run.worker", plan_path))
+    launcher, program = worker_command(("-m", "vlab.run.worker", plan_path))
+    runner = pyperf.Runner(program_args=program)
     args = ["--quiet", "--processes", str(pyperf_opts["processes"]),
             "--values", str(pyperf_opts["values"]), "--warmups", str(pyperf_opts["warmups"]),
-            "--min-time", str(pyperf_opts["min_time"])]
+            "--min-time", str(pyperf_opts["min_time"]), "--python", launcher]
     if pyperf_opts.get("loops"):
         args += ["--loops", str(pyperf_opts["loops"])]
     runner.parse_args(args)
