@@ -19,7 +19,7 @@ from functools import lru_cache
 import numpy as np
 
 from vlab.run.registry import (LoopExperiment, Measurement, Requirement, needs_cap, needs_kvm,
-                              register)
+                              one_of, register, within)
 from vlab.host.emulation import tcg_shadow_requirement
 from vlab.vmm.hostkernels import syscall_loop
 from vlab.vmm.payloads import GPA_IMAGE, MAX_VCPUS, MICRO_F_KEEP
@@ -64,6 +64,12 @@ def _validate_common(params: dict, host: dict) -> None:
     v = params.get("vcpus", 1)
     if not isinstance(v, int) or v < 1:
         raise UsageError(f"vcpus must be a positive integer, not {v!r}")
+
+
+# what each value may be (vlab.run.registry.Limit); a string parameter takes its declared values
+LIMITS = {"cpl": within(0, 3, "privilege level, 2 bits"),
+          "vcpus": within(1, 255, "vCPU count; an xAPIC ID is 8 bits"),
+          "leaf": within(0, (1 << 32) - 1, "CPUID leaf, the 32-bit EAX")}
 
 
 def _fits_vcpus() -> Requirement:
@@ -148,22 +154,6 @@ def annotate_exits(params: dict, host: dict, metric: str, samples: list, extras:
     return warnings, flags, more
 
 
-def _validate_choices(declared: dict):
-    """`_validate_common` plus: a word-valued axis (direction, insn) takes only the words the
-    experiment declares, so `-p direction=out` on exits.mmio_user is one line and exit 2
-    rather than a KeyError in a pyperf worker."""
-    def validate(params: dict, host: dict) -> None:
-        from vlab._errors import UsageError
-
-        _validate_common(params, host)
-        for key, allowed in declared.items():
-            if key in params and allowed and all(isinstance(a, str) for a in allowed) \
-                    and params[key] not in allowed:
-                raise UsageError(f"{key} must be one of {', '.join(allowed)}, "
-                                 f"not {params[key]!r}")
-    return validate
-
-
 def micro_experiment(name: str, description: str, *, params: dict, quick: dict | None,
                      handled_by: str, make_case, requires=(), subtract_baseline: bool = True,
                      probe=None, derive=None, extra: dict | None = None) -> LoopExperiment:
@@ -184,9 +174,10 @@ def micro_experiment(name: str, description: str, *, params: dict, quick: dict |
     return register(LoopExperiment(
         name=name, description=description, params=params, quick=quick,
         metrics=dict(EXIT_METRICS), requires=[needs_kvm(), _fits_vcpus(), *requires],
-        cpl="cpl", handled_by=handled_by, validate=_validate_choices(params),
-        annotate=annotate_exits, setup=setup, measure=_loop_measure, teardown=_micro.teardown,
-        derive=derive))
+        cpl="cpl", handled_by=handled_by, validate=_validate_common, annotate=annotate_exits,
+        limits={**LIMITS, **{k: one_of(*v) for k, v in params.items()
+                             if all(isinstance(x, str) for x in v)}},
+        setup=setup, measure=_loop_measure, teardown=_micro.teardown, derive=derive))
 
 
 def _case(op: str, cpl3_iters: int, cpl0_iters: int, p: dict, **kw) -> MicroCase:

@@ -33,7 +33,7 @@ import numpy as np
 from vlab._errors import UsageError
 from vlab.host.fingerprint import HALTPOLL_ADVICE, idle_halts_at_once
 from vlab.run.registry import (LoopExperiment, Measurement, OneShotExperiment, Requirement,
-                              needs_cap, needs_kvm, register)
+                              needs_cap, needs_kvm, one_of, register, within)
 
 from vlab.experiments import _iopaths
 from vlab.experiments._iopaths import HostPath, Run, make_path
@@ -372,6 +372,14 @@ def _ioeventfd_for(notify: str) -> Requirement:
 
 # ---------------------------------------------------------------- declarations
 
+# what each value may be (vlab.run.registry.Limit), the ranges validate_io enforces
+LIMITS = {"msg_bytes": within(64, 65536, "message bytes, at most 64 KiB"),
+          "batch": within(1, 4096, "messages per kick"),
+          "qsize": within(2, 32768, "virtqueue size, a 16-bit field (at most 32768)"),
+          "bar": within(-1, 5, "BAR index, -1 for the first mappable"),
+          "write_offset": within(-1, 1 << 40, "byte offset in the BAR, -1 for none"),
+          "event_idx": one_of(False, True)}
+
 register(LoopExperiment(
     name="io.virtio",
     description="split virtqueue (virtio 1.x) TX and echo: kick by PIO exit (user), ioeventfd + "
@@ -383,7 +391,7 @@ register(LoopExperiment(
     metrics={**VM_METRICS, "model_ns_per_msg": "ns"},
     requires=[needs_kvm(), _ioeventfd_for("kernel")],
     handled_by="device backend in the VMM", payload="virtio", higher_is_better=THROUGHPUT,
-    validate=_validator("io.virtio"), annotate=annotate,
+    validate=_validator("io.virtio"), annotate=annotate, limits=LIMITS,
     setup=_setup("io.virtio"), measure=_measure, teardown=_teardown))
 
 register(LoopExperiment(
@@ -396,6 +404,7 @@ register(LoopExperiment(
     requires=[needs_kvm(), _ioeventfd_for("doorbell")],
     handled_by="guest to guest (shared memory)", payload="ivshmem",
     higher_is_better=THROUGHPUT, validate=_validator("io.ivshmem"), annotate=annotate,
+    limits=LIMITS,
     setup=_setup("io.ivshmem"), measure=_measure, teardown=_teardown))
 
 register(LoopExperiment(
@@ -405,6 +414,7 @@ register(LoopExperiment(
     quick={"msg_bytes": [64], "batch": [1]},
     metrics=dict(COMMON_METRICS), handled_by="host threads", payload=None,
     higher_is_better=THROUGHPUT, validate=_validator("io.native_ring"), annotate=annotate,
+    limits=LIMITS,
     setup=_setup("io.native_ring"), measure=_measure, teardown=_teardown))
 
 register(LoopExperiment(
@@ -413,6 +423,7 @@ register(LoopExperiment(
     params={"msg_bytes": SIZES}, quick={"msg_bytes": [64]},
     metrics=dict(COMMON_METRICS), handled_by="host kernel TCP/IP", payload=None,
     higher_is_better=THROUGHPUT, validate=_validator("io.tcp_loopback"), annotate=annotate,
+    limits=LIMITS,
     setup=_setup("io.tcp_loopback"), measure=_measure, teardown=_teardown))
 
 
@@ -534,5 +545,5 @@ register(OneShotExperiment(
     params={"bar": [-1], "write_offset": [-1], "write_value": [0]},
     quick={"bar": [-1], "write_offset": [-1], "write_value": [0]},
     metrics=SRIOV_METRICS, requires=[needs_kvm(), _sriov_requirement()],
-    validate=_sriov_validate,
+    validate=_sriov_validate, limits=LIMITS,
     handled_by="device (direct assignment)", payload="micro", run=_sriov_run))

@@ -22,7 +22,8 @@ from typing import Any, Callable
 import numpy as np
 
 from vlab._errors import UsageError
-from vlab.run.registry import OneShotExperiment, Requirement, needs_kvm, register
+from vlab.run.registry import (OneShotExperiment, Requirement, input_file, needs_kvm,
+                               register, within)
 from vlab.results import make_row
 
 MODES = ("bitmap", "clear", "ring")
@@ -456,6 +457,23 @@ def _needs_kvm_unless_trace() -> Requirement:
     return Requirement("kvm", check)
 
 
+# what each value may be (vlab.run.registry.Limit): sizes in the 52-bit guest-physical space;
+# counts the KVM dirty-log ioctls take as 32-bit fields
+U32 = (1 << 32) - 1
+LIMITS = {"wss": within(1, 1 << 52, "bytes of guest memory, 52-bit guest-physical space"),
+          "slot": within(1, 1 << 52, "memory slot bytes, 52-bit guest-physical space"),
+          "dirty": within(0, U32, "pages per interval, 32 bits"),
+          "intervals": within(1, U32, "interval count"),
+          "ring_size": within(4096, U32, "dirty ring bytes, a 32-bit KVM_CAP_DIRTY_LOG_RING size"),
+          "clear_chunk_pages": within(0, U32, "KVM_CLEAR_DIRTY_LOG num_pages, 32 bits"),
+          "interval_ms": within(1, 1000, "milliseconds", integer=False),
+          "duration_s": within(0, 3600, "seconds", integer=False),
+          "bandwidth_gbit": within(0, 10000, "Gbit/s", integer=False),
+          "max_downtime_ms": within(0, 3_600_000, "milliseconds, at most an hour", integer=False),
+          "max_rounds": within(1, U32, "round count"),
+          "trace": input_file("recorded dirty trace (.npz)", 4 << 30)}
+
+
 register(OneShotExperiment(
     name="migration.dirty_rate",
     description="dirty pages per interval of a guest workload, exact against the guest's "
@@ -469,7 +487,7 @@ register(OneShotExperiment(
              "harvest_us": "us"},
     requires=[needs_kvm(), _mode_requirement(), _memory_requirement()],
     cpl=3, handled_by="KVM dirty log (bitmap / manual clear / dirty ring)", payload="dirty",
-    validate=_validate_common, run=run_dirty_rate))
+    validate=_validate_common, run=run_dirty_rate, limits=LIMITS))
 
 register(OneShotExperiment(
     name="migration.wws",
@@ -482,7 +500,7 @@ register(OneShotExperiment(
     metrics={"wws_pages": "pages", "wws_pages_per_s": "pages/s"},
     requires=[needs_kvm(), _mode_requirement(), _memory_requirement()],
     cpl=3, handled_by="KVM dirty log; vlab.analysis.dirty.wws_curve", payload="dirty",
-    validate=_validate_common, run=run_wws))
+    validate=_validate_common, run=run_wws, limits=LIMITS))
 
 register(OneShotExperiment(
     name="migration.harvest",
@@ -498,7 +516,7 @@ register(OneShotExperiment(
              "guest_cycles_per_write": "cycles", "write_slowdown": "x"},
     requires=[needs_kvm(), _mode_requirement(), _memory_requirement("slot"), _dirty_fits()],
     cpl=3, handled_by="KVM dirty log ioctls", payload="dirty",
-    validate=_validate_harvest, run=run_harvest))
+    validate=_validate_harvest, run=run_harvest, limits=LIMITS))
 
 register(OneShotExperiment(
     name="migration.precopy_sim",
@@ -516,4 +534,4 @@ register(OneShotExperiment(
              "pages_sent": "pages"},
     requires=[_needs_kvm_unless_trace(), _memory_requirement()],
     cpl=3, handled_by="model (vlab.analysis.dirty.precopy_sim) over a recorded trace",
-    payload="dirty", validate=_validate_precopy, run=run_precopy))
+    payload="dirty", validate=_validate_precopy, run=run_precopy, limits=LIMITS))

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlab.run.registry import OneShotExperiment, Requirement, needs_cap, needs_kvm, register
+from vlab.run.registry import (OneShotExperiment, Requirement, needs_cap, needs_kvm, one_of,
+                               register, within)
 
 METRICS = {"total_ms": "ms", "downtime_ms": "ms", "rounds": "rounds", "bytes_sent": "bytes",
            "verified": "bool"}
@@ -45,6 +46,17 @@ QUICK = {"workload": ["uniform"], "mem": [64 << 20], "rate": [10000], "link_mbit
          "max_downtime_ms": [50], "max_rounds": [30], "mode": ["bitmap"],
          "strategy": ["precopy"], "policy": ["stop_copy"], "auto_converge": [False],
          "lag_us": [50000]}
+
+# what each value may be (vlab.run.registry.Limit)
+U32 = (1 << 32) - 1
+LIMITS = {"mem": within(1, 1 << 52, "guest memory bytes, 52-bit guest-physical space"),
+          "rate": within(0, U32, "pages/s, 32 bits"),
+          "link_mbit": within(0, 10_000_000, "Mbit/s, at most 10 Tbit/s", integer=False),
+          "max_downtime_ms": within(0, 3_600_000, "milliseconds, at most an hour",
+                                    integer=False),
+          "max_rounds": within(1, U32, "round count"),
+          "lag_us": within(0, U32, "microseconds, 32 bits"),
+          "auto_converge": one_of(False, True)}
 
 
 def _config(params: dict):
@@ -244,5 +256,5 @@ register(OneShotExperiment(
                 "verified, beside the pre-copy model's prediction",
     params=PARAMS, quick=QUICK, metrics=METRICS,
     requires=[needs_kvm(), _memory(), _ring(), _manual_protect(), _userfaultfd()],
-    validate=_validate, payload="migrate", cpl=3, run=run,
+    validate=_validate, payload="migrate", cpl=3, run=run, limits=LIMITS,
     handled_by="two vlab VMM processes over TCP (loopback)"))

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from vlab._errors import UsageError, VlabError
-from vlab.run.registry import LoopExperiment, Measurement, Requirement, register
+from vlab.run.registry import LoopExperiment, Measurement, Requirement, one_of, register, within
 
 from vlab.experiments import _paging as P
 
@@ -78,10 +78,19 @@ def _norm_backing(v: Any) -> Any:
     return v.lower() if isinstance(v, str) else v
 
 
+# what each value may be (vlab.run.registry.Limit); guest-physical addresses are 52 bits
+LIMITS = {"wss": within(1, 1 << 52, "working set in bytes, in the 52-bit guest-physical space"),
+          "pages": within(1, (1 << 32) - 1, "page count, a 32-bit count"),
+          "prefault": one_of(False, True), "preset_ad": one_of(False, True)}
+
+
 @dataclass
 class PagingExperiment(LoopExperiment):
     """A LoopExperiment whose grid drops guest-only parameters from native cases (and the
     duplicates that leaves) and turns page sizes given as numbers back into names."""
+
+    def __post_init__(self) -> None:
+        self.limits = {**LIMITS, **self.limits}
 
     def grid(self, quick: bool = False, overrides: dict[str, list] | None = None) -> list[dict]:
         over = {}

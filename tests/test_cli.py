@@ -186,4 +186,8 @@ def test_sigkill_halfway_leaves_no_partial_file(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)          # the runner and its pyperf workers
     proc.wait(timeout=30)
     assert not out.exists()
-    assert list(tmp_path.iterdir()) == []       # no temp file left beside it either
+    # no temp file left beside it either: only the run's journal of its finished cases
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json.journal"]
+    from vlab.run.journal import Journal
+
+    assert len(Journal.read(tmp_path / "r.json.journal").done) >= 3

@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--trace", action="store_true", help="attach the exit tracer to every case")
     r.add_argument("--processes", type=int, help="pyperf worker processes per case")
     r.add_argument("--values", type=int, help="pyperf values per process")
+    r.add_argument("--resume", metavar="FILE",
+                   help="continue a stopped or killed run from its journal (FILE.journal)")
+    r.add_argument("--force", action="store_true", help="replace an existing -o results file")
 
     s = sub.add_parser("show", help="print the table of a results file")
     s.add_argument("file")
@@ -67,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--duration", type=float, help="stop after this many seconds")
     t.add_argument("--interval", type=float, default=1.0, help="refresh period (default 1 s)")
     t.add_argument("-o", "--output", help="results file (default results/<host_id>/trace-<stamp>.json)")
+    t.add_argument("--force", action="store_true", help="replace an existing -o results file")
     t.add_argument("cmdline", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="a command to run and trace")
 
     h = sub.add_parser("host", help="opt-in host configuration changes")
@@ -160,8 +164,7 @@ def cmd_list(args) -> int:
 
 def cmd_run(args) -> int:
     from vlab.run import registry as reg
-    from vlab import results
-    from vlab.run.runner import RunOptions, default_output, execute
+    from vlab.run.runner import RunOptions, execute
     from vlab.run.summary import summary
 
     overrides: dict[str, list] = {}
@@ -174,23 +177,44 @@ def cmd_run(args) -> int:
     if args.processes is not None:
         if args.processes < 1:
             raise UsageError("--processes must be at least 1")
+        if args.processes > 1000:
+            raise UsageError("--processes must be at most 1000")
         pyperf["processes"] = args.processes
     if args.values is not None:
         if args.values < 1:
             raise UsageError("--values must be at least 1")
+        if args.values > 100000:
+            raise UsageError("--values must be at most 100000")
         pyperf["values"] = args.values
     dev = os.environ.get("VLAB_DEV_KVM") or "/dev/kvm"
     if not os.path.exists(dev):
         raise UsageError(f"{dev} does not exist: this host has no KVM (see `vlab doctor`)")
     if not os.access(dev, os.R_OK | os.W_OK):
         raise UsageError(f"{dev} is not readable and writable by this user (see `vlab doctor`)")
+    # ---- output, journal, resume and interrupts (vlab/run/journal.py, interrupt.py) ----
+    from vlab.run.interrupt import Interrupted, catching, stop_children
+    from vlab.run.journal import RunSession, resume_options
+
+    session = RunSession(args.output, "results", args.force)
     opts = RunOptions(selectors=args.selectors, suite=args.suite, overrides=overrides,
                       output=args.output, trace=args.trace, argv=sys.argv[1:],
-                      progress=sys.stderr, pyperf=pyperf)
-    doc, code = execute(opts)
-    path = args.output or default_output(doc)
-    results.validate(doc)
-    results.write_atomic(doc, path)
+                      progress=sys.stderr, pyperf=pyperf,
+                      on_start=session.on_start, on_case=session.on_case)
+    if args.resume:
+        resume_options(session, args.resume, opts)
+    else:
+        session.check_early()
+    try:
+        with catching():
+            doc, code = execute(opts)
+    except Interrupted as e:
+        stop_children()
+        session.abandon()
+        print(f"vlab: interrupted by {e.name} before the first case finished; nothing "
+              "measured", file=sys.stderr)
+        return e.exit_code
+    path, code = session.finish(doc, code)
+    # ---- end output ----
     print(summary(doc))
     print(f"\nresults: {path}  ({doc['duration_s']:.1f} s)")
     return code
@@ -198,22 +222,24 @@ def cmd_run(args) -> int:
 
 def cmd_show(args) -> int:
     from vlab import results
+    from vlab._outputs import write_stdout
     from vlab.host import emulation as _emulation
 
     doc = results.read(args.file)
     tcg = None if args.csv else _emulation.warning(doc.get("host") or {})
-    if tcg:
-        print(f"WARNING: {tcg}")
-    print(results.to_csv(doc) if args.csv else results.format_table(doc), end="")
+    text = results.to_csv(doc) if args.csv else results.format_table(doc)
+    write_stdout(f"WARNING: {tcg}\n{text}" if tcg else text)
     return 0
 
 
 def cmd_compare(args) -> int:
     from vlab import results
+    from vlab._inputs import finite
     from vlab.compare import compare, format_compare
 
     if len(args.files) < 2:
         raise UsageError("compare needs at least two results files")
+    finite("--min-effect", args.min_effect, 0.0)
     docs = [results.read(f) for f in args.files]
     res = compare(docs, min_effect=args.min_effect, strict=args.strict, fdr=args.fdr,
                   names=[os.path.basename(f) for f in args.files])
@@ -248,6 +274,9 @@ def cmd_host(args) -> int:
 
     if args.host_command == "set":
         key, value = _hostset.parse_assignment(args.assignment)
+        from vlab._inputs import check_host_setting
+
+        check_host_setting(key, value)          # fits the kernel variable it is written to
         print(_hostset.set_host(key, value, dry_run=args.dry_run))
     elif args.host_command == "restore":
         print(_hostset.restore_host(args.key, dry_run=args.dry_run))
@@ -274,8 +303,16 @@ def cmd_trace(args) -> int:
     if args.interval <= 0:
         raise UsageError("--interval must be positive")
     for pid in args.pid or []:
-        if not os.path.exists(f"/proc/{pid}"):
+        if not 0 < pid < 1 << 22 or not os.path.exists(f"/proc/{pid}"):   # PID_MAX_LIMIT
             raise UsageError(f"no process with pid {pid}")
+    from vlab import _inputs, _outputs
+
+    _inputs.finite("--duration", args.duration, 0.0, lo_open=True)
+    _inputs.finite("--interval", args.interval, 0.0, 86400.0, lo_open=True)
+    if args.output is not None:          # checked before tracing, not after
+        _outputs.check_file(args.output, "results file", force=args.force)
+    else:
+        _outputs.check_dir("results", "results directory")
     ok, reason, _ = trace.status(mount=True)
     if not ok:
         print(f"vlab: tracing unavailable: {reason}", file=sys.stderr)
@@ -314,7 +351,14 @@ def cmd_trace(args) -> int:
                             "notes": total.notes}
     path = args.output or default_output(doc).replace(os.sep + doc["started_at"][:4],
                                                         os.sep + "trace-" + doc["started_at"][:4])
-    results.write_atomic(doc, path)
+    results.validate(doc)
+    stem, ext = os.path.splitext(path)
+    path, problem = _outputs.save((json.dumps(doc, indent=1, allow_nan=False) + "\n").encode(),
+                                  path, replace=args.force,
+                                  alternative=None if args.output else f"{stem}-{doc['run_id']}{ext}")
+    if problem:
+        print(f"vlab: {problem}", file=sys.stderr)
+        return 1
     print(f"\ntrace of {of}: source {total.source}; results: {path}")
     return 0 if code == 0 else 1
 
@@ -324,8 +368,13 @@ def cmd_trace(args) -> int:
 def cmd_migrate(args) -> int:
     """`vlab migrate`: by default a destination and a source process on loopback, the
     migration verified and set beside the pre-copy model; or one role (--listen / --to)."""
+    from vlab._inputs import check_migrate_options
+    from vlab._outputs import check_file
     from vlab.migration.command import run_cli
 
+    check_migrate_options(args)               # every value fits where it goes
+    if getattr(args, "trace_out", None):      # the one file migrate writes: checked first
+        check_file(args.trace_out, "--trace-out file")
     return run_cli(args)
 
 # ---- end live migration ----

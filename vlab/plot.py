@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from vlab import results
 from vlab._errors import UsageError
+from vlab._outputs import check_dir
 from vlab._units import format_size, size_bytes
 
 if TYPE_CHECKING:
@@ -690,8 +691,7 @@ def plot(docs: Any, out_dir: str | os.PathLike[str],
     """
     formats = _check_formats(formats)
     items = _as_docs(docs)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_dir(out_dir, "plot output directory")   # created, writable, or UsageError
     written: list[Path] = []
     seen: set[str] = set()
     for doc, name in items:
@@ -716,8 +716,7 @@ def plot_compare(compare_result: Mapping[str, Any], out_dir: str | os.PathLike[s
     Named `compare.<fmt>` for a single comparison, else `compare-<B>-vs-<A>.<fmt>`.
     """
     formats = _check_formats(formats)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_dir(out_dir, "plot output directory")
     written: list[Path] = []
     comps = compare_result["comparisons"]
     for i, c in enumerate(comps):

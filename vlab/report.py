@@ -26,6 +26,7 @@ from typing import Any
 from vlab import results
 from vlab.compare import compare
 from vlab._files import atomic_open
+from vlab._outputs import check_file
 from vlab.host.diff import flatten_host, is_volatile
 from vlab.plot import AREAS, area_figure, area_of, compare_figure, host_caption
 from vlab.host import emulation as _emulation
@@ -511,8 +512,8 @@ def report(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
         from vlab._errors import UsageError
 
         raise UsageError("report needs at least one results file")
+    out = check_file(out_html, "report")     # its directory created and writable, or UsageError
     text = render(items, min_effect=min_effect)
-    out = Path(out_html)
     with atomic_open(out, "w", perms=0o644) as f:
         f.write(text)
     return out

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from vlab._errors import UsageError
 from vlab._files import atomic_open
+from vlab._inputs import read_file
 
 if TYPE_CHECKING:  # pandas is imported lazily: `vlab show` of one file should start fast
     import pandas as pd
@@ -44,6 +45,9 @@ SCHEMA = "vlab.run/1"
 #: Keys every results file has at top level, in the order the file is written.
 TOP_KEYS = ("schema", "run_id", "started_at", "finished_at", "vlab_version", "argv", "host",
             "suite", "rows")
+#: Optional top-level keys and the JSON type each must have: a run stopped by SIGINT/SIGTERM
+#: holds its finished cases, `interrupted` true and the signal's name ("SIGINT").
+OPTIONAL_TOP_KEYS = {"interrupted": bool, "signal": (str, type(None))}
 #: Statistics every row carries (null for skip/error rows).
 STAT_KEYS = ("n", "mean", "median", "stdev", "min", "max", "p90", "p99")
 #: Keys every row has.
@@ -203,6 +207,9 @@ def validate(doc: Any) -> None:
         raise UsageError("'argv' must be an array of strings")
     if not isinstance(doc["suite"], (str, type(None))):
         raise UsageError(f"'suite' must be a string or null, got {_type_name(doc['suite'])}")
+    for key, types in OPTIONAL_TOP_KEYS.items():
+        if key in doc and not isinstance(doc[key], types):
+            raise UsageError(f"'{key}' has the wrong type ({_type_name(doc[key])})")
     host = doc["host"]
     if not isinstance(host, dict):
         raise UsageError(f"'host' must be an object, got {_type_name(host)}")
@@ -221,12 +228,7 @@ def validate(doc: Any) -> None:
 def read(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate one results file; any problem is a one-line `UsageError` naming it."""
     p = Path(path)
-    try:
-        text = p.read_bytes()
-    except IsADirectoryError:
-        raise UsageError(f"{p}: is a directory, not a results file") from None
-    except OSError as e:
-        raise UsageError(f"{p}: cannot read: {e.strerror or e}") from None
+    text = read_file(p, "results file")     # a regular file of sane size, or UsageError
     if text[:2] == GZIP_MAGIC:
         text = _gunzip(p, text)
     if not text.strip():
@@ -304,19 +306,24 @@ def write_atomic(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
 # Building documents
 
 
+def new_run_id() -> str:
+    """A run's id: 12 random hex digits."""
+    return uuid.uuid4().hex[:12]
+
+
 def new_document(host: dict[str, Any], rows: list[dict[str, Any]], *, argv: list[str],
                  suite: str | None, started: _dt.datetime,
                  finished: _dt.datetime | None = None,
-                 duration_s: float | None = None) -> dict[str, Any]:
+                 duration_s: float | None = None, run_id: str | None = None) -> dict[str, Any]:
     """A `vlab.run/1` document: the header every results file starts with (schema, a fresh
     12-hex-digit run id, start and finish times in UTC to the second, vlab's version, argv,
     suite), then `duration_s` when given, the host record and the rows. `finished` defaults to
-    now. The one place the header is built, for `vlab run` and `vlab trace` alike."""
+    now; `run_id` to a fresh one (a run that journals its cases names itself at its start). The one place the header is built, for `vlab run` and `vlab trace` alike."""
     from vlab import __version__
 
     finished = finished or _dt.datetime.now(_dt.timezone.utc)
     doc: dict[str, Any] = {
-        "schema": SCHEMA, "run_id": uuid.uuid4().hex[:12],
+        "schema": SCHEMA, "run_id": run_id or new_run_id(),
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": finished.isoformat(timespec="seconds"),
         "vlab_version": __version__, "argv": list(argv), "suite": suite}

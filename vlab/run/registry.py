@@ -67,6 +67,66 @@ def needs_vendor(vendor: str, what: str) -> Requirement:
     return Requirement(f"vendor:{vendor}", check)
 
 
+@dataclass(frozen=True)
+class Limit:
+    """The values one parameter may take, declared beside the parameter grid: a number in
+    [lo, hi] (an integer unless `integer` is False), because it goes into a register or field
+    of that size (`what` names it, for the message), or, with `file`, a path to an input file
+    of at most `hi` bytes ("" for none). A value outside is a one-line UsageError before
+    anything runs; without limits, a 70-bit leaf went into a 32-bit register."""
+    lo: int | float = 0
+    hi: int | float = 0
+    what: str = ""
+    integer: bool = True
+    file: bool = False
+    choices: tuple = ()                 # else: exactly one of these values (e.g. "in", "out")
+
+    def check(self, name: str, value: Any) -> None:
+        from vlab import _inputs
+
+        if self.choices:
+            if not any(type(value) is type(c) and value == c for c in self.choices):
+                raise UsageError(f"{name} must be one of {', '.join(map(str, self.choices))}, "
+                                 f"not {value!r}")
+            return
+        if self.file:
+            if not isinstance(value, str):
+                raise UsageError(f"{name}={value!r}: expected a path to a {self.what}")
+            if value:
+                _inputs.read_file(value, self.what, int(self.hi))
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or (self.integer and not isinstance(value, int)):
+            kind = "an integer" if self.integer else "a number"
+            raise UsageError(f"{name}={value!r} is not {kind} ({self.what})")
+        _inputs.check_fits(name, value, self.lo, self.hi, self.what)
+
+
+def bits(n: int, what: str, lo: int = 0, **kw: Any) -> Limit:
+    """An unsigned `n`-bit register or field (from `lo`, e.g. 1 for a count)."""
+    return Limit(lo, (1 << n) - 1, f"{what}, {n} bits", **kw)
+
+
+def within(lo: int | float, hi: int | float, what: str, integer: bool = True,
+           **kw: Any) -> Limit:
+    """A range the code that takes the value can honour (a ring size, a duration ...)."""
+    return Limit(lo, hi, what, integer, **kw)
+
+
+def one_of(*values: Any) -> Limit:
+    """One of these exact values (a string choice, or true/false)."""
+    return Limit(choices=tuple(values))
+
+
+def input_file(what: str, max_bytes: int) -> Limit:
+    """A path to an input file: a regular file of at most `max_bytes`, or "" for none."""
+    return Limit(0, max_bytes, what, file=True)
+
+
+#: `-p iters=N` (any loop experiment): the guest's per-sample loop count.
+ITERS = bits(32, "operations per sample (the guest's loop count)", lo=1)
+
+
 @dataclass
 class Measurement:
     """What one `measure(state, loops)` call produced.
@@ -100,6 +160,36 @@ class Experiment:
     # between cases, knees of a sweep, model rows beside measured ones); run once after all
     # cases of the run, see _runner.derived_rows
     derive: Callable[[list[dict], dict], list[dict]] | None = None
+    # param -> the values it may take (see Limit); every numeric parameter declares one
+    limits: dict[str, Limit] = field(default_factory=dict)
+
+    def check_values(self, params: dict) -> None:
+        """Each value must fit where it goes (its declared Limit); else a UsageError."""
+        for k, v in params.items():
+            limit = ITERS if k == "iters" else self.limits.get(k)
+            if limit is not None:
+                try:
+                    limit.check(k, v)
+                except UsageError as e:
+                    raise UsageError(f"{self.name}: {e}") from None
+
+    def check_params(self, params: dict, host: dict) -> None:
+        """The declared limits first (a validator may assume a number is a number), then the
+        experiment's own `validate`. Where both refuse a value, the validator's message wins
+        (it is the more specific one, e.g. "cpl must be 0 or 3")."""
+        try:
+            self.check_values(params)
+        except UsageError as limit_error:
+            if self.validate is not None:
+                try:
+                    self.validate(params, host)
+                except UsageError as own:
+                    raise own from None
+                except Exception:  # noqa: BLE001 - the limit's message stands
+                    pass
+            raise limit_error from None
+        if self.validate is not None:
+            self.validate(params, host)
 
     @property
     def area(self) -> str:

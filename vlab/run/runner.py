@@ -17,12 +17,13 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import numpy as np
 
 from vlab.run import registry as registry
 from vlab._errors import UsageError, VlabError
+from vlab.run.interrupt import Interrupted, deferred, stop_children, worker_command
 from vlab.run.registry import Experiment
 
 DEFAULT_PYPERF = {"processes": 3, "values": 3, "warmups": 1, "min_time": 0.02}
@@ -47,6 +48,12 @@ class RunOptions:
     argv: list[str] = field(default_factory=list)
     progress: TextIO | None = None
     pyperf: dict[str, Any] = field(default_factory=dict)
+    # ---- journal and resume (vlab/run/journal.py) ----
+    run_id: str | None = None
+    host: dict | None = None                    # resuming: the journal's host (no calibration)
+    done: dict[str, list[dict]] = field(default_factory=dict)   # case id -> rows, not rerun
+    on_start: Callable[..., None] | None = None   # after planning, before the first case
+    on_case: Callable[[str, list[dict]], None] | None = None    # a case finished: its rows
 
 
 def plan(opts: RunOptions, host: dict) -> tuple[list[Case], dict[str, Any], str | None]:
@@ -79,8 +86,7 @@ def plan(opts: RunOptions, host: dict) -> tuple[list[Case], dict[str, Any], str 
         if "iters" in opts.overrides:
             grid = [dict(p, iters=it) for p in grid for it in opts.overrides["iters"]]
         for params in grid:
-            if exp.validate:
-                exp.validate(params, host)
+            exp.check_params(params, host)  # declared limits and the experiment's validate
             cid = exp.name + "".join(f",{k}={v}" for k, v in params.items())
             if cid in seen:
                 continue
@@ -108,10 +114,11 @@ def _new_runner(pyperf_opts: dict, plan_path: str):
 
     # pyperf allows one Runner per process; a run creates its own, so let go of an old one
     pyperf.Runner._created.clear()
-    runner = pyperf.Runner(program_args=("-m", "vlab.run.worker", plan_path))
+    launcher, program = worker_command(("-m", "vlab.run.worker", plan_path))
+    runner = pyperf.Runner(program_args=program)
     args = ["--quiet", "--processes", str(pyperf_opts["processes"]),
             "--values", str(pyperf_opts["values"]), "--warmups", str(pyperf_opts["warmups"]),
-            "--min-time", str(pyperf_opts["min_time"])]
+            "--min-time", str(pyperf_opts["min_time"]), "--python", launcher]
     if pyperf_opts.get("loops"):
         args += ["--loops", str(pyperf_opts["loops"])]
     runner.parse_args(args)
@@ -214,21 +221,33 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
 
     started = _dt.datetime.now(_dt.timezone.utc)
     t_start = time.monotonic()
-    host = collect_host()
+    run_id = opts.run_id or results.new_run_id()
+    host = opts.host or collect_host()
     cases, pyperf_opts, suite = plan(opts, host)
-    cal = calibrate_host(host, on_start=lambda: _progress(opts, "calibrating ...", end=" "))
+    # a resumed run keeps the host record (and calibration) of the run it continues
+    cal = None if opts.host is not None else calibrate_host(
+        host, on_start=lambda: _progress(opts, "calibrating ...", end=" "))
     if cal is not None:
         _progress(opts, f"CPL3 nop {cal.get('cpl3_nop_cycles_per_iter', 0):.1f} cycles, "
                         f"CPL0 nop {cal.get('cpl0_nop_cycles_per_iter', 0):.0f} cycles"
                         + (" (CPL0 is emulated on this host)" if cal.get("emulated_cpl0") else ""))
+    if opts.on_start is not None:
+        opts.on_start(run_id=run_id, started_at=started.isoformat(timespec="seconds"),
+                      host=host, cases=cases, pyperf=pyperf_opts, suite=suite,
+                      trace=opts.trace, argv=opts.argv,
+                      options={"selectors": opts.selectors, "suite": opts.suite,
+                               "overrides": opts.overrides, "trace": opts.trace,
+                               "pyperf": opts.pyperf})
     tmp = tempfile.mkdtemp(prefix="vlab-run-")
     rows: list[dict] = []
-    failed = False
+    failed = any(r.get("status") == "error" for rs in opts.done.values() for r in rs)
+    interrupted: Interrupted | None = None
     tracer, trace_reason = (_open_tracer(opts) if opts.trace else (None, None))
     try:
         side_dir = os.path.join(tmp, "side")
         os.makedirs(side_dir)
-        loop_cases = [c for c in cases if c.skip is None and c.exp.kind == "loop"]
+        loop_cases = [c for c in cases if c.skip is None and c.exp.kind == "loop"
+                      and c.id not in opts.done]
         plan_path = os.path.join(tmp, "plan.json")
         with open(plan_path, "w") as f:
             json.dump({"host": host, "side_dir": side_dir,
@@ -239,9 +258,15 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
         total = len(cases)
         for i, case in enumerate(cases, 1):
             label = f"[{i:>{len(str(total))}}/{total}] {case.exp.name} {_fmt_params(case.params)}"
+            if case.id in opts.done:
+                _progress(opts, f"{label}  done before (journal)")
+                rows += opts.done[case.id]
+                continue
             if case.skip:
                 _progress(opts, f"{label}  skip: {case.skip}")
-                rows += _skip_rows(case, case.skip)
+                with deferred():
+                    rows += _skip_rows(case, case.skip)
+                    _journal(opts, case, rows[-len(case.exp.metrics):])
                 continue
             _progress(opts, f"{label} ...", end=" ")
             t0 = time.monotonic()
@@ -265,18 +290,23 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
                 else:
                     case_rows = case.exp.run(case.params, host,
                                              lambda s: _progress(opts, s, end=" "))
-                rows += case_rows
                 if opts.trace:
-                    rows += _trace_case_rows(tracer, trace_reason, f"{case.exp.name} "
-                                             f"{_fmt_params(case.params)}".strip())
+                    case_rows = case_rows + _trace_case_rows(
+                        tracer, trace_reason,
+                        f"{case.exp.name} {_fmt_params(case.params)}".strip())
+                with deferred():          # the rows and their journal line, or neither
+                    rows += case_rows
+                    _journal(opts, case, case_rows)
                 _progress(opts, f"ok ({time.monotonic() - t0:.1f} s)  {_headline(case_rows)}")
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, Interrupted):
                 raise
             except BaseException as e:  # noqa: BLE001 - an error row, the run goes on
                 side = _read_side(side_dir, case.id) if case.exp.kind == "loop" else {}
                 msg = _error_text(side, e) if side else f"{type(e).__name__}: {e}"
                 _progress(opts, f"error: {msg}")
-                rows += _skip_rows(case, msg, status="error")
+                with deferred():
+                    rows += _skip_rows(case, msg, status="error")
+                    _journal(opts, case, rows[-len(case.exp.metrics):])
                 failed = True
         if pyperf_meta:
             host["pyperf"] = pyperf_meta
@@ -284,6 +314,10 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
         more, derive_failed = derived_rows(cases, rows, host, opts)
         rows += more
         failed |= derive_failed
+    except Interrupted as e:      # stop now: end the workers, keep the finished cases
+        interrupted = e
+        _progress(opts, f"\n{e.name}: stopping the workers ...")
+        stop_children()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if tracer is not None:
@@ -292,8 +326,16 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
                              "unavailable": last.unavailable}
             tracer.close(wait=True)
     doc = results.new_document(host, rows, argv=opts.argv, suite=suite, started=started,
-                               duration_s=round(time.monotonic() - t_start, 2))
+                               duration_s=round(time.monotonic() - t_start, 2), run_id=run_id)
+    if interrupted is not None:
+        doc.update(interrupted=True, signal=interrupted.name)
+        return doc, interrupted.exit_code
     return doc, (1 if failed else 0)
+
+
+def _journal(opts: RunOptions, case: Case, rows: list[dict]) -> None:
+    if opts.on_case is not None:
+        opts.on_case(case.id, rows)
 
 
 def _open_tracer(opts: RunOptions):

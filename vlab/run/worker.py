@@ -7,13 +7,24 @@ and extras to a side file, because pyperf itself keeps only one number per value
 """
 from __future__ import annotations
 
-import json
-import os
-import sys
-import traceback
+import signal
+
+# First of all: a terminal's Ctrl-C reaches the whole process group, workers included. The
+# runner stops its workers itself (SIGTERM, then SIGKILL; see vlab/run/interrupt.py), so a
+# worker ignores SIGINT rather than print a KeyboardInterrupt traceback from the middle of its
+# imports. (SIG_IGN is set before anything heavy is imported.)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
 
 
 def main() -> None:
+    from vlab.run.interrupt import die_with_parent
+
+    die_with_parent()       # the runner killed with SIGKILL: no worker (or guest) runs on
     plan_path = sys.argv[1]
     with open(plan_path) as f:
         plan = json.load(f)
