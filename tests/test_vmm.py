@@ -38,15 +38,25 @@ def run_counted(m, op: str, a0: int = 0, a1: int = 0, n: int = N, s: int = S):
     return dc, diff(k1, k0), m.results(0)
 
 
-def assert_kvm_exits(delta: dict, expected: int) -> None:
+def assert_kvm_exits(delta: dict, expected: int, emulated: bool = False) -> None:
     """KVM's own exit counter, less host-caused background exits, equals what the guest did.
 
-    One or two unattributed exits (a preemption that KVM does not classify) are tolerated.
+    One or two unattributed exits (a preemption that KVM does not classify) are tolerated. With
+    `emulated` (CPL0 code on PVM, which runs in KVM's instruction emulator), the emulator's own
+    returns to the run loop add a few counted exits per thousand operations (docs/exits.md:
+    1206 for 1201 under load here), so up to 1% more are tolerated; never fewer.
     """
     from vlab.vmm.stats import guest_exits
 
     got = guest_exits(delta)
-    assert expected <= got <= expected + 3, (got, expected, delta)
+    slack = 3 + (expected // 100 if emulated else 0)
+    assert expected <= got <= expected + slack, (got, expected, delta)
+
+
+def kvm_flavor() -> str:
+    from vlab.host import fingerprint
+
+    return fingerprint("/")["kvm"]["flavor"]
 
 
 def assert_kernel_handled(delta: dict, n: int) -> None:
@@ -73,7 +83,7 @@ def test_out_exits_exactly_n_user_exits(kvm, cpl):
         # every user-space exit is either one of our outs or the final DONE ucall
         assert dc["exits_total"] == total + 1
         assert dc["ucalls"] == 1
-        assert_kvm_exits(dk, total + 1)
+        assert_kvm_exits(dk, total + 1, emulated=cpl == 0 and kvm_flavor() == "pvm")
         assert len(samples) == S and (samples > 0).all()
 
 
