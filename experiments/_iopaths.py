@@ -26,7 +26,7 @@ from vlab.vmm.kvm import Kvm
 from vlab.vmm.machine import Machine
 from vlab.vmm.payloads import GPA_DATA
 from vlab.vmm.stats import diff, guest_exits
-from vlab.vmm.thread import VcpuThread
+from vlab.vmm.thread import VcpuThread, run_together
 
 NOTIFY_PORT = 0x500         # virtio notify register (a 16-bit write of the queue index)
 ECHO_PORT = 0x502           # notify register of the echo queue
@@ -366,14 +366,7 @@ class IvshmemPath:
         threads = [VcpuThread(m.vcpus[0], timeout=self.timeout, on_error=abort_peer(i),
                               name=f"ivshmem-{'ab'[i]}") for i, m in enumerate(vms)]
         t0 = _now_ns()
-        try:
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        finally:
-            for t in threads:
-                t.quit()
+        run_together(threads)
         cpu = [t.cpu_ns for t in threads]
         wait = [t.wait_ns for t in threads]
         errors = [t.error for t in threads]

@@ -129,6 +129,20 @@ def _scipy_stats():
     return scipy.stats
 
 
+def _two_sides(a: Any, b: Any, what: str, noun: str, fn: str, alpha: float,
+               min_effect: float) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides as arrays, checked with the test's settings (one-line UsageError)."""
+    x = _as_array(a, f"{what} of A")
+    y = _as_array(b, f"{what} of B")
+    if x.size == 0 or y.size == 0:
+        raise UsageError(f"{fn} needs at least one {noun} on each side")
+    if not (0.0 < alpha < 1.0):
+        raise UsageError(f"alpha must be in (0, 1), got {alpha}")
+    if min_effect < 0:
+        raise UsageError(f"min_effect must be >= 0, got {min_effect}")
+    return x, y
+
+
 def _change_words(ratio: float, higher_is_better: bool) -> str:
     """'1.50x slower' / '2.00x faster': the factor is always >= 1, the word says the direction."""
     bigger = ratio > 1.0
@@ -158,14 +172,7 @@ def compare_samples(a: Iterable[float] | np.ndarray, b: Iterable[float] | np.nda
     `significant` is False and the verdict comes from the ratio alone, suffixed
     "(n=1, no test)". A zero median of A gives ratio None and an explanatory verdict.
     """
-    x = _as_array(a, "samples of A")
-    y = _as_array(b, "samples of B")
-    if x.size == 0 or y.size == 0:
-        raise UsageError("compare_samples needs at least one sample on each side")
-    if not (0.0 < alpha < 1.0):
-        raise UsageError(f"alpha must be in (0, 1), got {alpha}")
-    if min_effect < 0:
-        raise UsageError(f"min_effect must be >= 0, got {min_effect}")
+    x, y = _two_sides(a, b, "samples", "sample", "compare_samples", alpha, min_effect)
     if n_boot < 1:
         raise UsageError(f"n_boot must be >= 1, got {n_boot}")
     med_a, med_b = float(np.median(x)), float(np.median(y))
@@ -214,14 +221,7 @@ def compare_units(a: Iterable[float] | np.ndarray, b: Iterable[float] | np.ndarr
     control: p < alpha and the interval excludes 1) and `verdict`. With fewer than two units on
     a side nothing is tested: p and the interval are None and the verdict says so.
     """
-    x = _as_array(a, "process values of A")
-    y = _as_array(b, "process values of B")
-    if x.size == 0 or y.size == 0:
-        raise UsageError("compare_units needs at least one unit on each side")
-    if not (0.0 < alpha < 1.0):
-        raise UsageError(f"alpha must be in (0, 1), got {alpha}")
-    if min_effect < 0:
-        raise UsageError(f"min_effect must be >= 0, got {min_effect}")
+    x, y = _two_sides(a, b, "process values", "unit", "compare_units", alpha, min_effect)
     out: dict[str, Any] = {
         "statistic": "process median", "n_a": int(x.size), "n_b": int(y.size), "ratio": ratio,
         "ci_low": None, "ci_high": None, "ci_level": 1.0 - alpha, "p_value": None, "test": None,

@@ -16,7 +16,7 @@ from vlab.vmm.payloads import (P_CR3, P_DATA_BASE, P_DATA_SIZE, P_MAGIC, P_MMIO_
 from vlab.vmm.kvm import Kvm
 from vlab.vmm.memory import PAGE_SIZES, MemorySlot
 from vlab.vmm._native import lib
-from vlab.vmm.thread import VcpuThread
+from vlab.vmm.thread import VcpuThread, run_together
 from vlab.vmm.vcpu import Stop, Vcpu, unexpected_stop
 from vlab.vmm.vm import Vm
 
@@ -162,14 +162,7 @@ class Machine:
         if len(self.vcpus) == 1:
             return [self.run_to_done(0, timeout)]
         threads = [VcpuThread(v, timeout=timeout) for v in self.vcpus]
-        try:
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        finally:
-            for t in threads:
-                t.quit()
+        run_together(threads)
         for t in threads:
             if t.error is not None:
                 raise t.error

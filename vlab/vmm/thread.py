@@ -290,3 +290,16 @@ class VcpuThread:
             self._finished.set()
             with self._cv:
                 self._cv.notify_all()
+
+
+def run_together(threads: list[VcpuThread]) -> None:
+    """Start every thread, wait for all of them to end, and quit any still running if waiting
+    was cut short (an exception, Ctrl-C). Each thread's outcome stays in its `error`."""
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for t in threads:
+            t.quit()
