@@ -242,5 +242,6 @@ def test_a_word_outside_the_declared_axis_is_one_line_and_exit_2(args, message):
     proc = subprocess.run([sys.executable, "-m", "vlab", "run", *args], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"vlab: {message}, not "
+    # one line naming the experiment, the axis, its words and the refused value
+    assert proc.stderr.strip().splitlines() == [f"vlab: {args[0]}: {message}, not "
                                                 f"{args[-1].split('=')[1]!r}"]
