@@ -378,6 +378,7 @@ LIMITS = {"msg_bytes": within(64, 65536, "message bytes, at most 64 KiB"),
           "qsize": within(2, 32768, "virtqueue size, a 16-bit field (at most 32768)"),
           "bar": within(-1, 5, "BAR index, -1 for the first mappable"),
           "write_offset": within(-1, 1 << 40, "byte offset in the BAR, -1 for none"),
+          "write_value": within(0, (1 << 32) - 1, "the value of a 32-bit register write"),
           "event_idx": one_of(False, True)}
 
 register(LoopExperiment(

@@ -62,7 +62,11 @@ def test_one_exit_per_operation_at_cpl3(exits_run, exp):
 def test_one_user_space_exit_per_operation_at_cpl0(exits_run, exp):
     _, _, rows = exits_run
     r = _row(rows, exp, "exits_per_op")
-    assert abs(r["mean"] - 1.0) <= 0.01
+    # KVM's count within the row's expectation (its tolerance is wider for CPL0 code that PVM
+    # emulates: the emulator's own returns add a few exits per thousand); the VMM's own count of
+    # user-space exits is exact to 1%
+    assert r["extra"]["expectation"]["exits"] == 1
+    assert abs(r["mean"] - 1.0) <= r["extra"]["expectation"]["tol"]
     assert abs(r["extra"]["vmm_exits_per_op"] - 1.0) <= 0.01
 
 
@@ -163,7 +167,8 @@ def test_x_syscall_is_a_derived_row(exits_run):
         x = _row(rows, "exits.syscall", "x_syscall", mechanism=mech)
         g = _row(rows, "exits.syscall", "guest_cycles", mechanism=mech)
         assert x["flags"]["derived"] and x["unit"] == "x"
-        assert x["median"] == pytest.approx(g["median"] / g["extra"]["host_syscall_cycles"])
+        assert x["median"] == pytest.approx(g["median"] / g["extra"]["host_syscall_cycles"],
+                                            rel=1e-5)   # stored to 6 significant digits
         assert x["median"] > 0
 
 

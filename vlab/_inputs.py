@@ -132,7 +132,7 @@ MAX_LINK_BIT_S = 1e13
 
 def check_migrate_options(args) -> None:
     """Every numeric option of `vlab migrate` fits where it goes; a one-line UsageError if not."""
-    from vlab.migration.options import parse_rate, parse_size
+    from vlab._units import parse_rate, parse_size
 
     for attr, lo, hi, integer, what in MIGRATE_OPTIONS:
         v = getattr(args, attr, None)
