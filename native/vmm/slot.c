@@ -60,6 +60,27 @@ static int slot_claim(struct vlab_vm *vm, uint64_t gpa, uint64_t size, const cha
     return 0;
 }
 
+/* The last step of both ways of adding a slot: fill in its identity, register it with KVM, and
+ * hand it out; on failure it is released (its backing too, if it owns one). */
+static int slot_commit(struct vlab_vm *vm, struct vlab_slot *s, int backing, uint32_t flags,
+                       uint64_t gpa, uint64_t size, struct vlab_slot **out)
+{
+    int r;
+
+    s->in_use = 1;
+    s->backing = backing;
+    s->flags = flags;
+    s->gpa = gpa;
+    s->size = size;
+    r = slot_register(vm, s, size);
+    if (r) {
+        slot_release(s);
+        return r;
+    }
+    *out = s;
+    return 0;
+}
+
 int vlab_vm_slot_add(struct vlab_vm *vm, uint64_t gpa, uint64_t size, int backing,
                      uint32_t flags, int share_fd, struct vlab_slot **out)
 {
@@ -84,18 +105,7 @@ int vlab_vm_slot_add(struct vlab_vm *vm, uint64_t gpa, uint64_t size, int backin
         for (uint64_t off = 0; off < size; off += VLAB_PAGE)
             b[off] = b[off];
     }
-    s->in_use = 1;
-    s->backing = backing;
-    s->flags = flags;
-    s->gpa = gpa;
-    s->size = size;
-    r = slot_register(vm, s, size);
-    if (r) {
-        slot_release(s);
-        return r;
-    }
-    *out = s;
-    return 0;
+    return slot_commit(vm, s, backing, flags, gpa, size, out);
 }
 
 /* A slot over memory the caller mapped (a device BAR); the VM never unmaps it. */
@@ -116,18 +126,7 @@ int vlab_vm_slot_add_hva(struct vlab_vm *vm, uint64_t gpa, uint64_t size, void *
     s->mem.fd = -1;
     s->mem.map = NULL;          /* not ours: slot_release leaves it mapped */
     s->mem.hva = hva;
-    s->in_use = 1;
-    s->backing = -1;
-    s->flags = flags & ~VLAB_SLOT_PREFAULT;
-    s->gpa = gpa;
-    s->size = size;
-    r = slot_register(vm, s, size);
-    if (r) {
-        slot_release(s);
-        return r;
-    }
-    *out = s;
-    return 0;
+    return slot_commit(vm, s, -1, flags & ~VLAB_SLOT_PREFAULT, gpa, size, out);
 }
 
 int vlab_vm_slot_set_flags(struct vlab_vm *vm, struct vlab_slot *s, uint32_t flags)
