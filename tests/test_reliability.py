@@ -69,12 +69,9 @@ def _workers_of(pid: int) -> set[int]:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+    from vlab.run.interrupt import alive
+
+    return alive(pid)
 
 
 def _interrupt_midrun(tmp_path: Path, sig: int, group: bool):

@@ -124,14 +124,14 @@ def stop_children(timeout: float = 3.0) -> list[int]:
     for p in pids:
         _kill(p, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
         _reap()
         time.sleep(0.05)
     for p in pids:
-        if _alive(p):
+        if alive(p):
             _kill(p, signal.SIGKILL)
     end = time.monotonic() + 5.0
-    while time.monotonic() < end and any(_alive(p) for p in pids):
+    while time.monotonic() < end and any(alive(p) for p in pids):
         _reap()
         time.sleep(0.05)
     _reap()
@@ -145,7 +145,7 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Running (a zombie counts as gone: it holds no guest any more)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
