@@ -345,7 +345,7 @@ def test_model_rows_only_beside_shadow_measurements():
     assert big["median"] > big["extra"]["measured_shadow"]
     assert big["extra"]["ref_cycles_source"].startswith("calibrated: native 4k vs thp")
     small = next(m for m in models if m["params"]["wss"] == 16 << 10)
-    assert small["median"] == pytest.approx(small["extra"]["measured_shadow"])   # no misses
+    assert small["median"] == pytest.approx(small["extra"]["measured_shadow"], rel=1e-5)  # no misses (6-digit samples)
     assert mod.model_rows(rows, host("vmx")) == []                              # EPT measured
     amd = dict(shadow, cpu_vendor="amd")
     assert mod.model_rows(rows, amd)[0]["params"]["paging"] == "npt"
