@@ -29,7 +29,7 @@ OWNER = [
     ("vlab_backing_", "backing.c"), ("vlab_mem_", "mem.c"), ("vlab_uffd_", "uffd.c"),
     ("vlab_task_", "task.c"), ("vlab_virtq_", "virtio.c"), ("vlab_vfio_", "vfio.c"),
     ("vlab_xfer_", "io.c"), ("vlab_ring_", "io.c"), ("vlab_copy_", "io.c"),
-    ("vlab_paging_", "paging_native.c"), ("vlab_host_", "hostbench.c"),
+    ("vlab_paging_", "paging_native.c"), ("vlab_irq_", "irq.c"), ("vlab_host_", "hostbench.c"),
     # no object: the error record, clocks and exit-reason names every file uses
     ("vlab_", "error.c"),
 ]

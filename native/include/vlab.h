@@ -207,6 +207,8 @@ int vlab_vcpu_fd(struct vlab_vcpu *vcpu);
 int vlab_vcpu_setup(struct vlab_vcpu *vcpu, int cpl, uint64_t cr3, uint64_t entry,
                     uint64_t stack_top);
 int vlab_vcpu_set_entry_args(struct vlab_vcpu *vcpu, uint64_t rdi, uint64_t rsi);
+int vlab_vcpu_set_interrupt_flag(struct vlab_vcpu *vcpu, int on);
+int vlab_vcpu_set_runnable(struct vlab_vcpu *vcpu);
 int vlab_vcpu_run(struct vlab_vcpu *vcpu, uint64_t timeout_ms, struct vlab_stop *stop);
 int vlab_vcpu_run_immediate_exit(struct vlab_vcpu *vcpu, uint64_t n, uint64_t *ns_out);
 void vlab_vcpu_set_run_flags(struct vlab_vcpu *vcpu, uint32_t flags);
@@ -220,6 +222,8 @@ int vlab_vcpu_io_data(struct vlab_vcpu *vcpu, uint8_t **data, uint32_t *size);
 int vlab_vcpu_mmio_data(struct vlab_vcpu *vcpu, uint8_t **data, uint32_t *len);
 uint64_t vlab_vcpu_tsc_khz(struct vlab_vcpu *vcpu);
 int vlab_vcpu_set_tsc_khz(struct vlab_vcpu *vcpu, uint32_t khz);
+int vlab_vcpu_guest_tsc(struct vlab_vcpu *vcpu, uint64_t *guest, uint64_t *host_before,
+                        uint64_t *host_after);
 /* make a run in progress on another thread return (VLAB_STOP_INTR); 1 if signalled */
 int vlab_vcpu_kick(struct vlab_vcpu *vcpu);
 int vlab_vcpu_dirty_ring_harvest(struct vlab_vcpu *vcpu, uint32_t *slots, uint64_t *offsets,
@@ -228,6 +232,16 @@ int vlab_vcpu_dirty_ring_harvest(struct vlab_vcpu *vcpu, uint32_t *slots, uint64
 int64_t vlab_vcpu_state_size(void);
 int vlab_vcpu_save_state(struct vlab_vcpu *vcpu, uint8_t *buf, uint64_t size);
 int vlab_vcpu_load_state(struct vlab_vcpu *vcpu, const uint8_t *buf, uint64_t size);
+
+/* ---- interrupts (native/vmm/irq.c): in-kernel irqchip, MSI routes, irqfd, LAPIC page ---- */
+int vlab_irq_chip_create(struct vlab_vm *vm);
+int vlab_irq_set_msi_routes(struct vlab_vm *vm, uint32_t n, const uint32_t *gsi,
+                            const uint32_t *dest, const uint32_t *vector);
+int vlab_irq_irqfd(struct vlab_vm *vm, int fd, uint32_t gsi, int assign);
+int vlab_irq_signal_msi(struct vlab_vm *vm, uint32_t dest, uint32_t vector);
+/* rdtsc, then signal the eventfd: the host's timestamp of an injection through an irqfd */
+int vlab_irq_fire(int fd, uint64_t *tsc);
+int vlab_irq_lapic_get(struct vlab_vcpu *vcpu, uint8_t *regs1024);
 
 /* ---- live migration: guest memory in bulk (native/vmm/mem.c), userfaultfd (uffd.c) ---- */
 int vlab_mem_page_hashes(const void *base, uint64_t n_pages, const uint64_t *idx, uint64_t n,

@@ -4,6 +4,8 @@
  * Who calls whom: calls go down this list, never up, so no two files call each other.
  *
  *   virtio.c doorbell.c vfio.c   devices: register exit hooks and slots with their VM, abort it
+ *   irq.c                        interrupts: irqchip, MSI routes, irqfds (the VM's and a
+ *                                vCPU's fd only)
  *   vm.c                         the VM; owns its vCPUs: destroys them with itself and
  *                                interrupts them on an abort (vlab_vcpu_destroy/_interrupt)
  *   layout.c                     the VM's image, GDT/TSS/IDT and guest page tables

@@ -331,6 +331,33 @@ int vlab_vcpu_set_entry_args(struct vlab_vcpu *v, uint64_t rdi, uint64_t rsi)
     return 0;
 }
 
+/* RFLAGS.IF at entry. A CPL3 guest cannot set it itself where the hypervisor keeps the
+ * hardware IOPL at 0 for guest user mode (PVM: sti there is a #GP), so the interrupt
+ * experiments start their CPL3 vCPUs with interrupts enabled. */
+int vlab_vcpu_set_interrupt_flag(struct vlab_vcpu *v, int on)
+{
+    struct kvm_regs regs;
+
+    if (ioctl(v->fd, KVM_GET_REGS, &regs) < 0)
+        return vlab_fail_errno("KVM_GET_REGS", NULL);
+    regs.rflags = on ? regs.rflags | 0x200 : regs.rflags & ~0x200ULL;
+    if (ioctl(v->fd, KVM_SET_REGS, &regs) < 0)
+        return vlab_fail_errno("KVM_SET_REGS", "RFLAGS.IF=%d", on);
+    return 0;
+}
+
+/* KVM_SET_MP_STATE RUNNABLE. With the in-kernel irqchip a vCPU other than the BSP starts
+ * waiting for INIT/SIPI, and one that halted stays halted until an interrupt; vlab starts every
+ * vCPU at its entry point directly, so it makes each one runnable there. */
+int vlab_vcpu_set_runnable(struct vlab_vcpu *v)
+{
+    struct kvm_mp_state mp = { .mp_state = KVM_MP_STATE_RUNNABLE };
+
+    if (ioctl(v->fd, KVM_SET_MP_STATE, &mp) < 0)
+        return vlab_fail_errno("KVM_SET_MP_STATE", "RUNNABLE");
+    return 0;
+}
+
 void vlab_vcpu_set_run_flags(struct vlab_vcpu *v, uint32_t flags) { v->run_flags = flags; }
 
 int vlab_vcpu_set_mark_buffer(struct vlab_vcpu *v, uint64_t *buf, uint64_t cap)
@@ -395,6 +422,32 @@ uint64_t vlab_vcpu_tsc_khz(struct vlab_vcpu *v)
     int r = ioctl(v->fd, KVM_GET_TSC_KHZ, 0);
 
     return r < 0 ? 0 : (uint64_t)r;
+}
+
+/* The guest's TSC (IA32_TSC through KVM_GET_MSRS: KVM computes it from the host TSC with the
+ * vCPU's offset and scaling ratio) bracketed by two host rdtscs, so the caller can relate the
+ * two clocks: guest - host lies within [guest - after, guest - before] at ratio 1. */
+int vlab_vcpu_guest_tsc(struct vlab_vcpu *v, uint64_t *guest, uint64_t *host_before,
+                        uint64_t *host_after)
+{
+    struct {
+        struct kvm_msrs hdr;
+        struct kvm_msr_entry e[1];
+    } m;
+    int r;
+
+    memset(&m, 0, sizeof(m));
+    m.hdr.nmsrs = 1;
+    m.e[0].index = 0x10;        /* IA32_TIME_STAMP_COUNTER */
+    *host_before = vlab_rdtsc();
+    r = ioctl(v->fd, KVM_GET_MSRS, &m);
+    *host_after = vlab_rdtsc();
+    if (r < 0)
+        return vlab_fail_errno("KVM_GET_MSRS", "IA32_TSC");
+    if (r != 1)
+        return vlab_fail(EINVAL, "KVM_GET_MSRS", "IA32_TSC not returned");
+    *guest = m.e[0].data;
+    return 0;
 }
 
 int vlab_vcpu_set_tsc_khz(struct vlab_vcpu *v, uint32_t khz)

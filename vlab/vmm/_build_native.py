@@ -23,7 +23,7 @@ GUEST_CFLAGS = [
     "-fno-builtin", "-nostdlib", "-Wall", "-Werror",
     f"-fmacro-prefix-map={ROOT}/=",      # guest assertion messages name native/..., not the build dir
 ]
-TOOLS = {"gcc": "gcc", "ld": "binutils", "objcopy": "binutils"}
+TOOLS = {"gcc": "gcc", "ld": "binutils", "objcopy": "binutils", "ar": "binutils"}
 
 
 def _tool(name: str) -> str:
@@ -42,7 +42,7 @@ def _run(cmd: list[str]) -> None:
 
 def build_guest_images() -> dict[str, bytes]:
     """Compile every payload in native/guest/payloads with the runtime into a flat image."""
-    gcc, ld, objcopy = _tool("gcc"), _tool("ld"), _tool("objcopy")
+    gcc, ld, objcopy, ar = _tool("gcc"), _tool("ld"), _tool("objcopy"), _tool("ar")
     out = os.path.join(GEN, "guest")
     os.makedirs(out, exist_ok=True)
     rt_dir = os.path.join(NATIVE, "guest", "rt")
@@ -51,16 +51,29 @@ def build_guest_images() -> dict[str, bytes]:
         obj = os.path.join(out, "rt_" + os.path.basename(src) + ".o")
         _run([gcc, *GUEST_CFLAGS, "-I", rt_dir, "-c", src, "-o", obj])
         rt_objs.append(obj)
+    # native/guest/lib: runtime parts only some payloads use (the interrupt runtime), as an
+    # archive, so the linker pulls them into those images alone and the others stay the same
+    lib_dir = os.path.join(NATIVE, "guest", "lib")
+    lib_objs = []
+    for src in sorted(glob.glob(os.path.join(lib_dir, "*.[cS]"))):
+        obj = os.path.join(out, "lib_" + os.path.basename(src) + ".o")
+        _run([gcc, *GUEST_CFLAGS, "-I", rt_dir, "-I", lib_dir, "-c", src, "-o", obj])
+        lib_objs.append(obj)
+    archive = os.path.join(out, "libvlabguest.a")
+    if os.path.exists(archive):
+        os.unlink(archive)
+    if lib_objs:
+        _run([ar, "rcs", archive, *lib_objs])
     images = {}
     for src in sorted(glob.glob(os.path.join(NATIVE, "guest", "payloads", "*.c"))):
         name = os.path.splitext(os.path.basename(src))[0]
         obj = os.path.join(out, name + ".o")
         elf = os.path.join(out, name + ".elf")
         binf = os.path.join(out, name + ".bin")
-        _run([gcc, *GUEST_CFLAGS, "-I", rt_dir, "-c", src, "-o", obj])
+        _run([gcc, *GUEST_CFLAGS, "-I", rt_dir, "-I", lib_dir, "-c", src, "-o", obj])
         _run([ld, "-T", os.path.join(NATIVE, "guest", "guest.ld"), "-nostdlib", "-static",
               "--no-dynamic-linker", "-z", "max-page-size=4096", "-z", "noexecstack",
-              *rt_objs, obj, "-o", elf])
+              *rt_objs, obj, *([archive] if lib_objs else []), "-o", elf])
         _run([objcopy, "-O", "binary", elf, binf])
         with open(binf, "rb") as f:
             images[name] = f.read()

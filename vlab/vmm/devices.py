@@ -73,6 +73,27 @@ class EventFd:
         return n
 
 
+class IrqFd:
+    """An irqfd: every write to `fd` makes KVM deliver the MSI (`dest`, `vector`) through GSI
+    `gsi`, without leaving the kernel. `fire()` writes it and returns the host TSC just before
+    the write (the start of an injection-latency measurement)."""
+
+    def __init__(self, fd: int, gsi: int, dest: int, vector: int):
+        self.fd, self.gsi, self.dest, self.vector = fd, gsi, dest, vector
+        self.fired = 0
+
+    def fire(self) -> int:
+        tsc = ffi.new("uint64_t *")
+        _check(lib.vlab_irq_fire(self.fd, tsc))
+        self.fired += 1
+        return int(tsc[0])
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class VirtqueueError(KvmError):
     """The virtqueue device found the driver's queue malformed and marked it broken."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from vlab._errors import VlabError
-from vlab.vmm.payloads import (P_CR3, P_DATA_BASE, P_DATA_SIZE, P_MAGIC, P_MMIO_BASE, P_NR_VCPUS,
+from vlab.vmm.payloads import (GPA_APIC, P_CR3, P_DATA_BASE, P_DATA_SIZE, P_MAGIC, P_MMIO_BASE, P_NR_VCPUS,
                      P_RESULTS_BASE, P_RESULTS_STRIDE, P_SHARED_BASE, P_SHARED_SIZE, P_TSC_KHZ,
                      PARAM_MAGIC, P_ARG0, Payload, load_payload)
 from vlab.vmm.kvm import Kvm
@@ -45,6 +45,7 @@ class Machine:
         self.kvm = kvm or Kvm()
         self.payload = payload if isinstance(payload, Payload) else load_payload(payload)
         self.cpl = cpl
+        self.irqchip = irqchip
         self.data: list[MemorySlot] = []
         self.vm = Vm(self.kvm)
         try:
@@ -58,6 +59,8 @@ class Machine:
             self.cr3 = self.vm.create_address_space()
             self.vm.map(self.cr3, 0x1000, 0x1000, self.sys.size - 0x1000, 4096,
                         preset_ad=preset_ad)
+            if irqchip:     # the xAPIC page: no memory slot, KVM's local APIC answers
+                self.vm.map(self.cr3, GPA_APIC, GPA_APIC, 4096, 4096, preset_ad=preset_ad)
             if mmio:
                 self.vm.map(self.cr3, lib.VLAB_GPA_MMIO, lib.VLAB_GPA_MMIO, lib.VLAB_MMIO_SIZE,
                             4096, preset_ad=preset_ad)
@@ -77,9 +80,8 @@ class Machine:
             self.vcpus: list[Vcpu] = []
             for i in range(vcpus):
                 v = self.vm.create_vcpu(i)
-                v.setup(cpl=cpl, cr3=self.cr3, entry=self.payload.entry,
-                        stack_top=lib.VLAB_GPA_USTACKS + (i + 1) * lib.VLAB_USTACK_SIZE)
                 self.vcpus.append(v)
+                self._enter(i)
             p[P_TSC_KHZ] = self.vcpus[0].tsc_khz if self.vcpus else 0
             self.reset_results()
         except BaseException:
@@ -143,9 +145,20 @@ class Machine:
         if cpl is not None:
             self.cpl = cpl
         for i in ([vcpu] if vcpu is not None else range(len(self.vcpus))):
-            self.vcpus[i].setup(cpl=self.cpl, cr3=self.cr3, entry=self.payload.entry,
-                                stack_top=lib.VLAB_GPA_USTACKS + (i + 1) * lib.VLAB_USTACK_SIZE)
+            self._enter(i)
         self.reset_results()
+
+    def _enter(self, i: int) -> None:
+        """Put vCPU i at the payload entry. With an irqchip every vCPU is made runnable (an AP
+        would wait for INIT/SIPI, a halted vCPU for an interrupt), and a CPL3 vCPU starts with
+        RFLAGS.IF set: it takes interrupts, and cannot always `sti` itself (PVM)."""
+        v = self.vcpus[i]
+        v.setup(cpl=self.cpl, cr3=self.cr3, entry=self.payload.entry,
+                stack_top=lib.VLAB_GPA_USTACKS + (i + 1) * lib.VLAB_USTACK_SIZE)
+        if self.irqchip:
+            v.set_runnable()
+            if self.cpl == 3:
+                v.set_interrupt_flag(True)
 
     def run(self, vcpu: int = 0, timeout: float = 10.0) -> Stop:
         return self.vcpus[vcpu].run(timeout)

@@ -37,9 +37,13 @@ MICRO_OPS = {
     "vmmcall": 7, "hlt": 8, "rdmsr": 9, "wrmsr": 10, "cr3_write": 11, "invlpg": 12,
     "syscall": 13, "rdtsc": 14, "rdtscp": 15, "pause": 16, "empty": 17, "int3": 18,
     "cr0_wp": 19, "cr4_pge": 20, "dr_write": 21, "dr_read": 22, "wbinvd": 23, "invd": 24,
+    "ipi_self": 25, "eoi": 26, "cr8_write": 27, "cr8_read": 28, "timer_expired": 29,
+    "timer_future": 30, "ipi_other": 31,
     "spin": 100, "triple_fault": 101, "assert_fail": 102, "print": 103, "touch": 104,
     "write_word": 105, "read_word": 106, "ud2": 107, "wait_word": 108,
     "syscall_cs": 109, "cpl0_cr3": 110, "rdmsr_value": 111,
+    "irq_wait": 112, "irq_no_eoi": 113, "irq_masked": 114, "timer_storm": 115,
+    "tsc_probe": 116, "apic_state": 117,
 }
 # Workload codes of the two payloads that take one (a payload's own enum, so each table mirrors
 # its C file; the same word can name different loops in different payloads):
@@ -53,6 +57,11 @@ MIGRATE_WORKLOADS = {"counter": 0, "uniform": 1}
 MICRO_F_MARK = 1
 MICRO_F_SYNC = 2
 MICRO_F_KEEP = 4      # wrmsr writes back the MSR's current value
+MICRO_F_X2APIC = 8    # interrupt ops drive the local APIC in x2APIC mode (MSRs; CPL0)
+MICRO_F_HALT = 16     # ipi_other's target halts between IPIs; irq_wait halts while waiting
+# micro's argument slots beyond the seven every op takes (see native/guest/payloads/micro.c)
+MICRO_ARG_STOP, MICRO_ARG_READY, MICRO_ARG_HALTING = 7, 8, 9
+GPA_APIC = 0xFEE00000  # the local APIC's xAPIC page (identity-mapped when a Machine has an irqchip)
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,30 @@ class Vcpu:
     def tsc_khz(self) -> int:
         return lib.vlab_vcpu_tsc_khz(self._ptr())
 
+    def set_interrupt_flag(self, on: bool = True) -> None:
+        """RFLAGS.IF at the next entry (after `setup`): how a CPL3 guest gets interrupts where
+        it cannot `sti` itself (PVM keeps guest user mode's hardware IOPL at 0)."""
+        _check(lib.vlab_vcpu_set_interrupt_flag(self._ptr(), 1 if on else 0))
+
+    def set_runnable(self) -> None:
+        """KVM_SET_MP_STATE RUNNABLE: with the in-kernel irqchip, vCPUs other than the BSP start
+        waiting for INIT/SIPI and a halted one stays halted; vlab enters each at its entry."""
+        _check(lib.vlab_vcpu_set_runnable(self._ptr()))
+
+    def guest_tsc(self) -> tuple[int, int, int]:
+        """(guest TSC, host TSC before, host TSC after): the guest's IA32_TSC as KVM computes it
+        (host TSC x the vCPU's scaling ratio + its offset) between two host rdtscs."""
+        g, a, b = (ffi.new("uint64_t *") for _ in range(3))
+        _check(lib.vlab_vcpu_guest_tsc(self._ptr(), g, a, b))
+        return int(g[0]), int(a[0]), int(b[0])
+
+    def lapic(self) -> bytes:
+        """The local APIC's 1 KiB register page (KVM_GET_LAPIC; needs the in-kernel irqchip):
+        offset 0x80 TPR, 0x100.. ISR, 0x200.. IRR, 0xF0 SVR, each 32-bit register 16 bytes apart."""
+        buf = ffi.new("uint8_t[1024]")
+        _check(lib.vlab_irq_lapic_get(self._ptr(), buf))
+        return bytes(ffi.buffer(buf))
+
     def rip(self) -> tuple[int, int]:
         rip, cpl = ffi.new("uint64_t *"), ffi.new("int *")
         _check(lib.vlab_vcpu_get_rip(self._ptr(), rip, cpl))

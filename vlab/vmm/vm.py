@@ -3,6 +3,7 @@ logging and vCPUs. Made from a `Kvm` (`Kvm.create_vm()` or `Vm(kvm)`).
 """
 from __future__ import annotations
 
+import os
 import weakref
 from typing import TYPE_CHECKING
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from vlab.vmm._checks import _check, cap_number
 from vlab.vmm._native import ffi, lib
-from vlab.vmm.devices import EventFd, Sink
+from vlab.vmm.devices import EventFd, IrqFd, Sink
 from vlab.vmm.memory import BACKINGS, MemorySlot
 from vlab.vmm.stats import StatsReader
 from vlab.vmm.vcpu import Vcpu
@@ -31,19 +32,66 @@ class Vm:
         self.vcpus: list[Vcpu] = []
         self.eventfds: list[EventFd] = []
         self._stats: StatsReader | None = None
+        self.irqchip = False
+        self.msi_routes: list[tuple[int, int, int]] = []     # (gsi, dest, vector)
+        self.irqfds: list[IrqFd] = []
         self._fin = weakref.finalize(self, lib.vlab_vm_destroy, self._h)
 
     def create_irqchip(self) -> None:
-        """KVM_CREATE_IRQCHIP: KVM's in-kernel PIC, IOAPIC and local APICs. Only before the
-        first vCPU; the PIC then answers its ports (0x20/0x21, 0xa0/0xa1, ELCR 0x4d0/0x4d1) in the
-        kernel, which is what exits.pio_device measures. Off by default: with it, hlt no longer
-        exits to the VMM."""
-        import fcntl
-
+        """KVM_CREATE_IRQCHIP: KVM's in-kernel PIC, IOAPIC and a local APIC per vCPU. Only
+        before the first vCPU. With it, hlt waits in the kernel for an interrupt instead of
+        exiting to the VMM, the PIC answers its ports (0x20/0x21, 0xa0/0xa1, ELCR 0x4d0/0x4d1)
+        in the kernel (what exits.pio_device measures), and MSI routes and irqfds work."""
         if self.vcpus:
             raise ValueError("an in-kernel irqchip must be created before the first vCPU")
         self.kvm.require("IRQCHIP", "an in-kernel irqchip")
-        fcntl.ioctl(lib.vlab_vm_fd(self._h), 0xAE60)      # _IO(KVMIO, 0x60)
+        _check(lib.vlab_irq_chip_create(self._h))
+        self.irqchip = True
+
+    # ---- interrupts (native/vmm/irq.c) ----
+    def _check_msi(self, dest: int, vector: int) -> None:
+        if not self.irqchip:
+            raise ValueError("MSIs need the in-kernel irqchip (create_irqchip first)")
+        if not 32 <= vector <= 255:
+            raise ValueError(f"vector {vector} is not an interrupt vector (32-255)")
+        if not 0 <= dest < max(len(self.vcpus), 1):
+            raise ValueError(f"destination APIC ID {dest}: this VM has {len(self.vcpus)} vCPUs")
+
+    def route_msi(self, dest: int, vector: int) -> int:
+        """Add a GSI whose MSI goes to the local APIC `dest` (the vCPU id) with `vector`, fixed
+        and edge-triggered; returns the GSI. KVM_SET_GSI_ROUTING replaces the whole table, so
+        the VM keeps it (vlab's routes only: the irqchip's default IOAPIC/PIC routes go, which
+        nothing in vlab uses)."""
+        self._check_msi(dest, vector)
+        self.kvm.require("IRQ_ROUTING", "MSI routes")
+        gsi = len(self.msi_routes)
+        routes = self.msi_routes + [(gsi, dest, vector)]
+        cols = list(zip(*routes))
+        _check(lib.vlab_irq_set_msi_routes(self._h, len(routes),
+                                           *(ffi.new("uint32_t[]", list(c)) for c in cols)))
+        self.msi_routes = routes
+        return gsi
+
+    def add_irqfd(self, dest: int, vector: int) -> IrqFd:
+        """An eventfd that KVM turns into the MSI (`dest`, `vector`) on every write, without
+        the VMM: the in-kernel side of a device interrupt (QEMU's irqfd)."""
+        self.kvm.require("IRQFD", "irqfd")
+        gsi = self.route_msi(dest, vector)
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            _check(lib.vlab_irq_irqfd(self._h, fd, gsi, 1))
+        except BaseException:
+            os.close(fd)
+            raise
+        irq = IrqFd(fd, gsi, dest, vector)
+        self.irqfds.append(irq)
+        return irq
+
+    def signal_msi(self, dest: int, vector: int) -> bool:
+        """KVM_SIGNAL_MSI: inject one MSI now; False when the guest's APIC blocked it."""
+        self._check_msi(dest, vector)
+        self.kvm.require("SIGNAL_MSI", "KVM_SIGNAL_MSI")
+        return _check(lib.vlab_irq_signal_msi(self._h, dest, vector)) > 0
 
     # ---- memory ----
     def add_slot(self, gpa: int, size: int, backing: str = "4k", *, dirty_log: bool = False,
@@ -179,6 +227,9 @@ class Vm:
         for v in self.vcpus:
             v._h = None
         self.vcpus.clear()
+        for irq in self.irqfds:
+            irq.close()
+        self.irqfds.clear()
         self.slots.clear()
         self._stats = None
         self._fin()

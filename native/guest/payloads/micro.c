@@ -12,24 +12,47 @@
  *                F_SYNC: ucall SYNC(1) before the first sample (host snapshots counters)
  *                F_KEEP: wrmsr writes back the MSR's current value (read once, before the
  *                first sample) instead of a1, so a write changes nothing the guest relies on
+ *                F_X2APIC: interrupt ops drive the local APIC in x2APIC mode (MSRs, CPL0)
+ *                F_HALT: ipi_other's target halts between IPIs; irq_wait halts while waiting
  *   6 warmup     samples run first and not recorded
- * Each vCPU records into its own results area; all vCPUs run the same loop.
+ *   7 stop       interrupt ops with a target vCPU: vCPU 0 sets it when done (host clears)
+ *   8 ready      ... the target sets it once it takes interrupts (host clears)
+ *   9 halting    ... the target sets it just before it halts; the sender clears it
+ * Each vCPU records into its own results area; all vCPUs run the same loop, except for
+ * ipi_other, where vCPU 0 sends and times while every other vCPU is a target.
+ *
+ * Interrupt ops (see native/guest/lib/apic.h) take the vector in a0. The handler counts every
+ * delivery per vCPU and EOIs; each op waits (bounded) until its interrupt was handled, so one
+ * operation is one complete delivery. Per-vCPU figures the host reads from VPARAM(id, i):
+ *   timer_future: 0 sum, 1 count, 2 min, 3 max of handler-entry TSC - deadline (signed)
+ *   tsc_probe / irq_wait: 4 the guest's rdtsc before its first sync
  */
 #include "rt.h"
+#include "apic.h"
 
 enum op {
     OP_NOP = 0, OP_CPUID, OP_OUT, OP_IN, OP_MMIO_WRITE, OP_MMIO_READ, OP_VMCALL, OP_VMMCALL,
     OP_HLT, OP_RDMSR, OP_WRMSR, OP_CR3_WRITE, OP_INVLPG, OP_SYSCALL, OP_RDTSC, OP_RDTSCP,
     OP_PAUSE, OP_EMPTY, OP_INT3, OP_CR0_WP, OP_CR4_PGE, OP_DR_WRITE, OP_DR_READ, OP_WBINVD,
-    OP_INVD,
+    OP_INVD, OP_IPI_SELF, OP_EOI, OP_CR8_WRITE, OP_CR8_READ, OP_TIMER_EXPIRED, OP_TIMER_FUTURE,
+    OP_IPI_OTHER,
     /* not timed loops: behaviour probes used by tests */
     OP_SPIN = 100, OP_TRIPLE_FAULT, OP_ASSERT_FAIL, OP_PRINT, OP_TOUCH, OP_WRITE_WORD,
     OP_READ_WORD, OP_UD2, OP_WAIT_WORD, OP_SYSCALL_CS, OP_CPL0_CR3, OP_RDMSR_VALUE,
+    /* interrupt probes: a0 vector, a1 count/delay (see payload_main) */
+    OP_IRQ_WAIT, OP_IRQ_NO_EOI, OP_IRQ_MASKED, OP_TIMER_STORM, OP_TSC_PROBE, OP_APIC_STATE,
 };
 
 #define F_MARK 1
 #define F_SYNC 2
 #define F_KEEP 4
+#define F_X2APIC 8
+#define F_HALT 16
+
+#define IRQ_SPINS (1UL << 22)      /* pause loops an op waits for its interrupt before going on */
+#define ARG_STOP 7
+#define ARG_READY 8
+#define ARG_HALTING 9
 
 #define CR0_WP (1UL << 16)
 #define CR4_PGE (1UL << 7)
@@ -73,6 +96,93 @@ LOOP(dr_read, { u64 v; __asm__ volatile("mov %%dr7, %0" : "=r"(v)); })
 LOOP(wbinvd, __asm__ volatile("wbinvd" ::: "memory"))
 LOOP(invd, __asm__ volatile("invd" ::: "memory"))
 
+/* Interrupt loops: a0 is the vector, a1 the vCPU id (payload_main passes it). */
+static void __attribute__((noinline)) loop_ipi_self(u64 n, u64 vec, u64 id)
+{
+    u64 seen = irq_cpu[id].handled;
+
+    for (u64 i = 0; i < n; i++) {
+        apic_ipi(0, (u32)vec, ICR_SELF);
+        seen = irq_wait(id, seen, IRQ_SPINS);
+    }
+}
+
+LOOP(eoi, apic_eoi())
+LOOP(cr8_write, __asm__ volatile("mov %0, %%cr8" :: "r"(i & 1) : "memory"))
+LOOP(cr8_read, { u64 v; __asm__ volatile("mov %%cr8, %0" : "=r"(v)); })
+
+static void __attribute__((noinline)) loop_timer_expired(u64 n, u64 vec, u64 id)
+{
+    u64 seen = irq_cpu[id].handled;
+
+    (void)vec;
+    for (u64 i = 0; i < n; i++) {
+        wrmsr(MSR_TSC_DEADLINE, rdtsc());
+        seen = irq_wait(id, seen, IRQ_SPINS);
+    }
+}
+
+static void __attribute__((noinline)) loop_timer_future(u64 n, u64 vec, u64 id)
+{
+    u64 seen = irq_cpu[id].handled, delta = ARG(4);
+
+    (void)vec;
+    for (u64 i = 0; i < n; i++) {
+        u64 dl = rdtsc() + delta;
+        u64 h;
+
+        wrmsr(MSR_TSC_DEADLINE, dl);
+        h = irq_wait(id, seen, IRQ_SPINS * 16);
+        if (h != seen) {
+            s64 lat = (s64)(irq_cpu[id].last_tsc - dl);
+
+            VPARAM(id, 0) += (u64)lat;
+            VPARAM(id, 1) += 1;
+            if ((s64)VPARAM(id, 2) > lat || VPARAM(id, 1) == 1)
+                VPARAM(id, 2) = (u64)lat;
+            if ((s64)VPARAM(id, 3) < lat || VPARAM(id, 1) == 1)
+                VPARAM(id, 3) = (u64)lat;
+        }
+        seen = h;
+    }
+}
+
+/* vCPU 0 sends one fixed IPI to APIC ID `dest` per operation and waits until the target's
+ * handler ran; with F_HALT it first waits until the target announced it is halting and then
+ * `settle` (a1 of the case, ARG(4)) more cycles, so the target is really asleep. */
+static void __attribute__((noinline)) loop_ipi_other(u64 n, u64 vec, u64 dest)
+{
+    u64 seen = irq_cpu[dest].handled, halt = ARG(5) & F_HALT, settle = ARG(4);
+
+    for (u64 i = 0; i < n; i++) {
+        if (halt) {
+            u64 spins = IRQ_SPINS;
+
+            while (!PARAM(P_ARG0 + ARG_HALTING) && spins--)
+                __asm__ volatile("pause" ::: "memory");
+            PARAM(P_ARG0 + ARG_HALTING) = 0;
+            for (u64 t = rdtsc(); rdtsc() - t < settle;)
+                __asm__ volatile("pause");
+        }
+        apic_ipi((u32)dest, (u32)vec, 0);
+        seen = irq_wait(dest, seen, IRQ_SPINS);
+    }
+}
+
+static void ipi_target(u64 id, u64 halt)
+{
+    while (!ARG(ARG_STOP)) {
+        if (halt) {
+            u64 seen = irq_cpu[id].handled;
+
+            ARG(ARG_HALTING) = 1;
+            irq_halt_until(id, seen);
+        } else {
+            __asm__ volatile("pause" ::: "memory");
+        }
+    }
+}
+
 typedef void (*loop_fn)(u64, u64, u64);
 static const loop_fn loops[] = {
     [OP_NOP] = loop_nop, [OP_CPUID] = loop_cpuid, [OP_OUT] = loop_out, [OP_IN] = loop_in,
@@ -83,7 +193,10 @@ static const loop_fn loops[] = {
     [OP_RDTSCP] = loop_rdtscp, [OP_PAUSE] = loop_pause, [OP_EMPTY] = loop_empty,
     [OP_INT3] = loop_int3, [OP_CR0_WP] = loop_cr0_wp, [OP_CR4_PGE] = loop_cr4_pge,
     [OP_DR_WRITE] = loop_dr_write, [OP_DR_READ] = loop_dr_read, [OP_WBINVD] = loop_wbinvd,
-    [OP_INVD] = loop_invd,
+    [OP_INVD] = loop_invd, [OP_IPI_SELF] = loop_ipi_self, [OP_EOI] = loop_eoi,
+    [OP_CR8_WRITE] = loop_cr8_write, [OP_CR8_READ] = loop_cr8_read,
+    [OP_TIMER_EXPIRED] = loop_timer_expired, [OP_TIMER_FUTURE] = loop_timer_future,
+    [OP_IPI_OTHER] = loop_ipi_other,
 };
 
 static u64 rdmsr64(u32 msr)
@@ -148,10 +261,129 @@ static u64 cpl0_read_cr3(u64 a, u64 b)
     return read_cr3() | ((read_cs() & 3) << 60);   /* also report the CPL it ran at */
 }
 
+static int is_irq_op(u64 op)
+{
+    return (op >= OP_IPI_SELF && op <= OP_IPI_OTHER) || (op >= OP_IRQ_WAIT && op <= OP_APIC_STATE);
+}
+
+static int is_timer_op(u64 op)
+{
+    return op == OP_TIMER_EXPIRED || op == OP_TIMER_FUTURE || op == OP_TIMER_STORM;
+}
+
+static void irq_setup(u64 op, u64 vec)
+{
+    irq_install();
+    apic_enable(ARG(5) & F_X2APIC ? 1 : 0);
+    if (is_timer_op(op))
+        apic_write(APIC_LVT_TIMER, (u32)vec | LVT_TSC_DEADLINE);
+    irq_enable();
+}
+
+static void irq_wait_forever(u64 id)
+{
+    for (;;)
+        irq_halt_until(id, irq_cpu[id].handled);
+}
+
+/* Interrupt probes and loops; returns 0 when op is not one of them. */
+static int irq_main(u64 id, u64 op, u64 a0, u64 a1)
+{
+    u64 flags = ARG(5);
+
+    if (!is_irq_op(op))
+        return 0;
+    if (op == OP_TSC_PROBE) {
+        result_push(id, rdtsc());
+        return 1;
+    }
+    irq_flags = op == OP_IRQ_NO_EOI ? IRQ_NO_EOI : 0;
+    irq_setup(op, a0);
+    switch (op) {
+    case OP_IPI_OTHER:
+        if (id != 0) {
+            ARG(ARG_READY) = 1;
+            if (flags & F_SYNC)
+                ucall_sync(1);
+            ipi_target(id, flags & F_HALT);
+            break;
+        }
+        for (u64 spins = IRQ_SPINS * 16; !ARG(ARG_READY) && spins; spins--)
+            __asm__ volatile("pause" ::: "memory");
+        GUEST_ASSERT(ARG(ARG_READY));
+        timed(id, loops[op], a0, 1);
+        ARG(ARG_STOP) = 1;
+        for (u64 d = 1; d < PARAM(P_NR_VCPUS); d++)
+            apic_ipi((u32)d, (u32)a0, 0);      /* wake a halted target to see the stop */
+        break;
+    case OP_IRQ_WAIT:
+        /* a1 interrupts from the host (an irqfd or KVM_SIGNAL_MSI): announce each wait in
+         * ARG(9) = k + 1, wait (spin, or hlt with F_HALT), record the handler's entry TSC */
+        if (id != 0)
+            break;
+        VPARAM(id, 4) = rdtsc();
+        for (u64 k = 0; k < a1; k++) {
+            u64 seen = irq_cpu[id].handled;
+
+            if (flags & F_HALT) {
+                ARG(ARG_HALTING) = k + 1;
+                while (irq_cpu[id].handled == seen)
+                    irq_halt_until(id, seen);
+            } else {
+                ARG(ARG_HALTING) = k + 1;
+                while (irq_cpu[id].handled == seen)
+                    __asm__ volatile("pause" ::: "memory");
+            }
+            result_push(id, irq_cpu[id].last_tsc);
+        }
+        break;
+    case OP_IRQ_NO_EOI: {
+        /* hostile: self-IPIs that are never EOId; after the first, the vector stays in service
+         * and blocks the rest. Report how many arrived, then wait for interrupts forever. */
+        u64 seen = irq_cpu[id].handled;
+
+        for (u64 k = 0; k < a1; k++) {
+            apic_ipi(0, (u32)a0, ICR_SELF);
+            irq_wait(id, irq_cpu[id].handled, 1UL << 16);
+        }
+        result_push(id, irq_cpu[id].handled - seen);
+        ucall_sync(3);
+        irq_wait_forever(id);
+        break;
+    }
+    case OP_IRQ_MASKED:
+        /* hostile: every interrupt masked (TPR 15, and IF=0 at CPL0), then spin */
+        irq_disable();
+        apic_write(APIC_TPR, 0xF0);
+        ARG(ARG_READY) = 1;
+        for (;;)
+            __asm__ volatile("pause" ::: "memory");
+    case OP_TIMER_STORM:
+        /* hostile: re-arm an already expired TSC deadline forever, interrupts on */
+        for (;;)
+            wrmsr(MSR_TSC_DEADLINE, rdtsc());
+    case OP_APIC_STATE:
+        result_push(id, apic_read(APIC_ID));
+        result_push(id, apic_x2);
+        result_push(id, (read_cs() & 3) ? 0 : rdmsr(MSR_APIC_BASE));     /* CPL0 only */
+        break;
+    default:
+        timed(id, loops[op], a0, id);
+        if (is_timer_op(op)) {
+            wrmsr(MSR_TSC_DEADLINE, 0);
+            apic_write(APIC_LVT_TIMER, LVT_MASKED);
+        }
+    }
+    irq_disable();
+    return 1;
+}
+
 void payload_main(u64 id)
 {
     u64 op = ARG(0), a0 = ARG(3), a1 = ARG(4);
 
+    if (irq_main(id, op, a0, a1))
+        return;
     if (op == OP_CR3_WRITE)
         a1 = read_cr3();        /* write back the same value */
     if (op == OP_WRMSR && (ARG(5) & F_KEEP))
