@@ -26,7 +26,8 @@ from typing import Any, Callable
 import numpy as np
 
 from vlab.run.registry import Measurement
-from vlab.vmm.payloads import GPA_MMIO, MICRO_F_MARK, MICRO_F_SYNC, MICRO_OPS
+from vlab.vmm.payloads import (GPA_MMIO, MICRO_F_MARK, MICRO_F_SYNC, MICRO_OPS, P_VCPU0,
+                               P_VCPU_STRIDE)
 from vlab.vmm.machine import Machine
 from vlab.vmm.stats import diff, guest_exits
 from vlab.vmm.thread import VcpuThread
@@ -50,8 +51,11 @@ class MicroCase:
     prepare: Callable[[Machine], dict] | None = None     # add sinks/eventfds; returns handles
     counts: Callable[[dict], int] | None = None          # ground-truth count from the handles
     flags: int = 0                  # extra guest flags (MICRO_F_KEEP)
-    irqchip: bool = False           # an in-kernel irqchip (exits.pio_device)
+    irqchip: bool = False           # an in-kernel irqchip (exits.pio_device, interrupts)
     single: int = 32                # one-operation samples per measure call (0: none)
+    measured: int = 0               # vCPUs whose samples count (0: all; ipi_other: vCPU 0
+                                    # sends and times, the others are its targets)
+    interrupts: bool = False        # count the guest handler's deliveries (VPARAM 5-9)
 
 
 @dataclass
@@ -71,7 +75,7 @@ class MicroState:
 def _run_samples(m: Machine, op: str, iters: int, samples: int, a0: int, a1: int,
                  flags: int = MICRO_F_MARK) -> None:
     m.restart()
-    m.set_args(MICRO_OPS[op], iters, samples, a0, a1, flags, 0)
+    m.set_args(MICRO_OPS[op], iters, samples, a0, a1, flags, 0, 0, 0, 0)
     for v in m.vcpus:
         v.record_marks(samples + 2)
     m.run_all(timeout=60)
@@ -116,7 +120,8 @@ def measure(st: MicroState, loops: int) -> Measurement:
     c, m = st.case, st.machine
     m.restart()
     m.set_args(MICRO_OPS[c.op], c.iters, loops, c.a0, c.a1,
-               MICRO_F_MARK | MICRO_F_SYNC | c.flags, 0)
+               MICRO_F_MARK | MICRO_F_SYNC | c.flags, 0, 0, 0, 0)
+    irq0 = irq_counters(m) if c.interrupts else None
     for v in m.vcpus:
         v.record_marks(loops + 2)
     before_truth = c.counts(st.handles) if c.counts else None
@@ -143,6 +148,8 @@ def measure(st: MicroState, loops: int) -> Measurement:
     cycles, host_ns, per_vcpu, raw_guest = [], [], [], []
     exits_kvm = exits_vmm = 0
     below = 0
+    measured = m.vcpus[:c.measured] if c.measured else m.vcpus
+    irq_kvm: dict[str, int] = {}
     for v in m.vcpus:
         c0, k0 = snaps[v.id]
         c1, k1 = v.counters(), v.stats()
@@ -151,6 +158,10 @@ def measure(st: MicroState, loops: int) -> Measurement:
         # our own MARK/DONE ucalls are user-space exits too; they are not the operation's
         exits_kvm += guest_exits(dk) - ucalls
         exits_vmm += (c1["exits_total"] - c0["exits_total"]) - ucalls
+        for k in IRQ_STATS:
+            irq_kvm[k] = irq_kvm.get(k, 0) + dk.get(k, 0)
+        if v not in measured:
+            continue
         g = _per_op_cycles(m.results(v.id), c.iters, st.bracket) - st.nop_per_iter
         marks = v.marks().astype(np.int64)
         h = (np.diff(marks)[:loops] - st.mark_ns) / c.iters
@@ -165,7 +176,7 @@ def measure(st: MicroState, loops: int) -> Measurement:
         per_vcpu.append({"vcpu": v.id, "guest_cycles_median": float(np.median(g)),
                          "host_ns_median": float(np.median(h)),
                          "emulated_insns": dk.get("insn_emulation", 0)})
-    total_ops = ops_per_vcpu * len(m.vcpus)
+    total_ops = ops_per_vcpu * len(measured)
     khz = st.tsc_khz
     extra = {"iters": c.iters, "loops": loops, "bracket_cycles": st.bracket,
              "nop_cycles_per_iter": st.nop_per_iter, "mark_ns": st.mark_ns,
@@ -180,6 +191,21 @@ def measure(st: MicroState, loops: int) -> Measurement:
                        "tsc_khz": khz}}
     if c.counts:
         extra["truth_per_op"] = (c.counts(st.handles) - before_truth) / total_ops
+    metrics_more: dict[str, list[float]] = {}
+    if irq0 is not None:
+        d = {k: irq_counters(m)[k] - irq0[k] for k in irq0}
+        # one operation = one delivery (the warm-up samples deliver too); ipi_other's wake-up
+        # IPIs after the samples are not operations
+        ops_run = total_ops
+        extra["interrupts"] = {
+            "handled": d["handled"], "wakeups": d["wakeups"], "operations": ops_run,
+            "handled_per_op": (d["handled"] - d["wakeups"]) / ops_run,
+            "eois": d["eois"], "spurious": d["spurious"],
+            "kvm": irq_kvm, "kvm_irq_injections_per_op": irq_kvm.get("irq_injections", 0) / ops_run}
+        if d["eois"]:
+            eoi = d["eoi_cycles"] / d["eois"]
+            metrics_more["eoi_cycles"] = [eoi]
+            metrics_more["ipi_cycles"] = [x - eoi for x in cycles]
     # pyperf calibrates its loop count against what we return: the wall time these samples
     # took (mark to mark), which includes the per-sample MARK exits. Returning guest time
     # alone would make a nop loop look 100x shorter than it is and its runs far too long.
@@ -188,6 +214,7 @@ def measure(st: MicroState, loops: int) -> Measurement:
     st.calls += 1
     metrics = {"guest_cycles": cycles, "host_ns": host_ns,
                "exits_per_op": [exits_kvm / total_ops]}
+    metrics.update(metrics_more)
     if c.single:
         metrics["guest_cycles_single"] = single_op_samples(st)
         extra["single_samples_per_call"] = c.single
@@ -200,11 +227,31 @@ def single_op_samples(st: MicroState) -> list[float]:
     Run after the batched samples, outside the exit accounting."""
     c, m = st.case, st.machine
     m.restart()
-    m.set_args(MICRO_OPS[c.op], 1, c.single, c.a0, c.a1, c.flags, 0)
+    m.set_args(MICRO_OPS[c.op], 1, c.single, c.a0, c.a1, c.flags, 0, 0, 0, 0)
     m.run_all(timeout=60)
     out: list[float] = []
-    for v in m.vcpus:
+    for v in (m.vcpus[:c.measured] if c.measured else m.vcpus):
         out += (_per_op_cycles(m.results(v.id), 1, st.bracket) - st.nop_per_iter).tolist()
+    return out
+
+
+# KVM vCPU statistics that count interrupt work (summed over the VM's vCPUs per measure call)
+IRQ_STATS = ("irq_injections", "halt_exits", "halt_wakeup", "halt_successful_poll",
+             "irq_window_exits", "req_event")
+
+
+def irq_counters(m: Machine) -> dict[str, int]:
+    """The guest handler's cumulative counters, summed over vCPUs (micro.c publishes them in
+    VPARAM(id, 5..9) after every interrupt op)."""
+    out = {"handled": 0, "eois": 0, "eoi_cycles": 0, "spurious": 0, "wakeups": 0}
+    for v in m.vcpus:
+        base = P_VCPU0 + P_VCPU_STRIDE * v.id
+        p = m.params
+        out["handled"] += int(p[base + 5])
+        out["eois"] += int(p[base + 6])
+        out["eoi_cycles"] += int(p[base + 7])
+        out["spurious"] += int(p[base + 8])
+        out["wakeups"] += int(p[base + 9])
     return out
 
 

@@ -14,6 +14,7 @@ round trip over the host's getppid().
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 
 import numpy as np
@@ -22,9 +23,10 @@ from vlab.run.registry import (LoopExperiment, Measurement, Requirement, needs_c
                               one_of, register, within)
 from vlab.host.emulation import tcg_shadow_requirement
 from vlab.vmm.hostkernels import syscall_loop
-from vlab.vmm.payloads import GPA_IMAGE, MAX_VCPUS, MICRO_F_KEEP
+from vlab.vmm.payloads import (GPA_IMAGE, MAX_VCPUS, MICRO_F_HALT, MICRO_F_KEEP, MICRO_F_X2APIC,
+                               P_VCPU0)
 
-from vlab.experiments import _expect, _micro
+from vlab.experiments import _expect, _inject, _micro
 from vlab.experiments._micro import (MMIO_KERNEL, MMIO_USER, PIO_KERNEL_PORT, PIO_USER_PORT,
                                      MicroCase)
 from vlab.experiments._micro import eventfd as _eventfd, eventfd_count as _eventfd_count
@@ -124,6 +126,18 @@ def annotate_exits(params: dict, host: dict, metric: str, samples: list, extras:
         if truth and abs(np.mean(truth) - 1) > 1e-9:
             warnings.append(f"ground truth (sink/eventfd count) is {np.mean(truth):.4f} per "
                             "operation, expected exactly 1")
+    irq = [e["interrupts"] for e in extras if "interrupts" in e]
+    if irq and metric == "exits_per_op":
+        # ground truth of the interrupt rows: the guest's handler counted every delivery
+        handled = sum(i["handled"] - i["wakeups"] for i in irq)
+        ops = sum(i["operations"] for i in irq)
+        more["interrupts_per_op"] = handled / ops if ops else None
+        more["kvm_irq_injections_per_op"] = float(np.mean([i["kvm_irq_injections_per_op"]
+                                                           for i in irq]))
+        more["spurious_interrupts"] = sum(i["spurious"] for i in irq)
+        if handled != ops:
+            warnings.append(f"the guest's handler counted {handled} interrupts for {ops} "
+                            "operations: an interrupt was lost or duplicated")
     if metric == "guest_cycles":
         views = _micro.views_agree(extras)
         if views is not None:
@@ -156,13 +170,18 @@ def annotate_exits(params: dict, host: dict, metric: str, samples: list, extras:
 
 def micro_experiment(name: str, description: str, *, params: dict, quick: dict | None,
                      handled_by: str, make_case, requires=(), subtract_baseline: bool = True,
-                     probe=None, derive=None, extra: dict | None = None) -> LoopExperiment:
+                     probe=None, derive=None, extra: dict | None = None,
+                     metrics: dict | None = None, limits: dict | None = None,
+                     measure=None, state=None) -> LoopExperiment:
     """Declare one exits.* experiment around a MicroCase factory. Its expected exits per
     operation come from experiments/_expect.py, by name; `extra` is recorded on every row
-    (e.g. which MSR the row used)."""
+    (e.g. which MSR the row used). `measure` replaces the standard one (it calls
+    `_loop_measure` and adjusts); `state(params)` adds values to the state's extra."""
 
     def setup(p: dict, host: dict):
         st = _micro.setup(make_case(p))
+        if state:
+            st.extra.update(state(p))
         st.extra["subtract_baseline"] = subtract_baseline
         st.extra["handled_by"] = handled_by
         st.extra["experiment"] = name
@@ -173,11 +192,12 @@ def micro_experiment(name: str, description: str, *, params: dict, quick: dict |
 
     return register(LoopExperiment(
         name=name, description=description, params=params, quick=quick,
-        metrics=dict(EXIT_METRICS), requires=[needs_kvm(), _fits_vcpus(), *requires],
+        metrics={**EXIT_METRICS, **(metrics or {})},
+        requires=[needs_kvm(), _fits_vcpus(), *requires],
         cpl="cpl", handled_by=handled_by, validate=_validate_common, annotate=annotate_exits,
-        limits={**LIMITS, **{k: one_of(*v) for k, v in params.items()
-                             if all(isinstance(x, str) for x in v)}},
-        setup=setup, measure=_loop_measure, teardown=_micro.teardown, derive=derive))
+        limits={**LIMITS, **(limits or {}), **{k: one_of(*v) for k, v in params.items()
+                                               if all(isinstance(x, str) for x in v)}},
+        setup=setup, measure=measure or _loop_measure, teardown=_micro.teardown, derive=derive))
 
 
 def _case(op: str, cpl3_iters: int, cpl0_iters: int, p: dict, **kw) -> MicroCase:
@@ -232,6 +252,8 @@ FEATURES = {
                                                    & (1 << 7)),
                  "IA32_ARCH_CAPABILITIES[7] (TSX_CTRL_MSR) as KVM offers it to guests"),
     "rdtscp": (lambda: _bit(0x80000001, EDX, 27), "CPUID.80000001H:EDX[27] (RDTSCP)"),
+    "x2apic": (lambda: _bit(1, ECX, 21), "CPUID.01H:ECX[21] (x2APIC)"),
+    "tsc_deadline_timer": (lambda: _bit(1, ECX, 24), "CPUID.01H:ECX[24] (TSC-deadline timer)"),
 }
 
 
@@ -522,6 +544,137 @@ micro_experiment(
     make_case=lambda p: _case("syscall" if p.get("mechanism", "syscall") == "syscall" else "int3",
                               8, 4, p))
 
+
+# ---------------------------------------------------------------- interrupts
+# The in-kernel irqchip's local APIC, driven by the guest's interrupt runtime
+# (native/guest/lib/apic.h): every operation is one complete delivery, counted by the guest's
+# handler and checked against the operations (extra.interrupts) and KVM's irq_injections.
+# xAPIC registers are MMIO (CPL3 or CPL0); x2APIC registers are MSRs (CPL0 only).
+IRQ_VECTOR = 0x40
+IRQ_METRICS = {"eoi_cycles": "cycles", "ipi_cycles": "cycles"}
+IRQ_LIMITS = {"settle": within(0, 1 << 32, "cycles the sender waits after the target halts"),
+              "delay": within(1, 1 << 40, "TSC cycles from arming to the deadline")}
+
+
+def _apic_flags(p: dict) -> int:
+    return MICRO_F_X2APIC if p.get("apic", "xapic") == "x2apic" else 0
+
+
+def _x2apic_at_cpl0() -> Requirement:
+    def check(host: dict, params: dict) -> str | None:
+        if params.get("apic") == "x2apic" and params.get("cpl", 3) != 0:
+            return "x2APIC registers are MSRs: rdmsr/wrmsr need CPL0"
+        return None
+    return Requirement("x2apic_cpl0", check)
+
+
+def _x2apic_offered() -> Requirement:
+    return needs_feature("x2apic", when=lambda p: p.get("apic") == "x2apic")
+
+
+def _irq_case(op: str, p: dict, cpl3_iters: int, cpl0_iters: int, **kw) -> MicroCase:
+    kw["flags"] = kw.get("flags", 0) | _apic_flags(p)
+    return _case(op, cpl3_iters, cpl0_iters, p, irqchip=True, interrupts=True, **kw)
+
+
+_IRQ_REQ = [needs_cap("IRQCHIP"), _x2apic_at_cpl0(), _x2apic_offered()]
+
+micro_experiment(
+    "exits.ipi_self", "self-IPI through the local APIC (ICR, self shorthand) and its delivery to "
+    "a handler that EOIs: guest_cycles is the whole round, eoi_cycles the handler's EOI write, "
+    "ipi_cycles the rest",
+    params={"apic": ["xapic", "x2apic"], "cpl": [3, 0]}, quick={"apic": ["xapic"], "cpl": [3]},
+    handled_by="kernel (local APIC)", requires=_IRQ_REQ, metrics=IRQ_METRICS,
+    extra={"vector": IRQ_VECTOR},
+    make_case=lambda p: _irq_case("ipi_self", p, 8, 2, a0=IRQ_VECTOR))
+
+micro_experiment(
+    "exits.eoi", "EOI write with no interrupt in service (xAPIC MMIO or x2APIC MSR)",
+    params={"apic": ["xapic", "x2apic"], "cpl": [3, 0]}, quick=None,
+    handled_by="kernel (local APIC)", requires=_IRQ_REQ,
+    make_case=lambda p: _irq_case("eoi", p, 16, 4))
+
+
+def _settle(p: dict) -> int:
+    return int(p.get("settle", 20000)) if p.get("target") == "halted" else 0
+
+
+def _ipi_other_measure(st, loops: int) -> Measurement:
+    """ipi_other: the sender's cycles less the settle wait it spends before each IPI to a
+    halted target (so the row is the IPI, the wake-up and the handler, not the wait)."""
+    meas = _loop_measure(st, loops)
+    settle = st.extra.get("settle_cycles", 0)
+    if settle:
+        for metric in ("guest_cycles", "ipi_cycles"):
+            if metric in meas.metrics:
+                meas.metrics[metric] = [c - settle for c in meas.metrics[metric]]
+    return meas
+
+
+micro_experiment(
+    "exits.ipi_other", "fixed IPI from vCPU 0 to vCPU 1, which is running (spinning) or halted "
+    "(hlt on the in-kernel LAPIC: the IPI wakes it); the sender waits until the target's "
+    "handler ran",
+    params={"apic": ["xapic", "x2apic"], "cpl": [3, 0], "target": ["running", "halted"]},
+    quick={"apic": ["xapic"], "cpl": [3], "target": ["running", "halted"]},
+    handled_by="kernel (local APIC), across vCPUs", requires=_IRQ_REQ, metrics=IRQ_METRICS,
+    limits=IRQ_LIMITS, extra={"vector": IRQ_VECTOR, "vcpus": 2},
+    measure=_ipi_other_measure, state=lambda p: {"settle_cycles": _settle(p)},
+    make_case=lambda p: replace(_irq_case(
+        "ipi_other", p, 4, 2, a0=IRQ_VECTOR, a1=_settle(p),
+        flags=MICRO_F_HALT if p.get("target") == "halted" else 0), vcpus=2, measured=1,
+        single=0))
+
+
+def _timer_measure(st, loops: int) -> Measurement:
+    """tsc_deadline: the guest's deadline-to-handler latency (handler entry TSC - deadline,
+    mean per call; VPARAM 0-3; for an expired timer the deadline is the TSC just before the
+    write) beside the per-operation cycles; for a future deadline the delay is taken off
+    guest_cycles, leaving arming, delivery and handler."""
+    m = st.machine
+    base = P_VCPU0
+    for i in range(4):
+        m.params[base + i] = 0
+    meas = _loop_measure(st, loops)
+    delay = st.extra.get("delay_cycles", 0)
+    if delay:
+        meas.metrics["guest_cycles"] = [c - delay for c in meas.metrics["guest_cycles"]]
+    n = int(m.params[base + 1])
+    if not n:
+        raise RuntimeError("the guest recorded no timer interrupt")
+
+    def signed(i: int) -> int:
+        return int(np.int64(np.uint64(m.params[base + i])))
+    meas.metrics["timer_latency_cycles"] = [signed(0) / n]
+    meas.extra["timer_latency"] = {"count": n, "min_cycles": signed(2), "max_cycles": signed(3)}
+    return meas
+
+
+def _delay(p: dict) -> int:
+    return int(p.get("delay", 50000)) if p.get("timer") == "future" else 0
+
+
+micro_experiment(
+    "exits.tsc_deadline", "TSC-deadline timer: armed already expired (wrmsr IA32_TSC_DEADLINE = "
+    "now: the cost of arming plus the delivery) or in the future (`delay` cycles; "
+    "timer_latency_cycles is deadline to handler entry)",
+    params={"timer": ["expired", "future"], "apic": ["xapic", "x2apic"], "cpl": [0]},
+    quick={"timer": ["expired"], "apic": ["xapic"], "cpl": [0]},
+    handled_by="kernel (local APIC timer)", limits=IRQ_LIMITS,
+    requires=[*_IRQ_REQ, needs_feature("tsc_deadline_timer")],
+    metrics={**IRQ_METRICS, "timer_latency_cycles": "cycles"}, extra={"vector": IRQ_VECTOR},
+    measure=_timer_measure, state=lambda p: {"delay_cycles": _delay(p)},
+    make_case=lambda p: _irq_case("timer_" + p.get("timer", "expired"), p, 2, 2, a0=IRQ_VECTOR,
+                                  a1=_delay(p), single=0 if _delay(p) else 32))
+
+micro_experiment(
+    "exits.cr8", "mov to/from CR8 (the task-priority register, TPR[7:4]); the write alternates "
+    "0 and 1, which masks no vector >= 32",
+    params={"direction": ["write", "read"], "cpl": [0]}, quick=None,
+    handled_by="none with a TPR shadow / V_TPR, else kernel", requires=[needs_cap("IRQCHIP")],
+    make_case=lambda p: _case("cr8_" + p.get("direction", "write"), 16, 4, p, irqchip=True))
+
+register(_inject.EXPERIMENT)     # exits.irq_inject: experiments/_inject.py
 
 # ---------------------------------------------------------------- host-side references
 

@@ -56,6 +56,11 @@ def now_ns() -> int:
     return lib.vlab_now_ns()
 
 
+def rdtsc() -> int:
+    """The host's TSC now (the clock the injection-latency experiment relates to the guest's)."""
+    return int(lib.vlab_rdtsc())
+
+
 def syscall_loop(n: int) -> tuple[int, int]:
     """(TSC cycles, ns) of `n` getppid() system calls on this thread."""
     cyc, ns = ffi.new("uint64_t *"), ffi.new("uint64_t *")

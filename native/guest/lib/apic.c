@@ -68,7 +68,8 @@ void apic_ipi(u32 dest, u32 vector, u32 shorthand)
         wrmsr(0x830, ((u64)dest << 32) | lo);
         return;
     }
-    *(volatile u32 *)(APIC_GPA + APIC_ICR_HI) = dest << 24;
+    if (!shorthand)         /* a shorthand needs no destination: one register write */
+        *(volatile u32 *)(APIC_GPA + APIC_ICR_HI) = dest << 24;
     *(volatile u32 *)(APIC_GPA + APIC_ICR_LO) = lo;
 }
 

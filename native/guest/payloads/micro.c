@@ -24,8 +24,10 @@
  * Interrupt ops (see native/guest/lib/apic.h) take the vector in a0. The handler counts every
  * delivery per vCPU and EOIs; each op waits (bounded) until its interrupt was handled, so one
  * operation is one complete delivery. Per-vCPU figures the host reads from VPARAM(id, i):
- *   timer_future: 0 sum, 1 count, 2 min, 3 max of handler-entry TSC - deadline (signed)
+ *   timer_*: 0 sum, 1 count, 2 min, 3 max of handler-entry TSC - deadline (signed)
  *   tsc_probe / irq_wait: 4 the guest's rdtsc before its first sync
+ *   every interrupt op: 5 handled, 6 EOIs, 7 EOI cycles, 8 spurious (cumulative), and on
+ *   vCPU 0 of ipi_other 9 the wake-up IPIs it sent after its samples (one per target and run)
  */
 #include "rt.h"
 #include "apic.h"
@@ -111,14 +113,34 @@ LOOP(eoi, apic_eoi())
 LOOP(cr8_write, __asm__ volatile("mov %0, %%cr8" :: "r"(i & 1) : "memory"))
 LOOP(cr8_read, { u64 v; __asm__ volatile("mov %%cr8, %0" : "=r"(v)); })
 
+/* Handler entry TSC - deadline of a handled timer interrupt, into VPARAM(id, 0..3). */
+static void timer_latency(u64 id, u64 dl)
+{
+    s64 lat = (s64)(irq_cpu[id].last_tsc - dl);
+
+    VPARAM(id, 0) += (u64)lat;
+    VPARAM(id, 1) += 1;
+    if ((s64)VPARAM(id, 2) > lat || VPARAM(id, 1) == 1)
+        VPARAM(id, 2) = (u64)lat;
+    if ((s64)VPARAM(id, 3) < lat || VPARAM(id, 1) == 1)
+        VPARAM(id, 3) = (u64)lat;
+}
+
+/* The deadline is "now" (already expired when KVM sees the write): arming plus delivery. */
 static void __attribute__((noinline)) loop_timer_expired(u64 n, u64 vec, u64 id)
 {
     u64 seen = irq_cpu[id].handled;
 
     (void)vec;
     for (u64 i = 0; i < n; i++) {
-        wrmsr(MSR_TSC_DEADLINE, rdtsc());
-        seen = irq_wait(id, seen, IRQ_SPINS);
+        u64 dl = rdtsc();
+        u64 h;
+
+        wrmsr(MSR_TSC_DEADLINE, dl);
+        h = irq_wait(id, seen, IRQ_SPINS);
+        if (h != seen)
+            timer_latency(id, dl);
+        seen = h;
     }
 }
 
@@ -133,16 +155,8 @@ static void __attribute__((noinline)) loop_timer_future(u64 n, u64 vec, u64 id)
 
         wrmsr(MSR_TSC_DEADLINE, dl);
         h = irq_wait(id, seen, IRQ_SPINS * 16);
-        if (h != seen) {
-            s64 lat = (s64)(irq_cpu[id].last_tsc - dl);
-
-            VPARAM(id, 0) += (u64)lat;
-            VPARAM(id, 1) += 1;
-            if ((s64)VPARAM(id, 2) > lat || VPARAM(id, 1) == 1)
-                VPARAM(id, 2) = (u64)lat;
-            if ((s64)VPARAM(id, 3) < lat || VPARAM(id, 1) == 1)
-                VPARAM(id, 3) = (u64)lat;
-        }
+        if (h != seen)
+            timer_latency(id, dl);
         seen = h;
     }
 }
@@ -280,6 +294,16 @@ static void irq_setup(u64 op, u64 vec)
     irq_enable();
 }
 
+/* The handler's counters where the host reads them: VPARAM(id, 5..8) handled, EOIs, EOI
+ * cycles, spurious (cumulative over runs); VPARAM(id, 9) wake-up IPIs ipi_other sent. */
+static void irq_publish(u64 id)
+{
+    VPARAM(id, 5) = irq_cpu[id].handled;
+    VPARAM(id, 6) = irq_cpu[id].eois;
+    VPARAM(id, 7) = irq_cpu[id].eoi_cycles;
+    VPARAM(id, 8) = irq_cpu[id].spurious;
+}
+
 static void irq_wait_forever(u64 id)
 {
     for (;;)
@@ -313,8 +337,10 @@ static int irq_main(u64 id, u64 op, u64 a0, u64 a1)
         GUEST_ASSERT(ARG(ARG_READY));
         timed(id, loops[op], a0, 1);
         ARG(ARG_STOP) = 1;
-        for (u64 d = 1; d < PARAM(P_NR_VCPUS); d++)
+        for (u64 d = 1; d < PARAM(P_NR_VCPUS); d++) {
             apic_ipi((u32)d, (u32)a0, 0);      /* wake a halted target to see the stop */
+            VPARAM(id, 9) += 1;
+        }
         break;
     case OP_IRQ_WAIT:
         /* a1 interrupts from the host (an irqfd or KVM_SIGNAL_MSI): announce each wait in
@@ -375,6 +401,7 @@ static int irq_main(u64 id, u64 op, u64 a0, u64 a1)
         }
     }
     irq_disable();
+    irq_publish(id);
     return 1;
 }
 
