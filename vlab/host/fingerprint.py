@@ -80,7 +80,8 @@ _CPL0_EMULATED = {"vmx": False, "svm": False, "pvm": True, "none": None}
 # Sections of the record
 
 
-def _cpu(root: str) -> dict[str, Any]:
+def _first_processor(root: str) -> tuple[dict[str, str], int]:
+    """The fields of /proc/cpuinfo's first processor block, and how many blocks there are."""
     text = read_text(root, "/proc/cpuinfo") or ""
     first: dict[str, str] = {}
     processors = 0
@@ -94,6 +95,18 @@ def _cpu(root: str) -> dict[str, Any]:
             processors += 1
             if not first:
                 first = fields
+    return first, processors
+
+
+def cpu_flag_lines(root: str = "/") -> dict[str, set[str]]:
+    """The `flags` and `vmx flags` lines of the first CPU in /proc/cpuinfo, as sets of names;
+    a line the kernel does not print (`vmx flags` before Linux 5.8, or on AMD) is absent."""
+    first, _ = _first_processor(root)
+    return {line: set(first[line].split()) for line in ("flags", "vmx flags") if line in first}
+
+
+def _cpu(root: str) -> dict[str, Any]:
+    first, processors = _first_processor(root)
     flags = set(first.get("flags", "").split()) | set(first.get("vmx flags", "").split())
     vendor_id = first.get("vendor_id", "")
     vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd", "HygonGenuine": "hygon",
