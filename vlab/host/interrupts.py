@@ -161,26 +161,28 @@ def _pi_timer(params: dict) -> tuple[bool | None, str]:
     return value != 0, f"kvm.pi_inject_timer={text}"
 
 
-def _tsc_deadline(flavor: str, params: dict, flags: dict, cap: int | None,
-                  guest_cpuid: dict | None) -> tuple[bool | None, str | None, str]:
-    """(offered to guests, what backs it, source)."""
+def _tsc_deadline(cap: int | None, flags: dict,
+                  guest_cpuid: dict | None) -> tuple[bool | None, str]:
+    """(whether guests get a TSC-deadline timer, source)."""
     host = f"host cpu flag tsc_deadline_timer {_flag_word(bool(flags.get('tsc_deadline_timer')))}"
     if cap is not None:
-        offered, source = bool(cap), f"KVM_CAP_TSC_DEADLINE_TIMER={cap}"
-    elif guest_cpuid and guest_cpuid.get("tsc_deadline_timer") is not None:
-        offered = bool(guest_cpuid["tsc_deadline_timer"])
-        source = "KVM_GET_SUPPORTED_CPUID 1.ECX[24]"
-    else:
-        offered, source = None, "not asked (/dev/kvm not opened)"
-    backend = None
+        return bool(cap), f"KVM_CAP_TSC_DEADLINE_TIMER={cap}; {host}"
+    if guest_cpuid and guest_cpuid.get("tsc_deadline_timer") is not None:
+        return bool(guest_cpuid["tsc_deadline_timer"]), f"KVM_GET_SUPPORTED_CPUID 1.ECX[24]; {host}"
+    return None, f"not asked (/dev/kvm not opened); {host}"
+
+
+def _timer_backend(flavor: str, params: dict) -> tuple[str | None, str]:
+    """(what runs a guest's TSC-deadline timer, source)."""
     if flavor == "vmx":
         value = _param(params, "kvm_intel", "preemption_timer")
-        if value is not None:
-            backend = "vmx_preemption_timer" if param_true(value) else "hrtimer"
-            source += f"; kvm_intel.preemption_timer={value}"
-    elif flavor in ("svm", "pvm"):
-        backend = "hrtimer"
-    return offered, backend, f"{source}; {host}"
+        if value is None:
+            return None, "kvm_intel has no preemption_timer parameter"
+        return ("vmx_preemption_timer" if param_true(value) else "hrtimer",
+                f"kvm_intel.preemption_timer={value}")
+    if flavor in ("svm", "pvm"):
+        return "hrtimer", "no VMX preemption timer on SVM or PVM: a host hrtimer"
+    return None, "no KVM"
 
 
 def summarize(flavor: str, params: dict[str, dict[str, str]], flags: dict[str, bool],
@@ -208,11 +210,9 @@ def summarize(flavor: str, params: dict[str, dict[str, str]], flags: dict[str, b
     out["lapic_timer_advance"], out["lapic_timer_advance_ns"] = mode, ns
     src["lapic_timer_advance_ns"] = src["lapic_timer_advance"]
     out["pi_inject_timer"], src["pi_inject_timer"] = _pi_timer(params)
-    offered, backend, src["tsc_deadline_timer"] = _tsc_deadline(flavor, params, flags,
-                                                                tsc_deadline_cap,
-                                                                guest_cpuid)
-    out["tsc_deadline_timer"], out["timer_backend"] = offered, backend
-    src["timer_backend"] = src["tsc_deadline_timer"]
+    out["tsc_deadline_timer"], src["tsc_deadline_timer"] = _tsc_deadline(tsc_deadline_cap, flags,
+                                                                         guest_cpuid)
+    out["timer_backend"], src["timer_backend"] = _timer_backend(flavor, params)
     if flavor == "none":
         for key in out:
             out[key] = None
