@@ -426,6 +426,13 @@ def test_restore_all_in_that_order_sets_avic_back(tmp_path, state):
     modprobe = FakeModprobe(root)
     _hostset.set_host("kvm_amd.avic", "0", str(root), state_path=state, vms=no_vms, run=modprobe)
     _hostset.set_host("kvm_amd.npt", "0", str(root), state_path=state, vms=no_vms, run=modprobe)
+    # a dry run of the whole restore sees that NPT would be back before AVIC is asked for
+    done = len(modprobe.commands)
+    dry = _hostset.restore_host(None, str(root), True, state_path=state, vms=no_vms,
+                                run=modprobe)
+    assert dry.splitlines()[0].startswith("kvm_amd.npt: 0 -> 1: would run")
+    assert dry.splitlines()[1].startswith("kvm_amd.avic: 0 -> 1: would run")
+    assert len(modprobe.commands) == done and irq(root)["apic_virtualization"] == "none"
     _hostset.restore_host(None, str(root), state_path=state, vms=no_vms, run=modprobe)
     assert irq(root)["apic_virtualization"] == "avic"
     assert json.loads(Path(state).read_text())["saved"] == {}

@@ -276,9 +276,12 @@ def _check_module(root: str, knob: _Knob) -> None:
                       "cannot be set")
 
 
-def _check_dependencies(root: str, key: str, new: str) -> None:
+def _check_dependencies(root: str, key: str, new: str,
+                        planned: dict[str, str] | None = None) -> None:
     """Raise Refused when `key`=`new` needs a CPU feature the CPU lacks, or would leave a knob
-    on whose requirement is off (see REQUIRES)."""
+    on whose requirement is off (see REQUIRES). `planned` overrides the host's current values
+    with those earlier steps of the same dry run would have set."""
+    now = {**host_settings(root), **(planned or {})}
     if new == "1" and key in CPU_FEATURE:
         line, flag, feature = CPU_FEATURE[key]
         shown = cpu_flag_lines(root).get(line)
@@ -287,11 +290,11 @@ def _check_dependencies(root: str, key: str, new: str) -> None:
                           f"so KVM would leave {key} off")
     if new == "1" and key in REQUIRES:
         needed, why = REQUIRES[key]
-        if host_settings(root).get(needed) == "0":
+        if now.get(needed) == "0":
             raise Refused(f"{why}, and {needed} is 0: set {needed}=1 first")
     if new == "0":
         for dependent, (needed, why) in REQUIRES.items():
-            if needed == key and host_settings(root).get(dependent) == "1":
+            if needed == key and now.get(dependent) == "1":
                 raise Refused(f"{why}, and {dependent} is 1: set {dependent}=0 first")
 
 
@@ -462,6 +465,7 @@ def restore_host(key: str | None = None, root: str = "/", dry_run: bool = False,
     if not keys:
         return "nothing to restore"
     lines = []
+    planned: dict[str, str] = {}     # what the steps before would have set (for a dry run)
     for k in keys:
         knob = KNOBS[k]
         old = saved[k]["value"]
@@ -471,9 +475,10 @@ def restore_host(key: str | None = None, root: str = "/", dry_run: bool = False,
             _check_module(root, knob)
         current = knob.canonical(read_text(root, knob.path))
         if current != old:
-            _check_dependencies(root, k, old)
+            _check_dependencies(root, k, old, planned)
             _check_reloadable(root, knob, old)
         _refuse_if_vms(root, k, vms)
+        planned[k] = old
         if current == old:
             done, note = "already set", ""
         else:
