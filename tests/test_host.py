@@ -22,7 +22,9 @@ PVM_KVM = {
     "caps": {"IOEVENTFD": 1, "IRQFD": 1, "DIRTY_LOG_RING": 1048576,
              "DIRTY_LOG_RING_ACQ_REL": 1048576, "MANUAL_DIRTY_LOG_PROTECT2": 3,
              "X86_USER_SPACE_MSR": 1, "BINARY_STATS_FD": 1, "READONLY_MEM": 1, "SYNC_REGS": 7,
-             "EXIT_HYPERCALL": 1, "IMMEDIATE_EXIT": 1, "GET_TSC_KHZ": 1, "IRQCHIP": 1},
+             "EXIT_HYPERCALL": 1, "IMMEDIATE_EXIT": 1, "GET_TSC_KHZ": 1, "IRQCHIP": 1,
+             "IRQ_ROUTING": 4096, "SIGNAL_MSI": 1, "TSC_DEADLINE_TIMER": 1, "X2APIC_API": 15},
+    "guest_cpuid": {"x2apic": True, "tsc_deadline_timer": True},
 }
 VMX_KVM = dict(PVM_KVM, tsc_khz=2999998, nr_vcpus=96)
 
@@ -374,8 +376,11 @@ def test_doctor_caps_missing_aliases_and_prefixes():
     assert checks["cap.DIRTY_LOG_RING"].ok and "ACQ_REL" in checks["cap.DIRTY_LOG_RING"].detail
     assert checks["cap.BINARY_STATS_FD"].ok
     # only capabilities something in vlab uses are listed (exits.hypercall never enables
-    # KVM_CAP_EXIT_HYPERCALL; nothing uses irqfd)
-    assert "cap.EXIT_HYPERCALL" not in checks and "cap.IRQFD" not in checks
+    # KVM_CAP_EXIT_HYPERCALL); irqfd carries the io interrupt modes
+    assert "cap.EXIT_HYPERCALL" not in checks
+    assert checks["cap.IRQFD"].status == "MISSING"
+    assert checks["cap.IRQFD"].detail == ("not offered (needed for io.virtio and io.ivshmem "
+                                          "interrupt modes)")
     assert checks["cap.IRQCHIP"].status == "MISSING"  # not in caps: not offered
     assert "exits.pio_device" in checks["cap.IRQCHIP"].detail
 

@@ -180,15 +180,18 @@ def test_ept_switch_reloads_kvm_intel(tmp_path, state):
     modprobe = FakeModprobe(root)
     msg = _hostset.set_host("kvm_intel.ept", "0", str(root), state_path=state, vms=no_vms,
                             run=modprobe)
+    # the reload keeps every other kvm_intel knob as it is (APICv on, IPIv off on this CPU)
     assert modprobe.commands == [["modprobe", "-r", "kvm_intel"],
-                                 ["modprobe", "kvm_intel", "ept=0", "vpid=1"]]
+                                 ["modprobe", "kvm_intel", "ept=0", "vpid=1", "enable_apicv=1",
+                                  "enable_ipiv=0"]]
     assert "kvm_intel.ept: 1 -> 0: ran: modprobe -r kvm_intel && modprobe kvm_intel" in msg
     h = _host.fingerprint(str(root))
     assert h["paging"] == "shadow"
 
     modprobe.commands.clear()
     _hostset.restore_host("kvm_intel.ept", str(root), state_path=state, vms=no_vms, run=modprobe)
-    assert modprobe.commands[-1] == ["modprobe", "kvm_intel", "ept=1", "vpid=1"]
+    assert modprobe.commands[-1] == ["modprobe", "kvm_intel", "ept=1", "vpid=1", "enable_apicv=1",
+                                     "enable_ipiv=0"]
     assert _host.fingerprint(str(root))["paging"] == "ept"
 
 
@@ -197,7 +200,8 @@ def test_ept_dry_run_names_the_commands(tmp_path, state):
     modprobe = FakeModprobe(root)
     msg = _hostset.set_host("kvm_intel.ept", "N", str(root), True, state_path=state, vms=no_vms,
                             run=modprobe)
-    assert msg.endswith("would run: modprobe -r kvm_intel && modprobe kvm_intel ept=0 vpid=1")
+    assert msg.endswith("would run: modprobe -r kvm_intel && modprobe kvm_intel ept=0 vpid=1 "
+                        "enable_apicv=1 enable_ipiv=0")
     assert modprobe.commands == []
 
 
@@ -225,7 +229,8 @@ def test_failed_load_puts_the_module_back(tmp_path, state):
 
     with pytest.raises(VlabError, match="kvm_intel was loaded back with ept=1"):
         _hostset.set_host("kvm_intel.ept", "0", str(root), state_path=state, vms=no_vms, run=run)
-    assert fake.commands[-1] == ["modprobe", "kvm_intel", "ept=1", "vpid=1"]
+    assert fake.commands[-1] == ["modprobe", "kvm_intel", "ept=1", "vpid=1", "enable_apicv=1",
+                                 "enable_ipiv=0"]
     assert _host.fingerprint(str(root))["paging"] == "ept"
 
 
@@ -251,7 +256,7 @@ def test_npt_reload_on_svm(tmp_path, state):
     root = tree("svm", tmp_path)
     modprobe = FakeModprobe(root)
     _hostset.set_host("kvm_amd.npt", "off", str(root), state_path=state, vms=no_vms, run=modprobe)
-    assert modprobe.commands[-1] == ["modprobe", "kvm_amd", "npt=0"]
+    assert modprobe.commands[-1] == ["modprobe", "kvm_amd", "npt=0", "avic=0"]
     assert _host.fingerprint(str(root))["paging"] == "shadow"
 
 

@@ -274,10 +274,7 @@ def cmd_host(args) -> int:
 
     if args.host_command == "set":
         key, value = _hostset.parse_assignment(args.assignment)
-        from vlab._inputs import check_host_setting
-
-        check_host_setting(key, value)          # fits the kernel variable it is written to
-        print(_hostset.set_host(key, value, dry_run=args.dry_run))
+        print(_hostset.set_host(key, value, dry_run=args.dry_run))   # checks the value's width
     elif args.host_command == "restore":
         print(_hostset.restore_host(args.key, dry_run=args.dry_run))
     else:
@@ -368,9 +365,9 @@ def cmd_trace(args) -> int:
 def cmd_migrate(args) -> int:
     """`vlab migrate`: by default a destination and a source process on loopback, the
     migration verified and set beside the pre-copy model; or one role (--listen / --to)."""
-    from vlab._inputs import check_migrate_options
     from vlab._outputs import check_file
     from vlab.migration.command import run_cli
+    from vlab.migration.options import check_migrate_options
 
     check_migrate_options(args)               # every value fits where it goes
     if getattr(args, "trace_out", None):      # the one file migrate writes: checked first

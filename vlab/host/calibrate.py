@@ -27,12 +27,23 @@ def kvm_info() -> tuple[dict | None, str | None]:
         with Kvm() as k:
             caps = k.caps()
             info = {"api_version": k.api_version, "caps": caps,
-                    "nr_vcpus": caps.get("NR_VCPUS"), "max_vcpus": caps.get("MAX_VCPUS")}
+                    "nr_vcpus": caps.get("NR_VCPUS"), "max_vcpus": caps.get("MAX_VCPUS"),
+                    "guest_cpuid": guest_cpuid(k)}
             with k.create_vm() as vm:
                 info["tsc_khz"] = vm.create_vcpu(0).tsc_khz
             return info, None
     except KvmError as e:
         return None, str(e)
+
+
+def guest_cpuid(k) -> dict[str, bool] | None:
+    """The interrupt-related CPUID.1 ECX bits KVM_GET_SUPPORTED_CPUID offers guests of the open
+    /dev/kvm `k`: x2APIC (bit 21) and the TSC-deadline timer (bit 24); None if it cannot say."""
+    regs = k.supported_cpuid(1)
+    if regs is None:
+        return None
+    ecx = regs[2]
+    return {"x2apic": bool(ecx >> 21 & 1), "tsc_deadline_timer": bool(ecx >> 24 & 1)}
 
 
 def collect_host(root: str = "/") -> dict:

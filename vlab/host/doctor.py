@@ -2,7 +2,7 @@
 and, when it fails, what that costs and how to fix it.
 
 The checks come in groups (KVM and its capabilities, what virtualization the numbers include,
-noise sources, hugetlb pools, device assignment, tracing tools), each a function of the host
+how interrupts are virtualized, noise sources, hugetlb pools, device assignment, tracing tools), each a function of the host
 record alone, so recorded trees test every row.
 """
 from __future__ import annotations
@@ -37,10 +37,13 @@ class Check:
 
 
 # (capability names accepted, what in vlab uses it). Only capabilities vlab really uses: KVM
-# offers more (EXIT_HYPERCALL, SYNC_REGS, READONLY_MEM, IRQFD, ...) that nothing here needs.
+# offers more (EXIT_HYPERCALL, SYNC_REGS, READONLY_MEM, ...) that nothing here needs.
 NEEDED_CAPS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("IOEVENTFD",), "exits.pio_kernel, exits.mmio_kernel, io.virtio notify=kernel"),
     (("IRQCHIP",), "exits.pio_device (the in-kernel PIC answers its port)"),
+    (("IRQFD",), "io.virtio and io.ivshmem interrupt modes"),
+    (("IRQ_ROUTING",), "MSI routes (KVM_SET_GSI_ROUTING) of the irqfd interrupt modes"),
+    (("SIGNAL_MSI",), "MSIs the VMM injects itself (KVM_SIGNAL_MSI)"),
     (("DIRTY_LOG_RING", "DIRTY_LOG_RING_ACQ_REL"), "migration.* mode=ring"),
     (("MANUAL_DIRTY_LOG_PROTECT2",), "migration.* mode=clear"),
     (("X86_USER_SPACE_MSR",), "exits.msr_user"),
@@ -145,6 +148,110 @@ def _virtualization_checks(host: dict) -> list[Check]:
                                    "with each other"))
     else:
         checks.append(Check("nested", True, "bare metal (no 'hypervisor' cpu flag)"))
+    return checks
+
+
+def _apic_check(host: dict) -> Check:
+    """How the local APIC is virtualized: which APIC accesses and IPIs exit at all."""
+    flavor = (host.get("kvm") or {}).get("flavor")
+    irq = host.get("interrupts") or {}
+    src = irq.get("sources") or {}
+    flags = (host.get("cpu") or {}).get("flags") or {}
+    mode = irq.get("apic_virtualization")
+    x2 = "guest x2APIC " + {True: "offered", False: "not offered"}.get(irq.get("x2apic"), "unknown")
+    if mode in ("apicv", "avic", "x2avic"):
+        name = {"apicv": "APICv", "avic": "AVIC", "x2avic": "x2AVIC"}[mode]
+        ipi = ("IPIs to running vCPUs without an exit" if irq.get("ipi_virtualization")
+               else "IPIs exit on the sender")
+        return Check("apic", True, f"{name} ({src.get('apic_virtualization')}): EOI, TPR and "
+                                   f"self-IPI writes do not exit; {ipi} "
+                                   f"({src.get('ipi_virtualization')}); {x2}")
+    cost = "every EOI, TPR write and IPI exits to KVM's emulated local APIC"
+    if flavor == "pvm":
+        return Check("apic", False, f"KVM on PVM has no APICv/AVIC: {cost} (and a guest CPL0 "
+                                    f"handler runs in the instruction emulator); {x2}",
+                     "compare interrupt rows only with other hosts without APIC virtualization",
+                     level="warn")
+    if mode == "none" and flavor == "vmx":
+        can = flags.get("apicv")
+        return Check("apic", False, f"APICv off ({src.get('apic_virtualization')}): {cost}; {x2}",
+                     "vlab host set kvm_intel.enable_apicv=1" if can
+                     else "the CPU has no APICv (no 'apicv' vmx flag)", level="warn")
+    if mode == "none" and flavor == "svm":
+        if not flags.get("avic"):
+            advice = "the CPU has no AVIC (no 'avic' cpu flag)"
+        elif host.get("paging") != "npt":
+            advice = "AVIC needs NPT: vlab host set kvm_amd.npt=1, then kvm_amd.avic=1"
+        else:
+            advice = "vlab host set kvm_amd.avic=1"
+        return Check("apic", False, f"AVIC off ({src.get('apic_virtualization')}): {cost}; {x2}",
+                     advice, level="warn")
+    return Check("apic", False, f"unknown ({src.get('apic_virtualization') or 'not recorded'})",
+                 level="warn")
+
+
+def _interrupt_checks(host: dict) -> list[Check]:
+    """APIC virtualization, posted interrupts, halt polling and the guest's TSC-deadline timer:
+    what an interrupt, an IPI and a wake-up cost here (the `interrupts` section)."""
+    kvm = host.get("kvm") or {}
+    irq = host.get("interrupts") or {}
+    if kvm.get("flavor", "none") == "none" or not irq:
+        return []
+    src = irq.get("sources") or {}
+    checks = [_apic_check(host)]
+
+    posted = irq.get("posted_interrupts")
+    if posted:
+        checks.append(Check("apic.posted", True, "posted interrupts: an interrupt for a running "
+                                                 "vCPU is delivered without an exit ("
+                                                 f"{src.get('posted_interrupts')})"))
+    else:
+        checks.append(Check("apic.posted", False,
+                            "no posted interrupts: an interrupt for a running vCPU kicks it out "
+                            f"(a host IPI and an exit) to be injected ({src.get('posted_interrupts')})",
+                            level="warn"))
+
+    ns = irq.get("halt_poll_ns")
+    if ns is None:
+        checks.append(Check("halt_poll", False, src.get("halt_poll_ns") or "not recorded",
+                            level="warn"))
+    else:
+        knobs = ", ".join(f"{k} {irq.get('halt_poll_ns_' + k)}"
+                          for k in ("grow", "grow_start", "shrink")
+                          if irq.get("halt_poll_ns_" + k) is not None)
+        tail = f" ({knobs})" if knobs else ""
+        if ns:
+            checks.append(Check("halt_poll", True,
+                                f"kvm.halt_poll_ns={ns}{tail}: a vCPU halted on the in-kernel "
+                                f"local APIC polls up to {ns / 1000:g} us for a wake-up before "
+                                "it sleeps; every wake-up row includes it"))
+        else:
+            checks.append(Check("halt_poll", False,
+                                f"kvm.halt_poll_ns=0{tail}: a halted vCPU sleeps at once, so every "
+                                "wake-up pays the host scheduler", "vlab host set "
+                                "kvm.halt_poll_ns=200000", level="warn"))
+
+    offered = irq.get("tsc_deadline_timer")
+    backend = {"vmx_preemption_timer": "the VMX preemption timer",
+               "hrtimer": "a host hrtimer"}.get(irq.get("timer_backend"), "an unknown timer")
+    advance = irq.get("lapic_timer_advance")
+    if advance == "fixed":
+        advance = f"fixed {irq.get('lapic_timer_advance_ns')} ns"
+    pi = {True: "on", False: "off", None: "auto"}[irq.get("pi_inject_timer")]
+    how = (f"runs on {backend}; timer advance {advance or 'unknown'}, "
+           f"pi_inject_timer {pi}")
+    if offered:
+        checks.append(Check("tsc_deadline", True, f"guest TSC-deadline timer offered "
+                                                   f"({src.get('tsc_deadline_timer')}); {how}"))
+    elif offered is False:
+        checks.append(Check("tsc_deadline", False,
+                            f"no guest TSC-deadline timer ({src.get('tsc_deadline_timer')}): the "
+                            "TSC-deadline timer rows skip"))
+    else:
+        checks.append(Check("tsc_deadline", False,
+                            "not checked: /dev/kvm is not usable" if not kvm.get("usable")
+                            else f"unknown ({src.get('tsc_deadline_timer')}); {how}",
+                            level="warn"))
     return checks
 
 
@@ -272,8 +379,8 @@ def _tooling_checks(host: dict) -> list[Check]:
 
 
 # The doctor's groups, in the order their rows are shown.
-CHECK_GROUPS = (_kvm_checks, _virtualization_checks, _noise_checks, _hugetlb_checks,
-                _device_checks, _tooling_checks)
+CHECK_GROUPS = (_kvm_checks, _virtualization_checks, _interrupt_checks, _noise_checks,
+                _hugetlb_checks, _device_checks, _tooling_checks)
 
 
 def doctor_checks(host: dict, extra: Iterable[Check] = ()) -> list[Check]:

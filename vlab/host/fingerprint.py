@@ -20,6 +20,7 @@ import socket
 from typing import Any
 
 from vlab.host.emulation import detect as _detect_emulation
+from vlab.host.interrupts import summarize as _interrupts
 from vlab.host.sriov import detect as _detect_sriov
 from vlab.host.sysfs import (bracketed, cpulist_count, exists, kernel_config, listdir,
                              module_state, param_true, read_int, read_text, to_int)
@@ -34,6 +35,7 @@ CPU_FLAGS = (
     "pdpe1gb", "pse", "la57", "pcid", "invpcid", "hypervisor", "constant_tsc", "nonstop_tsc",
     "tsc_known_freq", "tsc_deadline_timer", "rdtscp", "x2apic", "arch_perfmon",
     "cpuid_fault",      # PVM traps a guest's CPL3 cpuid only with CPUID faulting
+    "apicv", "ipi_virt",  # vmx flags: the CPU can do APICv / IPI virtualization (when shown)
 )
 
 # Dotted paths hashed into host_id: change any of these and results stop being comparable.
@@ -78,7 +80,8 @@ _CPL0_EMULATED = {"vmx": False, "svm": False, "pvm": True, "none": None}
 # Sections of the record
 
 
-def _cpu(root: str) -> dict[str, Any]:
+def _first_processor(root: str) -> tuple[dict[str, str], int]:
+    """The fields of /proc/cpuinfo's first processor block, and how many blocks there are."""
     text = read_text(root, "/proc/cpuinfo") or ""
     first: dict[str, str] = {}
     processors = 0
@@ -92,6 +95,18 @@ def _cpu(root: str) -> dict[str, Any]:
             processors += 1
             if not first:
                 first = fields
+    return first, processors
+
+
+def cpu_flag_lines(root: str = "/") -> dict[str, set[str]]:
+    """The `flags` and `vmx flags` lines of the first CPU in /proc/cpuinfo, as sets of names;
+    a line the kernel does not print (`vmx flags` before Linux 5.8, or on AMD) is absent."""
+    first, _ = _first_processor(root)
+    return {line: set(first[line].split()) for line in ("flags", "vmx flags") if line in first}
+
+
+def _cpu(root: str) -> dict[str, Any]:
+    first, processors = _first_processor(root)
     flags = set(first.get("flags", "").split()) | set(first.get("vmx flags", "").split())
     vendor_id = first.get("vendor_id", "")
     vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd", "HygonGenuine": "hygon",
@@ -155,6 +170,8 @@ def _kvm_section(root: str, kvm: dict | None) -> dict[str, Any]:
         "dev_kvm": dev_kvm,
         "api_version": kvm.get("api_version"),
         "caps": dict(kvm.get("caps") or {}),
+        # What KVM_GET_SUPPORTED_CPUID offers guests of the features the interrupt rows use.
+        "guest_cpuid": dict(kvm["guest_cpuid"]) if kvm.get("guest_cpuid") else None,
         "nr_vcpus": kvm.get("nr_vcpus"),
         "max_vcpus": kvm.get("max_vcpus"),
         "params": params,
@@ -288,6 +305,12 @@ def fingerprint(root: str = "/", kvm: dict | None = None) -> dict:
                         for name in listdir(root, "/sys/devices/system/cpu/vulnerabilities")},
         "kvm": kvm_rec,
         "paging": paging,
+        # APICv/AVIC, posted interrupts, IPI virtualization, x2APIC, halt polling and the
+        # guest timer, derived from kvm.params, cpu.flags and KVM's answers, each with its
+        # source (vlab.host.interrupts). Not in host_id: the parameters that matter already are.
+        "interrupts": _interrupts(kvm_rec["flavor"], kvm_rec["params"], cpu["flags"],
+                                  cap_value(kvm_rec["caps"], "TSC_DEADLINE_TIMER"),
+                                  kvm_rec["guest_cpuid"]),
         # Default expectation from the flavor; the runner replaces emulated_cpl0 with what its
         # CPL0-vs-CPL3 nop calibration measured and keeps cpl0_emulated_expected as is.
         "cpl0_emulated_expected": cpl0,

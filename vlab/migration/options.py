@@ -1,6 +1,7 @@
 """How a live migration runs: `MigrateOptions` (strategy, dirty tracking, link, convergence
 policy, throttle) with its validation, and the command-line options of `vlab migrate` and
-`python -m vlab.migrate` that set it (sizes and rates are parsed by `vlab._units`).
+`python -m vlab.migrate` that set it (sizes and rates are parsed by `vlab._units`) with the
+values each may take (`MIGRATE_OPTIONS`, `check_migrate_options`).
 
 Kept apart from the rest of vlab.migration so that building the `vlab` parser imports nothing
 heavy (no numpy, no native module): only the standard library here.
@@ -59,6 +60,60 @@ class MigrateOptions:
             raise UsageError("throttle: need 0 < initial <= max < 1 and 0 <= step <= 1")
         if not self.io_timeout > 0:
             raise UsageError("io timeout must be positive")
+
+
+_U32, _U64 = (1 << 32) - 1, (1 << 64) - 1
+
+#: `vlab migrate` options and the values each may take: (option, lo, hi, integer, what). The
+#: guest's writer takes rate, seed and lag_us as arguments; the rest are counts and durations
+#: (nan, inf or a 70-bit count once hung a migration or ended it in a traceback). Checked at
+#: the command's entry (`check_migrate_options`, called by vlab/cli.py) before anything runs.
+MIGRATE_OPTIONS = (
+    ("rate", 0, _U32, True, "pages/s, 32 bits"),
+    ("seed", 0, _U64, True, "the guest writer's 64-bit PRNG seed"),
+    ("lag_us", 0, _U32, True, "microseconds, 32 bits"),
+    ("max_rounds", 1, _U32, True, "rounds"),
+    ("postcopy_rounds", 0, _U32, True, "rounds"),
+    ("max_downtime_ms", 0, 3_600_000, False, "milliseconds, at most an hour"),
+    ("warmup_s", 0, 3600, False, "seconds, at most an hour"),
+    ("trace_s", 0, 3600, False, "seconds, at most an hour"),
+    ("trace_interval_ms", 0.01, 60_000, False, "milliseconds"),
+    ("run_after", 0, 3600, False, "seconds, at most an hour"),
+    ("io_timeout", 0.001, 86400, False, "seconds, at most a day"),
+    ("accept_timeout", 0.001, 86400, False, "seconds, at most a day"),
+)
+#: Guest memory and working set: within the 52-bit guest-physical address space.
+MAX_GUEST_BYTES = 1 << 52
+#: Link limit: 10 Tbit/s is beyond any link.
+MAX_LINK_BIT_S = 1e13
+
+
+def check_migrate_options(args) -> None:
+    """Every numeric option of `vlab migrate` fits where it goes; a one-line UsageError if not."""
+    from vlab._inputs import check_fits, finite
+    from vlab._units import parse_rate, parse_size
+
+    for attr, lo, hi, integer, what in MIGRATE_OPTIONS:
+        v = getattr(args, attr, None)
+        if v is None:
+            continue
+        name = "--" + attr.replace("_", "-")
+        if integer:
+            check_fits(name, v, lo, hi, what)
+        else:
+            finite(name, v, lo, hi)
+    for attr in ("mem", "ws"):
+        text = getattr(args, attr, None)
+        if text is None:
+            continue
+        try:
+            v = parse_size(text, f"--{attr}")
+        except (ValueError, OverflowError):
+            raise UsageError(f"--{attr}: {text!r} is not a size (e.g. 64M, 1G)") from None
+        check_fits(f"--{attr}", v, 1, MAX_GUEST_BYTES, "bytes, 52-bit guest-physical space")
+    if getattr(args, "bandwidth", None):
+        v = parse_rate(args.bandwidth, "--bandwidth")
+        finite("--bandwidth", v, 0.0, MAX_LINK_BIT_S, lo_open=True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
