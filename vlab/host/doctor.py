@@ -40,10 +40,10 @@ class Check:
 # offers more (EXIT_HYPERCALL, SYNC_REGS, READONLY_MEM, ...) that nothing here needs.
 NEEDED_CAPS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("IOEVENTFD",), "exits.pio_kernel, exits.mmio_kernel, io.virtio notify=kernel"),
-    (("IRQCHIP",), "exits.pio_device (the in-kernel PIC answers its port)"),
-    (("IRQFD",), "io.virtio and io.ivshmem interrupt modes"),
-    (("IRQ_ROUTING",), "MSI routes (KVM_SET_GSI_ROUTING) of the irqfd interrupt modes"),
-    (("SIGNAL_MSI",), "MSIs the VMM injects itself (KVM_SIGNAL_MSI)"),
+    (("IRQCHIP",), "exits.pio_device and every interrupt row (in-kernel PIC, IOAPIC, LAPICs)"),
+    (("IRQFD",), "exits.irq_inject and the io.virtio and io.ivshmem interrupt modes"),
+    (("IRQ_ROUTING",), "MSI routes (KVM_SET_GSI_ROUTING) behind every irqfd"),
+    (("SIGNAL_MSI",), "tests injecting an MSI directly (KVM_SIGNAL_MSI)"),
     (("DIRTY_LOG_RING", "DIRTY_LOG_RING_ACQ_REL"), "migration.* mode=ring"),
     (("MANUAL_DIRTY_LOG_PROTECT2",), "migration.* mode=clear"),
     (("X86_USER_SPACE_MSR",), "exits.msr_user"),
