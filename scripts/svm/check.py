@@ -28,6 +28,9 @@ EXPECTED_EXITS = [
     ("npt1.json", "exits.hlt", "hlt"),
     ("npt1.json", "exits.msr_user", "msr"),
     ("npt1.json", "exits.mmio_user", "npf"),
+    ("npt1.json", "exits.ipi_self", "npf"),          # xAPIC ICR write: no AVIC, page unmapped
+    ("npt1.json", "exits.tsc_deadline", "msr"),      # IA32_TSC_DEADLINE, x2APIC EOI
+    ("npt1.json", "exits.ipi_other", "hlt"),         # the halted target's hlt
     ("npt0.json", "exits.cpuid", "cpuid"),
     ("npt0.json", "exits.mmio_user", "pf_excp"),     # shadow paging: a #PF intercept, not npf
 ]
@@ -112,6 +115,24 @@ def main(outdir: str) -> int:
                              if of.startswith(prefix + " ") or of == prefix])
         check(want is not None and want in seen,
               f"{fname}: {prefix} traced exit {want!r} (code {SVM_CODES[code_name]:#x})")
+
+    if "npt1.json" in docs:
+        # every exit count on SVM/NPT fits its expectation (experiments/_expect.py), and every
+        # interrupt operation was delivered exactly once (the guest handler's count)
+        off = [(r["experiment"], r["params"], r["mean"]) for r in docs["npt1.json"]["rows"]
+               if r["metric"] == "exits_per_op" and r["status"] == "ok"
+               and any(w.startswith("exits_per_op is") for w in r.get("warnings") or [])]
+        check(not off, f"npt1.json: every exits_per_op fits its SVM expectation {off[:3]}")
+        irq = [r for r in docs["npt1.json"]["rows"] if r["metric"] == "exits_per_op"
+               and r["status"] == "ok" and "interrupts_per_op" in (r.get("extra") or {})]
+        lost = [(r["experiment"], r["params"]) for r in irq
+                if r["extra"]["interrupts_per_op"] != 1]
+        check(bool(irq) and not lost,
+              f"npt1.json: {len(irq)} interrupt rows, each one delivery per operation {lost[:3]}")
+        inj = [r for r in docs["npt1.json"]["rows"] if r["experiment"] == "exits.irq_inject"
+               and r["metric"] == "latency_ns" and r["status"] == "ok"]
+        check(len(inj) == 2, f"npt1.json: exits.irq_inject measured spinning and halted "
+                             f"({len(inj)} rows)")
 
     if "npt0.json" in docs:
         for exp in SHADOW_SKIPS:
