@@ -56,8 +56,9 @@ def exits_table(doc: dict) -> str:
         if any_row["status"] != "ok":
             lines.append(f"{name:<19} {key[1]:<28} {any_row['status']}: {any_row['reason']}")
             continue
-        g = rows.get("guest_cycles") or rows.get("cycles") or {}
-        h = rows.get("host_ns") or {}
+        # exits.irq_inject has no operation loop: its latency fills the two time columns
+        g = rows.get("guest_cycles") or rows.get("cycles") or rows.get("latency_cycles") or {}
+        h = rows.get("host_ns") or rows.get("latency_ns") or {}
         e = rows.get("exits_per_op") or {}
         extra = (g or h).get("extra") or {}
         handled = str(extra.get("handled_by", ""))[:28]
@@ -85,7 +86,36 @@ def exits_table(doc: dict) -> str:
         lines.append("  * CPL0 is emulated by KVM on this host: CPL0 figures are the excess over "
                      "the CPL0 nop loop, i.e. emulation cost, not hardware exit cost")
     lines += notes
+    irq = interrupts_table(cases, order)
+    if irq:
+        lines += ["", irq]
     return "\n".join(lines)
+
+
+def interrupts_table(cases: dict, order: list) -> str:
+    """The interrupt rows' own figures: a delivery's IPI and EOI parts (guest cycles p50), the
+    TSC-deadline timer's deadline-to-handler latency, the irqfd injection latency, and how many
+    interrupts the guest's handler counted per operation ('' when there are none)."""
+    head = (f"{'interrupts':<19} {'params':<34} {'ipi cyc':>9} {'eoi cyc':>9} "
+            f"{'timer lat cyc':>13} {'inject ns p50':>13} {'p99':>9} {'irqs/op':>7}")
+    lines = []
+    for key in order:
+        rows = cases[key]
+        if not any(m in rows for m in ("eoi_cycles", "timer_latency_cycles", "latency_ns")):
+            continue
+        if next(iter(rows.values()))["status"] != "ok":
+            continue
+        med = {m: (rows.get(m) or {}).get("median") for m in
+               ("ipi_cycles", "eoi_cycles", "timer_latency_cycles", "latency_ns")}
+        p99 = (rows.get("latency_ns") or {}).get("p99")
+        per = ((rows.get("exits_per_op") or {}).get("extra") or {}).get("interrupts_per_op")
+        lines.append(f"{key[0].removeprefix('exits.'):<19} {key[1]:<34} "
+                     f"{_fmt(med['ipi_cycles']):>9} {_fmt(med['eoi_cycles']):>9} "
+                     f"{_fmt(med['timer_latency_cycles']):>13} {_fmt(med['latency_ns']):>13} "
+                     f"{_fmt(p99):>9} {_fmt(per):>7}")
+    if not lines:
+        return ""
+    return "\n".join([head, "-" * len(head), *lines])
 
 
 def summary(doc: dict) -> str:
