@@ -129,7 +129,7 @@ def annotate_exits(params: dict, host: dict, metric: str, samples: list, extras:
     irq = [e["interrupts"] for e in extras if "interrupts" in e]
     if irq and metric == "exits_per_op":
         # ground truth of the interrupt rows: the guest's handler counted every delivery
-        handled = sum(i["handled"] - i["wakeups"] for i in irq)
+        handled = sum(i["handled"] for i in irq)
         ops = sum(i["operations"] for i in irq)
         more["interrupts_per_op"] = handled / ops if ops else None
         more["kvm_irq_injections_per_op"] = float(np.mean([i["kvm_irq_injections_per_op"]
@@ -172,11 +172,12 @@ def micro_experiment(name: str, description: str, *, params: dict, quick: dict |
                      handled_by: str, make_case, requires=(), subtract_baseline: bool = True,
                      probe=None, derive=None, extra: dict | None = None,
                      metrics: dict | None = None, limits: dict | None = None,
-                     measure=None, state=None) -> LoopExperiment:
+                     measure=None, state=None, single: bool = True) -> LoopExperiment:
     """Declare one exits.* experiment around a MicroCase factory. Its expected exits per
     operation come from experiments/_expect.py, by name; `extra` is recorded on every row
     (e.g. which MSR the row used). `measure` replaces the standard one (it calls
-    `_loop_measure` and adjusts); `state(params)` adds values to the state's extra."""
+    `_loop_measure` and adjusts); `state(params)` adds values to the state's extra; `single`
+    False: the case records no one-operation samples (its MicroCase has single=0)."""
 
     def setup(p: dict, host: dict):
         st = _micro.setup(make_case(p))
@@ -192,7 +193,8 @@ def micro_experiment(name: str, description: str, *, params: dict, quick: dict |
 
     return register(LoopExperiment(
         name=name, description=description, params=params, quick=quick,
-        metrics={**EXIT_METRICS, **(metrics or {})},
+        metrics={**{k: u for k, u in EXIT_METRICS.items()
+                    if single or k != "guest_cycles_single"}, **(metrics or {})},
         requires=[needs_kvm(), _fits_vcpus(), *requires],
         cpl="cpl", handled_by=handled_by, validate=_validate_common, annotate=annotate_exits,
         limits={**LIMITS, **(limits or {}), **{k: one_of(*v) for k, v in params.items()
@@ -619,7 +621,7 @@ micro_experiment(
     quick={"apic": ["xapic"], "cpl": [3], "target": ["running", "halted"]},
     handled_by="kernel (local APIC), across vCPUs", requires=_IRQ_REQ, metrics=IRQ_METRICS,
     limits=IRQ_LIMITS, extra={"vector": IRQ_VECTOR, "vcpus": 2},
-    measure=_ipi_other_measure, state=lambda p: {"settle_cycles": _settle(p)},
+    measure=_ipi_other_measure, state=lambda p: {"settle_cycles": _settle(p)}, single=False,
     make_case=lambda p: replace(_irq_case(
         "ipi_other", p, 4, 2, a0=IRQ_VECTOR, a1=_settle(p),
         flags=MICRO_F_HALT if p.get("target") == "halted" else 0), vcpus=2, measured=1,
@@ -663,9 +665,9 @@ micro_experiment(
     handled_by="kernel (local APIC timer)", limits=IRQ_LIMITS,
     requires=[*_IRQ_REQ, needs_feature("tsc_deadline_timer")],
     metrics={**IRQ_METRICS, "timer_latency_cycles": "cycles"}, extra={"vector": IRQ_VECTOR},
-    measure=_timer_measure, state=lambda p: {"delay_cycles": _delay(p)},
+    measure=_timer_measure, state=lambda p: {"delay_cycles": _delay(p)}, single=False,
     make_case=lambda p: _irq_case("timer_" + p.get("timer", "expired"), p, 2, 2, a0=IRQ_VECTOR,
-                                  a1=_delay(p), single=0 if _delay(p) else 32))
+                                  a1=_delay(p), single=0))
 
 micro_experiment(
     "exits.cr8", "mov to/from CR8 (the task-priority register, TPR[7:4]); the write alternates "

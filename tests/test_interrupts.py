@@ -45,12 +45,13 @@ def _kvm_counts_injections() -> bool:
     return not s.get("apicv") and not s.get("avic")
 
 
-def _injections_fit(kvm: int, handled: int) -> None:
+def _injections_fit(kvm: int, handled: int, maybe: int = 0) -> None:
     """KVM's irq_injections against the handler's count: KVM counts every injection attempt, and
     re-injects (and counts again) an interrupt whose delivery an exit interrupted (IDT-vectoring
-    information, e.g. a host interrupt mid-delivery), so it may exceed the deliveries by a few;
-    it may never fall short of them."""
-    assert handled <= kvm <= handled + max(2, handled // 20), (kvm, handled)
+    information: a host interrupt mid-delivery, or under NPT the first touch of a page the
+    delivery uses, such as the IDT, the handler or its stack), so it may exceed the deliveries by
+    a few (SVM lane under TCG: 3 in every test); it may never fall short of them."""
+    assert handled <= kvm <= handled + maybe + 8, (kvm, handled)
 
 
 @pytest.fixture
@@ -102,14 +103,14 @@ def test_ipis_between_two_vcpus_are_neither_lost_nor_duplicated(machine, target)
     flags = MICRO_F_HALT if target == "halted" else 0
     k0 = [v.stats() for v in m.vcpus]
     _run(m, "ipi_other", 10, 5, a1=2000 if flags else 0, flags=flags)
-    wakeups = int(m.params[P_VCPU0 + 9])
-    assert wakeups == 1
-    assert _handled(m, 1) == 50 + wakeups          # the target handled every IPI, once
+    assert int(m.params[P_VCPU0 + 9]) == 1        # one wake-up IPI (vector + 1) at the end
+    assert _handled(m, 1) == 50                     # the target handled every IPI, once
     assert _handled(m, 0) == 0                      # and the sender none
     assert int(m.params[P_VCPU0 + P_VCPU_STRIDE + 8]) == 0     # no spurious interrupt
     k1 = [v.stats() for v in m.vcpus]
     if _kvm_counts_injections():
-        _injections_fit(k1[1]["irq_injections"] - k0[1]["irq_injections"], 50 + wakeups)
+        # the wake-up IPI may or may not have been injected before the target finished
+        _injections_fit(k1[1]["irq_injections"] - k0[1]["irq_injections"], 50, maybe=1)
     if target == "halted":
         assert k1[1]["halt_exits"] - k0[1]["halt_exits"] >= 50
 
@@ -150,13 +151,13 @@ def test_x2apic_mode_and_apic_ids(machine):
     assert svr & 0x100 and svr & 0xFF == 0xFF                       # enabled, spurious 0xFF
 
 
-def _irq_wait(m, n: int, fire, halt: bool = False, settle: float = 0.0):
+def _irq_wait(m, n: int, fire, halt: bool = False, settle: float = 0.0, vector: int = VEC):
     """Run irq_wait for n interrupts on a vCPU thread; fire() each when the guest waits."""
     from vlab.vmm.payloads import MICRO_ARG_HALTING, MICRO_F_HALT, P_ARG0
     from vlab.vmm.thread import VcpuThread
 
     m.restart()
-    m.set_args(_ops()["irq_wait"], 0, 0, VEC, n, MICRO_F_HALT if halt else 0, 0, 0, 0, 0)
+    m.set_args(_ops()["irq_wait"], 0, 0, vector, n, MICRO_F_HALT if halt else 0, 0, 0, 0, 0)
     t = VcpuThread(m.vcpus[0], timeout=60).start()
     try:
         for k in range(n):
@@ -182,7 +183,7 @@ def test_irqfd_interrupts_arrive_once_each_in_order(machine, halt):
     k0 = m.vcpus[0].stats()
     stamps = []
     got = _irq_wait(m, 20, lambda: stamps.append(irq.fire()), halt=halt,
-                    settle=0.001 if halt else 0)
+                    settle=0.001 if halt else 0, vector=VEC + 1)
     assert len(got) == 20 and irq.fired == 20
     assert (np.diff(got.astype(np.int64)) > 0).all()       # one handler entry per write, in order
     assert _handled(m) == 20
@@ -193,7 +194,7 @@ def test_irqfd_interrupts_arrive_once_each_in_order(machine, halt):
 def test_signal_msi_delivers(machine):
     m = machine()
     delivered = []
-    got = _irq_wait(m, 5, lambda: delivered.append(m.vm.signal_msi(0, VEC + 2)))
+    got = _irq_wait(m, 5, lambda: delivered.append(m.vm.signal_msi(0, VEC + 2)), vector=VEC + 2)
     assert len(got) == 5 and all(delivered)
 
 

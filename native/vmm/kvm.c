@@ -95,7 +95,22 @@ int vlab_kvm_check_cap(struct vlab_kvm *kvm, int cap)
     return r < 0 ? vlab_fail_errno("KVM_CHECK_EXTENSION", "cap %d", cap) : r;
 }
 
-/* Fetch KVM_GET_SUPPORTED_CPUID once, growing the buffer until it fits (E2BIG). */
+/* Features KVM emulates for any guest but leaves out of KVM_GET_SUPPORTED_CPUID when the host
+ * CPU lacks them, which a VMM turns on when KVM says so (api.rst, KVM_CAP_TSC_DEADLINE_TIMER;
+ * QEMU does the same): the TSC-deadline timer of the in-kernel LAPIC (CPUID.01H:ECX[24]). Without
+ * the bit KVM keeps the LVT timer out of TSC-deadline mode and ignores IA32_TSC_DEADLINE; the
+ * SVM lane's TCG host (no TSC-deadline in QEMU's TCG CPU) showed it. */
+static void kvm_add_emulated_features(struct vlab_kvm *kvm, struct kvm_cpuid2 *c)
+{
+    if (ioctl(kvm->fd, KVM_CHECK_EXTENSION, KVM_CAP_TSC_DEADLINE_TIMER) <= 0)
+        return;
+    for (uint32_t i = 0; i < c->nent; i++)
+        if (c->entries[i].function == 1)
+            c->entries[i].ecx |= 1U << 24;
+}
+
+/* Fetch KVM_GET_SUPPORTED_CPUID once (plus the features KVM emulates, above), growing the
+ * buffer until it fits (E2BIG). */
 static int kvm_load_cpuid(struct vlab_kvm *kvm)
 {
     int n = 64;
@@ -109,6 +124,7 @@ static int kvm_load_cpuid(struct vlab_kvm *kvm)
             return vlab_fail(ENOMEM, "calloc", NULL);
         c->nent = n;
         if (ioctl(kvm->fd, KVM_GET_SUPPORTED_CPUID, c) == 0) {
+            kvm_add_emulated_features(kvm, c);
             kvm->cpuid = c;
             return 0;
         }

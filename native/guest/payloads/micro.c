@@ -26,8 +26,9 @@
  * operation is one complete delivery. Per-vCPU figures the host reads from VPARAM(id, i):
  *   timer_*: 0 sum, 1 count, 2 min, 3 max of handler-entry TSC - deadline (signed)
  *   tsc_probe / irq_wait: 4 the guest's rdtsc before its first sync
- *   every interrupt op: 5 handled, 6 EOIs, 7 EOI cycles, 8 spurious (cumulative), and on
- *   vCPU 0 of ipi_other 9 the wake-up IPIs it sent after its samples (one per target and run)
+ *   every interrupt op: 5 deliveries of the op's vector, 6 EOIs, 7 EOI cycles, 8 spurious
+ *   (cumulative), and on vCPU 0 of ipi_other 9 the wake-up IPIs (vector a0 + 1) it sent after
+ *   its samples, one per target and run
  */
 #include "rt.h"
 #include "apic.h"
@@ -294,11 +295,13 @@ static void irq_setup(u64 op, u64 vec)
     irq_enable();
 }
 
-/* The handler's counters where the host reads them: VPARAM(id, 5..8) handled, EOIs, EOI
- * cycles, spurious (cumulative over runs); VPARAM(id, 9) wake-up IPIs ipi_other sent. */
-static void irq_publish(u64 id)
+/* The handler's counters where the host reads them: VPARAM(id, 5..8) deliveries of the op's
+ * vector, EOIs, EOI cycles, spurious (cumulative over runs); VPARAM(id, 9) the wake-up IPIs
+ * ipi_other's sender sent (on vector + 1, so they never count as operations: a target that has
+ * already seen the stop may take its wake-up after it published). */
+static void irq_publish(u64 id, u64 vec)
 {
-    VPARAM(id, 5) = irq_cpu[id].handled;
+    VPARAM(id, 5) = irq_cpu[id].count[vec & 0xff];
     VPARAM(id, 6) = irq_cpu[id].eois;
     VPARAM(id, 7) = irq_cpu[id].eoi_cycles;
     VPARAM(id, 8) = irq_cpu[id].spurious;
@@ -338,7 +341,7 @@ static int irq_main(u64 id, u64 op, u64 a0, u64 a1)
         timed(id, loops[op], a0, 1);
         ARG(ARG_STOP) = 1;
         for (u64 d = 1; d < PARAM(P_NR_VCPUS); d++) {
-            apic_ipi((u32)d, (u32)a0, 0);      /* wake a halted target to see the stop */
+            apic_ipi((u32)d, (u32)a0 + 1, 0);  /* wake a halted target to see the stop */
             VPARAM(id, 9) += 1;
         }
         break;
@@ -401,7 +404,7 @@ static int irq_main(u64 id, u64 op, u64 a0, u64 a1)
         }
     }
     irq_disable();
-    irq_publish(id);
+    irq_publish(id, a0);
     return 1;
 }
 
