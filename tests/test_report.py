@@ -109,6 +109,75 @@ def test_bad_input_writes_nothing(tmp_path):
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
 
 
+def _row_html(r) -> str:
+    """The start of a row's line in an area table."""
+    return (f"<tr><td><code>{r['experiment']}</code></td><td><code>"
+            f"{results.params_key(r['params']).replace(',', ',<wbr>')}</code></td>"
+            f"<td>{r['metric']}</td>")
+
+
+def _section(html: str, anchor: str) -> str:
+    start = html.index(f'<h2 id="{anchor}">')
+    end = html.find("<h2 ", start + 1)
+    return html[start:end if end > 0 else None]
+
+
+def test_interrupt_rows_get_their_section_figure_and_tables():
+    from irq_docs import irq_doc
+
+    doc = irq_doc()
+    html = render([(doc, "irq.json")])
+    assert '<a href="#area-interrupts">interrupts</a>' in html
+    assert figure_count(html) == 2 and html.count("How to read this.") == 2
+    exits, irq = _section(html, "area-exits"), _section(html, "area-interrupts")
+    # the exits figure draws every exits.* row; its table leaves the interrupt rows to theirs
+    assert exits.count("<img") == 1 and 'href="#area-interrupts"' in exits
+    assert irq.count("<img") == 1
+    assert "Interrupts: delivery, timer and injection latency" in irq
+    for word in ("eoi_cycles", "ipi_cycles", "deadline", "irqfd", "exits per operation",
+                 "emulates CPL0"):
+        assert word in irq.split("</div>", 1)[0]   # the how-to-read caption
+    for r in doc["rows"]:
+        if r["status"] != "ok":
+            continue
+        if r["experiment"] == "exits.nop":
+            assert _row_html(r) in exits and _row_html(r) not in irq
+        else:
+            assert _row_html(r) in irq and _row_html(r) not in exits
+    # the injection rows' TSC relation, with its uncertainty in cycles and in ns
+    tsc = irq[irq.index("Host-to-guest TSC relation"):]
+    assert tsc.count("<tr><td><code>exits.irq_inject</code>") == 2
+    for cell in ("KVM_GET_MSRS(IA32_TSC)", ">6,812<", ">8,191<", ">3,155<", ">yes<"):
+        assert cell in tsc
+    # the failed timer case is listed with its reason, and counted in the section
+    assert "no samples were recorded" in _section(html, "skips")
+    assert "2 case(s) of this area have no numbers" in irq
+
+
+def test_report_of_a_recorded_interrupt_run(tmp_path):
+    from irq_docs import REAL
+
+    doc = results.read(REAL)
+    html = report(REAL, tmp_path / "irq.html").read_text()
+    irq = _section(html, "area-interrupts")
+    assert figure_count(html) == 2 and irq.count("<img") == 1
+    ok = [r for r in doc["rows"] if r["status"] == "ok"]
+    assert all(_row_html(r) in irq for r in ok)
+    # a file of interrupt experiments only: the exits section has their bars, no table
+    exits = _section(html, "area-exits")
+    assert exits.count("<img") == 1 and "<table>" not in exits and "interrupt experiments" in exits
+    assert irq.count("<tr><td><code>exits.irq_inject</code><") == 4 + 2   # rows + TSC table
+
+
+def test_interrupts_section_only_for_files_that_have_them():
+    from irq_docs import irq_doc
+
+    html = render([(results.read(QUICK), "quick.json"), (irq_doc(), "irq.json")])
+    irq = _section(html, "area-interrupts")
+    assert "<h3>irq.json" in irq and "quick.json" not in irq
+    assert _section(html, "area-exits").count("<img") == 2
+
+
 # --------------------------------------------------------------------------------------------
 # A real browser
 

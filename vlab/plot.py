@@ -39,6 +39,8 @@ AREAS = {"exits": "VM exits: cost per operation",
          "paging": "Guest paging: cost per memory access",
          "io": "I/O paths: throughput and exits",
          "migration": "Migration: dirty pages"}
+#: Every figure's title: the areas', and the exits area's second figure.
+FIGURE_TITLES = {**AREAS, "interrupts": "Interrupts: delivery, timer and injection latency"}
 FORMATS = ("png", "svg")
 
 _RC = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
@@ -185,6 +187,19 @@ def case_label(experiment: str, params: Mapping[str, Any], metric: str | None = 
 # Areas
 
 
+def _exit_label(experiment: str, params: Mapping[str, Any], name: bool = True) -> str:
+    """'ipi_self @CPL0 (apic=x2apic)': an exits.* case as the bar charts label it (without the
+    experiment when `name` is false: a panel whose title names it)."""
+    rest = ", ".join(f"{k}={v}" for k, v in params.items() if k != "cpl")
+    label = (_short(experiment) if not experiment.startswith("native.") else experiment) \
+        if name else ""
+    if "cpl" in params:
+        label += f" @CPL{params['cpl']}"
+    if rest:
+        label += f" ({rest})" if label else rest
+    return label.strip()
+
+
 def _exits_figure(doc: Mapping[str, Any]) -> "Figure | None":
     from matplotlib.patches import Patch
 
@@ -202,13 +217,7 @@ def _exits_figure(doc: Mapping[str, Any]) -> "Figure | None":
     for exp, pkey in cases:
         params = next(r["params"] for r in rows
                       if r["experiment"] == exp and results.params_key(r["params"]) == pkey)
-        rest = ", ".join(f"{k}={v}" for k, v in params.items() if k != "cpl")
-        label = _short(exp) if not exp.startswith("native.") else exp
-        if "cpl" in params:
-            label += f" @CPL{params['cpl']}"
-        if rest:
-            label += f" ({rest})"
-        labels.append(label)
+        labels.append(_exit_label(exp, params))
     height = max(2.8, 0.32 * len(cases) + 1.6)
     fig = _new_figure(5.2 * len(metrics) + 1.6, height)
     axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
@@ -268,6 +277,215 @@ def _exits_figure(doc: Mapping[str, Any]) -> "Figure | None":
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
     _suptitle(fig, AREAS["exits"], doc)
+    return fig
+
+
+# The interrupt experiments (experiments/exits.py, "interrupts"): the exits figure draws their
+# guest_cycles/host_ns bars like every exits.* row; the interrupts figure draws them by part.
+# Delivery rounds first (split into EOI and the rest), then the APIC accesses that deliver
+# nothing, then the two latencies.
+INTERRUPT_EXPERIMENTS = ("exits.ipi_self", "exits.ipi_other", "exits.tsc_deadline", "exits.eoi",
+                         "exits.cr8", "exits.irq_inject")
+_DELIVERIES = INTERRUPT_EXPERIMENTS[:3]
+#: Colour per quantity of the interrupts figure (never per CPL: the label carries the CPL).
+_IRQ_COLOURS = {"ipi_cycles": OKABE_ITO[0], "eoi_cycles": OKABE_ITO[3], "exits.eoi": OKABE_ITO[3],
+                "exits.cr8": "#999999", "timer_latency_cycles": OKABE_ITO[5],
+                "latency": OKABE_ITO[2]}
+_IRQ_LEGEND = {"ipi_cycles": "rest of the round: send or arm, deliver, handler, iret "
+                             "(ipi_cycles)",
+               "eoi_cycles": "EOI write: in the handler (eoi_cycles), or exits.eoi with nothing "
+                             "in service",
+               "exits.cr8": "TPR access, mov CR8 (exits.cr8)",
+               "timer_latency_cycles": "TSC deadline to handler entry (timer_latency_cycles)",
+               "latency": "irqfd write to handler entry (latency_ns)"}
+
+
+def is_interrupt(experiment: str) -> bool:
+    """True for the interrupt experiments, which the interrupts figure draws (and the report
+    tabulates in its own section)."""
+    return experiment in INTERRUPT_EXPERIMENTS
+
+
+def _irq_bar(ax: "Axes", y: float, row: Mapping[str, Any], colour: str, height: float,
+             note: str = "") -> list[float]:
+    """One p50 bar with its p99 whisker and value (and `note`), hatched when the row ran in
+    an emulated CPL0; returns the values it spans (for the axis limits)."""
+    emulated = bool((row.get("flags") or {}).get("emulated_cpl0"))
+    med = row["median"]
+    p99 = row["p99"] if row["p99"] is not None else med
+    ax.barh(y, med, height=height, color=colour, alpha=0.45 if emulated else 0.85,
+            edgecolor="#333333" if emulated else colour, hatch="///" if emulated else None,
+            linewidth=0.6)
+    if p99 > med:
+        ax.errorbar(med, y, xerr=[[0], [p99 - med]], fmt="none", ecolor="#222222",
+                    elinewidth=0.9, capsize=2.5)
+    ax.annotate(results.format_number(med) + note, (max(med, p99, 0), y), xytext=(3, 0),
+                textcoords="offset points", va="center", fontsize=6.5)
+    return [med, p99]
+
+
+def _short_tick(v: float) -> str:
+    """'4M', '250k': tick labels of a linear axis of millions that stay legible."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:g}{suffix}"
+    return f"{v:g}"
+
+
+def _irq_axis(ax: "Axes", values: list[float], labels: list[str], xlabel: str, title: str,
+              exits: list[str], exits_label: str, room: float = 1.0) -> None:
+    """Scale, limits, case labels on the left and the exits-per-operation column on the right
+    (a twin axis, so the layout makes room for it); `room` widens the space for long values."""
+    _value_scale(ax, values, "x")
+    if ax.get_xscale() == "log":
+        ax.set_xlim(min(v for v in values if v > 0) / 2, max(values) * 6 * room ** 2)
+    else:
+        lo = min(0.0, min(values))
+        ax.set_xlim(lo * 1.3, max(values) * 1.35 * room or 1)
+        ax.xaxis.set_major_formatter(_FuncFmt(_short_tick))
+        if lo < 0:
+            ax.axvline(0, color="#222222", lw=0.7)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(axis="y", visible=False)
+    twin = ax.twinx()
+    twin.set_ylim(ax.get_ylim())
+    twin.set_yticks(range(len(exits)), exits)
+    twin.tick_params(axis="y", length=0)
+    twin.grid(False)
+    twin.set_ylabel(exits_label)
+
+
+def _exits_text(row: Mapping[str, Any] | None) -> str:
+    return "-" if row is None else results.format_number(row["median"])
+
+
+def _inject_exits(row: Mapping[str, Any]) -> str:
+    """KVM's exits per injection over the row's last measurement call (extra.kvm.exits over
+    extra.injections): irq_inject has no exits_per_op metric."""
+    extra = row.get("extra") or {}
+    exits, n = (extra.get("kvm") or {}).get("exits"), extra.get("injections")
+    return results.format_number(exits / n) if exits is not None and n else "-"
+
+
+def _tsc_uncertainty(row: Mapping[str, Any]) -> float | None:
+    """The host-to-guest TSC offset's uncertainty in the row's unit (cycles or ns)."""
+    tsc = (row.get("extra") or {}).get("tsc_relation") or {}
+    unc = tsc.get("uncertainty_cycles")
+    if unc is None:
+        return None
+    if row["unit"] == "ns":
+        khz = tsc.get("guest_tsc_khz")
+        return unc * 1e6 / khz if khz else None
+    return float(unc)
+
+
+def _interrupts_figure(doc: Mapping[str, Any]) -> "Figure | None":
+    """Per interrupt case, the delivery split into its EOI write and the rest; the TSC-deadline
+    timer's deadline-to-handler latency; the irqfd injection latency, spinning or halted."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    rows = [r for r in _ok_rows(doc, "exits") if is_interrupt(r["experiment"])]
+    by = {(r["experiment"], results.params_key(r["params"]), r["metric"]): r for r in rows}
+    cases: list[tuple[str, str, dict[str, Any]]] = []
+    for r in sorted(rows, key=lambda r: INTERRUPT_EXPERIMENTS.index(r["experiment"])):
+        case = (r["experiment"], results.params_key(r["params"]), r["params"])
+        if case not in cases:
+            cases.append(case)
+
+    def has(case: tuple, metric: str) -> bool:
+        return (case[0], case[1], metric) in by
+
+    delivery = [c for c in cases if c[0] in _DELIVERIES
+                and (has(c, "ipi_cycles") or has(c, "eoi_cycles"))]
+    alone = [c for c in cases if c[0] in ("exits.eoi", "exits.cr8") and has(c, "guest_cycles")]
+    timer = [c for c in cases if has(c, "timer_latency_cycles")]
+    lat_metric = "latency_ns" if any(has(c, "latency_ns") for c in cases) else "latency_cycles"
+    inject = [c for c in cases if has(c, lat_metric)]
+    if not (delivery or alone or timer or inject):
+        return None
+    top = delivery + alone
+    bottom = [p for p, cs in (("timer", timer), ("inject", inject)) if cs]
+    top_h = 0.42 * len(top) + 1.0 if top else 0
+    bottom_h = 0.42 * max((len(timer), len(inject))) + 1.3 if bottom else 0
+    fig = _new_figure(11.0, top_h + bottom_h + 1.3)
+    heights = [h for h in (top_h, bottom_h) if h]
+    grid = fig.add_gridspec(len(heights), 2, height_ratios=heights)
+    used: list[str] = []
+    emulated = any((r.get("flags") or {}).get("emulated_cpl0") for r in rows)
+    uncertainty = False
+    if top:
+        ax = fig.add_subplot(grid[0, :])
+        values: list[float] = []
+        labels, exits = [], []
+        for i, c in enumerate(top):
+            labels.append(_exit_label(c[0], c[2]))
+            exits.append(_exits_text(by.get((c[0], c[1], "exits_per_op"))))
+            parts = ((("ipi_cycles", -0.2), ("eoi_cycles", 0.2)) if c[0] in _DELIVERIES
+                     else (("guest_cycles", 0.0),))
+            for metric, offset in parts:
+                r = by.get((c[0], c[1], metric))
+                if r is None:
+                    continue
+                key = metric if metric != "guest_cycles" else c[0]
+                values += _irq_bar(ax, i + offset, r, _IRQ_COLOURS[key],
+                                   0.38 if len(parts) > 1 else 0.5)
+                legend_key = "eoi_cycles" if key == "exits.eoi" else key
+                if legend_key not in used:
+                    used.append(legend_key)
+        if delivery and alone:
+            ax.axhline(len(delivery) - 0.5, color="#777777", lw=0.6, ls="--")
+        _irq_axis(ax, values, labels, "guest cycles per operation (guest rdtsc) — bar p50, "
+                  "whisker p99", "delivery, split into the handler's EOI write and the rest "
+                  "of the round" + ("; below the line, APIC accesses alone" if alone else ""),
+                  exits, "VM exits per operation (p50)")
+    for j, panel in enumerate(bottom):
+        ax = fig.add_subplot(grid[len(heights) - 1, j if len(bottom) > 1 else slice(None)])
+        values, labels, exits = [], [], []
+        group = timer if panel == "timer" else inject
+        metric = "timer_latency_cycles" if panel == "timer" else lat_metric
+        colour = _IRQ_COLOURS[metric if panel == "timer" else "latency"]
+        for i, c in enumerate(group):
+            r = by[(c[0], c[1], metric)]
+            labels.append(_exit_label(c[0], c[2], name=False) or _short(c[0]))
+            if panel == "timer":
+                values += _irq_bar(ax, i, r, colour, 0.55)
+                exits.append(_exits_text(by.get((c[0], c[1], "exits_per_op"))))
+                continue
+            unc = _tsc_uncertainty(r)
+            values += _irq_bar(ax, i, r, colour, 0.55,
+                               f" ± {results.format_number(unc)}" if unc else "")
+            exits.append(_inject_exits(r))
+            if unc:
+                # the offset shifts every sample alike: a band on the p50, not a whisker
+                ax.errorbar(r["median"], i, xerr=unc, fmt="none", ecolor="#222222", alpha=0.4,
+                            elinewidth=5, capsize=0)
+                values.append(r["median"] - unc)
+                uncertainty = True
+        used.append(metric if panel == "timer" else "latency")
+        if panel == "timer":
+            _irq_axis(ax, values, labels, "latency (guest TSC cycles) — bar p50 of per-call "
+                      "means, whisker p99", "TSC-deadline timer: deadline to handler entry\n"
+                      "(exits.tsc_deadline)", exits, "VM exits per operation (p50)")
+        else:
+            unit = "ns" if lat_metric == "latency_ns" else "cycles"
+            _irq_axis(ax, values, labels, f"latency ({unit}), host TSC to guest TSC — bar p50, "
+                      "whisker p99", "interrupt injection: host irqfd write to guest handler\n"
+                      "(exits.irq_inject)", exits, "KVM exits per injection (one call)",
+                      room=1.5 if uncertainty else 1.0)
+    handles: list[Any] = [Patch(facecolor=_IRQ_COLOURS[k], alpha=0.85, label=_IRQ_LEGEND[k])
+                          for k in used]
+    if emulated:
+        handles.append(Patch(facecolor="#dddddd", edgecolor="#333333", hatch="///",
+                             label="emulated CPL0 (includes KVM's instruction emulator)"))
+    if uncertainty:
+        handles.append(Line2D([], [], color="#222222", alpha=0.4, lw=5,
+                              label="± uncertainty of the host-to-guest TSC offset (on p50)"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False)
+    _suptitle(fig, FIGURE_TITLES["interrupts"], doc)
     return fig
 
 
@@ -566,12 +784,17 @@ def _migration_figure(doc: Mapping[str, Any]) -> "Figure | None":
     return fig
 
 
-_BUILDERS = {"exits": _exits_figure, "paging": _paging_figure, "io": _io_figure,
-             "migration": _migration_figure}
+# Figure name -> builder, in the order `plot` writes them. "interrupts" is the exits area's
+# second figure (area_of puts the interrupt experiments in exits).
+_BUILDERS = {"exits": _exits_figure, "interrupts": _interrupts_figure, "paging": _paging_figure,
+             "io": _io_figure, "migration": _migration_figure}
 
 
 def area_figure(doc: Mapping[str, Any], area: str) -> "Figure | None":
-    """The figure of one area of one results document, or None when it has no ok rows to draw."""
+    """The figure of one area of one results document, or None when it has no ok rows to draw.
+
+    `area` is an area of AREAS or "interrupts", the exits area's figure of its interrupt
+    experiments (INTERRUPT_EXPERIMENTS)."""
     import matplotlib
 
     if area not in _BUILDERS:

@@ -28,7 +28,8 @@ from vlab.compare import compare
 from vlab._files import atomic_open
 from vlab._outputs import check_file
 from vlab.host.diff import flatten_host, is_volatile
-from vlab.plot import AREAS, area_figure, area_of, compare_figure, host_caption
+from vlab.plot import (AREAS, FIGURE_TITLES, area_figure, area_of, compare_figure, host_caption,
+                       is_interrupt)
 from vlab.host import emulation as _emulation
 
 _HOW_TO_READ = {
@@ -43,6 +44,28 @@ _HOW_TO_READ = {
         "(thousands of cycles per instruction) and are not pure exit costs; compare them with "
         "the CPL0 calibration in the host record. The axis is logarithmic when values span "
         "more than 20&times;."),
+    "interrupts": (
+        "The interrupt experiments, by part; the guest's handler counted every delivery and "
+        "timestamped its entry. <em>Delivery</em>: for each self-IPI, IPI to the other vCPU "
+        "(running or halted) and TSC-deadline case, two bars: the handler's EOI write "
+        "(<code>eoi_cycles</code>, one mean per measurement call, hence few samples) and the "
+        "rest of the round (<code>ipi_cycles</code>: the round's <code>guest_cycles</code> less "
+        "that EOI, i.e. sending the IPI or arming the timer, the delivery, the handler and its "
+        "return). The axis is logarithmic: compare the values, not the bars' lengths. Below "
+        "the dashed line, <code>exits.eoi</code> (an EOI with nothing in service) and "
+        "<code>exits.cr8</code> (a task-priority access) are whole operations. <em>Timer</em>: "
+        "from the deadline to the handler's entry, for a deadline armed in the future (an "
+        "expired one fires at once and has no such latency). <em>Injection</em>: from the "
+        "host's irqfd write (host TSC) to the guest handler's entry (guest TSC), the vCPU "
+        "spinning or halted; the two clocks are related by a measured offset whose "
+        "uncertainty is the grey band on the median and the &plusmn; after its value (method "
+        "in the table below). The right-hand column gives VM exits per operation as KVM "
+        "counted them, host-caused exits left out; for injection, KVM's raw exit count per "
+        "injection over one call, host-caused exits and the wait before each write included. "
+        "With hardware APIC virtualization (APICv, AVIC) an EOI needs no exit, nor an IPI "
+        "with IPI virtualization: this column shows which. Whiskers reach p99; hatched bars "
+        "ran at guest CPL0 on a host that <strong>emulates CPL0</strong> and include the "
+        "emulator's cost."),
     "paging": (
         "Cost of one memory access against the working-set size (log scale). Each solid line "
         "is a guest page size on a host backing; <strong>dashed</strong> lines are the same "
@@ -206,6 +229,47 @@ def _area_table(rows: Sequence[Mapping[str, Any]]) -> str:
             f"<td>{_e(r['unit'])}</td><td>{_flags_html(r)}</td></tr>")
     return _table(["experiment", "params", "metric", "p50", "p90", "p99", "mean ± stdev", "n",
                    "unit", "flags"], out, {3, 4, 5, 6, 7})
+
+
+# Report sections in order: the areas, with the exits area's interrupt experiments in a
+# section of their own after it (their figure is "interrupts"), then anything else.
+_SECTIONS = ("exits", "interrupts", *(a for a in AREAS if a != "exits"), "other")
+
+
+def _in_section(row: Mapping[str, Any], section: str, figure: bool = False) -> bool:
+    """Whether a section tabulates `row` (with `figure`: or draws it -- the exits figure draws
+    the interrupt experiments' guest_cycles and host_ns bars too)."""
+    if section == "interrupts":
+        return is_interrupt(row["experiment"])
+    return area_of(row["experiment"]) == section and (figure or not is_interrupt(
+        row["experiment"]))
+
+
+def _tsc_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """How exits.irq_inject related the host's TSC to the guest's, per case: the offset's
+    method and uncertainty qualify every injection latency."""
+    out, seen = [], set()
+    for r in rows:
+        tsc = (r.get("extra") or {}).get("tsc_relation")
+        key = (r["experiment"], results.params_key(r["params"]))
+        if not isinstance(tsc, dict) or key in seen:
+            continue
+        seen.add(key)
+        khz, unc = tsc.get("guest_tsc_khz"), tsc.get("uncertainty_cycles")
+        unc_ns = unc * 1e6 / khz if khz and unc is not None else None
+        agrees = tsc.get("kvm_agrees_with_guest")
+        out.append(f"<tr><td><code>{_e(r['experiment'])}</code></td>"
+                   f"<td><code>{_params_html(r['params'])}</code></td>"
+                   f"<td>{_e(tsc.get('method'))}</td>"
+                   f"<td class=\"num\">{_num(tsc.get('offset_cycles'))}</td>"
+                   f"<td class=\"num\">{_num(unc)}</td><td class=\"num\">{_num(unc_ns)}</td>"
+                   f"<td>{_e('-' if agrees is None else 'yes' if agrees else 'no')}</td></tr>")
+    if not out:
+        return ""
+    return ("<p>Host-to-guest TSC relation of the injection rows (guest TSC = host TSC + "
+            "offset):</p>" + _table(["experiment", "params", "method", "offset (cycles)",
+                                     "± (cycles)", "± (ns)", "KVM_GET_MSRS agrees with guest "
+                                     "rdtsc"], out, {3, 4, 5}))
 
 
 def _host_value(v: Any) -> str:
@@ -428,8 +492,8 @@ def render(docs: Sequence[tuple[Mapping[str, Any], str]], *, min_effect: float =
     from vlab import __version__
 
     present = []
-    for area in (*AREAS, "other"):
-        if any(area_of(r["experiment"]) == area for doc, _ in items for r in doc["rows"]):
+    for area in _SECTIONS:
+        if any(_in_section(r, area, figure=True) for doc, _ in items for r in doc["rows"]):
             present.append(area)
     nav = ['<a href="#host">host</a>', '<a href="#warnings">warnings</a>']
     nav += [f'<a href="#area-{a}">{_e(a)}</a>' for a in present]
@@ -463,23 +527,29 @@ def render(docs: Sequence[tuple[Mapping[str, Any], str]], *, min_effect: float =
         body.append("<p>None: no noisy metric, no emulated CPL0, not nested, performance "
                     "governor (or not reported), no model rows.</p>")
     for area in present:
-        title_text = AREAS.get(area, "Other experiments")
+        title_text = FIGURE_TITLES.get(area, "Other experiments")
         body.append(f'<h2 id="area-{area}">{_e(title_text)}</h2>')
         body.append(f'<div class="howto"><strong>How to read this.</strong> '
                     f"{_HOW_TO_READ[area]}</div>")
         for doc, name in items:
-            rows = [r for r in doc["rows"] if area_of(r["experiment"]) == area]
-            if not rows:
+            if not any(_in_section(r, area, figure=True) for r in doc["rows"]):
                 continue
+            rows = [r for r in doc["rows"] if _in_section(r, area)]
             if len(items) > 1:
                 body.append(f"<h3>{_e(name)} — host {_e(doc['host'].get('host_id'))}</h3>")
-            fig = area_figure(doc, area) if area in AREAS else None
+            fig = area_figure(doc, area) if area in FIGURE_TITLES else None
             if fig is not None:
                 body.append(figs.html(fig, f"{title_text}, {name}",
                                       f"{title_text} — {name} ({host_caption(doc)})."))
             ok = [r for r in rows if r["status"] == "ok"]
             if ok:
                 body.append(_area_table(ok))
+            if area == "exits" and any(is_interrupt(r["experiment"]) for r in doc["rows"]):
+                body.append('<p class="muted">The interrupt experiments\' rows (drawn above '
+                            'too) are tabulated under <a href="#area-interrupts">interrupts</a>.'
+                            "</p>")
+            if area == "interrupts":
+                body.append(_tsc_table(ok))
             not_ok = len(rows) - len(ok)
             if not_ok:
                 body.append(f'<p class="muted">{not_ok} case(s) of this area have no numbers: '
