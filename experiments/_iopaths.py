@@ -35,7 +35,11 @@ WAIT_PORT = 0x511           # ivshmem: this VM's "wait for the peer's doorbell" 
 SEG_BYTES = 4096            # largest payload descriptor: a 64 KiB message is 1 + 16 descriptors
 HOSTILE = {"loop": 1, "addr": 2, "oversize": 3, "head": 4, "avail_idx": 5, "indirect": 6,
            "next": 7, "write_tx": 8}
-TRAILER = 6                 # virtio payload: kicks, full waits, completions, 3 echo error counts
+TRAILER = 9                 # virtio payload: kicks, full waits, completions, 3 echo error
+                            # counts, interrupts handled, sleeps, interrupts the device sent
+USED_MODES = {"poll": 0, "interrupt": 1}    # io.virtio's `used`: how completions reach the driver
+VEC_TX, VEC_ECHO = 0x40, 0x41               # virtio: the queues' MSI vectors (to vCPU 0)
+VEC_DOORBELL = 0x50                         # ivshmem: the peer's doorbell, as an interrupt
 IV_TRAILER = 8              # ivshmem payload trailer (see payloads/ivshmem.c)
 
 
@@ -50,6 +54,8 @@ class Run:
     chunk_cycles: np.ndarray = field(default_factory=lambda: np.zeros(0))   # stream samples
     rtt_cycles: np.ndarray = field(default_factory=lambda: np.zeros(0))     # echo samples
     exits: int | None = None              # guest-caused exits over the run (None: no guest)
+    user_exits: int | None = None         # ... of them, exits to user space (the VMM)
+    irqs: int | None = None               # interrupts the guest(s) handled (None: no guest)
     tx_cpu_ns: int = 0
     rx_cpu_ns: int = 0
     wait_ns: int = 0                      # run-queue wait of the threads that never block
@@ -83,6 +89,12 @@ class Run:
 
     def exits_per_msg(self) -> float | None:
         return None if self.exits is None else self.exits / self.total_msgs
+
+    def user_exits_per_msg(self) -> float | None:
+        return None if self.user_exits is None else self.user_exits / self.total_msgs
+
+    def irqs_per_msg(self) -> float | None:
+        return None if self.irqs is None else self.irqs / self.total_msgs
 
     def wait_share(self) -> float | None:
         """Share of the run that its never-blocking threads (spinning, or kicking without
@@ -132,6 +144,24 @@ def _exits_since(vcpus, snap) -> int:
     return max(total, 0)
 
 
+def _user_exits_since(vcpus, snap) -> int:
+    """Exits to user space (KVM_RUN returning to the VMM) since `snap` that the guests caused:
+    the VMM's own count by exit reason, without our ucalls and without KVM_EXIT_INTR (a
+    signal, not the guest)."""
+    total = 0
+    for v, (c0, _k0) in zip(vcpus, snap):
+        c1 = v.counters()
+        total += (c1["exits_total"] - c0["exits_total"]) - (c1["ucalls"] - c0["ucalls"])
+        total -= c1["exits"].get("INTR", 0) - c0["exits"].get("INTR", 0)
+    return max(total, 0)
+
+
+def _kvm_since(vcpus, snap, name: str) -> int:
+    """A KVM vCPU statistic's change since `snap`, summed over `vcpus` (0 where KVM lacks it)."""
+    return sum(int(v.stats().get(name, 0)) - int(k0.get(name, 0))
+               for v, (_c0, k0) in zip(vcpus, snap))
+
+
 def _virtq_error(e: KvmError, q: _io.Virtqueue) -> KvmError:
     """A run stopped by the device: the VirtqueueError naming why the queue broke."""
     if e.op == "virtqueue" and not isinstance(e, _io.VirtqueueError):
@@ -149,22 +179,34 @@ def chain_len(msg_bytes: int, echo: bool, seg: int = SEG_BYTES) -> int:
 
 
 class VirtioPath:
-    """One VM, a transmit queue and an echo queue, a device backend in the chosen notify mode."""
+    """One VM, a transmit queue and an echo queue, a device backend in the chosen notify mode.
+
+    `notify` is the driver -> device kick (user, kernel, poll); `used` how completions reach the
+    driver: "poll" (it spins on the used ring) or "interrupt" (the VM gets an in-kernel irqchip,
+    each queue an irqfd to vCPU 0 that the device writes when the driver asks for a
+    notification, and the driver sleeps in hlt until one arrives)."""
 
     def __init__(self, *, notify: str, msg_bytes: int, qsize: int = 256, event_idx: bool = False,
-                 verify: bool = False, kvm: Kvm | None = None, timeout: float = 30.0):
+                 verify: bool = False, kvm: Kvm | None = None, timeout: float = 30.0,
+                 used: str = "poll"):
         if chain_len(msg_bytes, True) > qsize:
             raise VlabError(f"queue size {qsize} cannot hold one {msg_bytes}-byte echo chain "
                             f"({chain_len(msg_bytes, True)} descriptors)")
+        if used not in USED_MODES:
+            raise VlabError(f"used must be one of {', '.join(USED_MODES)}, not {used!r}")
         self.notify, self.msg_bytes, self.qsize = notify, msg_bytes, qsize
         self.event_idx, self.verify, self.timeout = event_idx, verify, timeout
-        self.m = Machine("virtio", kvm=kvm)
+        self.used = used
+        self.m = Machine("virtio", kvm=kvm, irqchip=used == "interrupt")
         try:
             self._layout()
             self.tx = _io.Virtqueue(self.m.vm, self.txq, notify=notify, port=NOTIFY_PORT,
                                     mode="tx", event_idx=event_idx, verify=verify)
             self.echo_q = _io.Virtqueue(self.m.vm, self.echoq, notify=notify, port=ECHO_PORT,
                                         mode="echo", event_idx=event_idx, check=False)
+            if used == "interrupt":
+                self.tx.set_irq(self.m.vm.add_irqfd(0, VEC_TX), self.isr_gpa)
+                self.echo_q.set_irq(self.m.vm.add_irqfd(0, VEC_ECHO), self.isr_gpa + 64)
         except BaseException:
             self.m.close()
             raise
@@ -181,18 +223,24 @@ class VirtioPath:
         self.echoq = _io.QueueLayout.at(self.txq.end, q)
         self.tx_buf = self.echoq.end
         self.echo_buf = _page_up(self.tx_buf + (tx_slots + 1) * self.tx_stride)
-        end = _page_up(self.echo_buf + 2 * self.echo_stride)
+        self.isr_gpa = _page_up(self.echo_buf + 2 * self.echo_stride)  # interrupt status words
+        end = self.isr_gpa + 4096
         self.slot = self.m.add_data(_up(end - base, 2 << 20), prefault=True)
 
     def _args(self, op: int, layout, buf: int, stride: int, port: int, batch: int,
-              chunk_msgs: int, chunks: int, warm: int, flags: int, hostile: int = 0) -> None:
+              chunk_msgs: int, chunks: int, warm: int, flags: int, hostile: int = 0,
+              irq: int | None = None) -> None:
+        echo = layout is self.echoq
+        irq = USED_MODES[self.used] if irq is None else irq
         self.m.set_args(op, self.qsize, self.msg_bytes, batch, chunk_msgs, chunks,
                         flags | (0x100 if self.event_idx else 0), layout.desc, layout.avail,
-                        layout.used, buf, stride, port, SEG_BYTES, hostile, warm)
+                        layout.used, buf, stride, port, SEG_BYTES, hostile, warm, irq,
+                        self.isr_gpa + (64 if echo else 0), VEC_ECHO if echo else VEC_TX)
 
     def _run(self, q: _io.Virtqueue) -> tuple[int, int, dict]:
         """Run the guest to done with the queue's backend live; (vcpu cpu ns, exits, stats).
-        The stats gain the vCPU thread's run-queue wait and the run's wall time."""
+        The stats gain the vCPU thread's run-queue wait, the run's wall time, the exits to user
+        space and KVM's count of injected interrupts."""
         v = self.m.vcpus[0]
         self.m.restart()
         q.reset()
@@ -208,7 +256,19 @@ class VirtioPath:
             q.stop()
         st = q.stats()
         st["vcpu_wait_ns"], st["wall_ns"] = wait, wall
+        st["user_exits"] = _user_exits_since([v], snap)
+        st["kvm_irq_injections"] = _kvm_since([v], snap, "irq_injections")
         return cpu, _exits_since([v], snap), st
+
+    def _irq_extra(self, trail, st: dict) -> tuple[int, dict]:
+        """(interrupts the guest handled, the interrupt accounting of a run): the handler's
+        count, the device's (decided per 2.7.7.2 / sent / not sent while one was pending), what
+        the driver read from the interrupt status word, KVM's injections, the driver's sleeps."""
+        handled, sleeps, isr_sent = (int(x) for x in trail[6:9])
+        return handled, {"irqs_handled": handled, "irqs_sent": st["irqs_sent"],
+                         "irqs_isr_sent": isr_sent, "irqs_masked": st["irqs_masked"],
+                         "kvm_irq_injections": st["kvm_irq_injections"],
+                         "irq_sleeps": sleeps, "user_exits": st["user_exits"]}
 
     def _contention(self, st: dict) -> dict:
         """The vCPU thread never blocks; the backend thread does in kernel mode (ioeventfd)."""
@@ -226,10 +286,12 @@ class VirtioPath:
         res = self.m.results(0)
         stamps, trail = res[:chunks + 1].astype(np.int64), res[chunks + 1:]
         kicks, full_waits, completed = (int(x) for x in trail[:3])
+        handled, irq_extra = self._irq_extra(trail, st)
         total = (warm + chunks) * chunk_msgs
         backend = st["busy_ns"] if self.notify == "user" else st["cpu_ns"]
         return Run("io.virtio", self.msg_bytes, self.tsc_khz, total, chunk_msgs,
-                   np.diff(stamps), exits=exits, **self._contention(st),
+                   np.diff(stamps), exits=exits, user_exits=st["user_exits"], irqs=handled,
+                   **self._contention(st),
                    tx_cpu_ns=cpu - (st["busy_ns"] if self.notify == "user" else 0),
                    rx_cpu_ns=backend, received=st["chains"], seq_errors=st["seq_errors"],
                    len_errors=st["len_errors"], sum_errors=st["sum_errors"],
@@ -238,7 +300,7 @@ class VirtioPath:
                           "backend_wakeups": st["wakeups"], "irqs_would_send": st["irqs"],
                           "bytes": st["bytes"], "descs": st["descs"],
                           "bad_notifies": st["bad_notifies"], "vcpu_cpu_ns": cpu,
-                          "backend_busy_ns": st["busy_ns"]})
+                          "backend_busy_ns": st["busy_ns"], **irq_extra})
 
     def echo(self, *, rounds: int, warm: int = 16, faults: int = 0) -> Run:
         flags = (_io.XFER_VERIFY if self.verify else 0) | faults
@@ -248,13 +310,15 @@ class VirtioPath:
         cpu, exits, st = self._run(self.echo_q)
         res = self.m.results(0)
         rtt, trail = res[:rounds], res[rounds:]
-        kicks, _, completed, seq_e, len_e, sum_e = (int(x) for x in trail[:TRAILER])
+        kicks, _, completed, seq_e, len_e, sum_e = (int(x) for x in trail[:6])
+        handled, irq_extra = self._irq_extra(trail, st)
         return Run("io.virtio", self.msg_bytes, self.tsc_khz, rounds + warm,
-                   rtt_cycles=rtt.astype(np.int64), exits=exits, tx_cpu_ns=cpu,
+                   rtt_cycles=rtt.astype(np.int64), exits=exits, user_exits=st["user_exits"],
+                   irqs=handled, tx_cpu_ns=cpu,
                    **self._contention(st),
                    rx_cpu_ns=st["busy_ns"] if self.notify == "user" else st["cpu_ns"],
                    received=completed, seq_errors=seq_e, len_errors=len_e, sum_errors=sum_e,
-                   extra={"guest_kicks": kicks, "device_kicks": st["kicks"]})
+                   extra={"guest_kicks": kicks, "device_kicks": st["kicks"], **irq_extra})
 
     def copy(self, *, chunk_msgs: int, chunks: int, warm: int = 1) -> np.ndarray:
         """Guest cycles of the producer's copy alone, per message (into the TX slot buffers)."""
@@ -282,7 +346,22 @@ class VirtioPath:
         """Let the guest break the transmit queue (`what` in HOSTILE) and kick; the run must
         end in VirtqueueError, which is re-raised."""
         self._args(3, self.txq, self.tx_buf, self.tx_stride, NOTIFY_PORT, 1, 1, 1, 1, 0,
-                   HOSTILE[what])
+                   HOSTILE[what], irq=0)
+        old, self.timeout = self.timeout, timeout
+        try:
+            self._run(self.tx)
+        finally:
+            self.timeout = old
+
+    def masked(self, *, chunk_msgs: int = 64, timeout: float = 3.0) -> None:
+        """A hostile driver (used=interrupt only): it sets its APIC's task priority to 15,
+        masking every vector, streams, and sleeps for an interrupt that can never be delivered.
+        The run must end at the watchdog (`timeout`) with an error, which is re-raised; the
+        device, meanwhile, keeps one interrupt pending and sends no more."""
+        if self.used != "interrupt":
+            raise VlabError("masked needs used=interrupt")
+        self._args(1, self.txq, self.tx_buf, self.tx_stride, NOTIFY_PORT, 1, chunk_msgs, 1, 1,
+                   0, irq=2)
         old, self.timeout = self.timeout, timeout
         try:
             self._run(self.tx)
@@ -495,7 +574,8 @@ def make_path(experiment: str, params: dict, *, verify: bool = False, kvm: Kvm |
     if experiment == "io.virtio":
         return VirtioPath(notify=params.get("notify", "kernel"), msg_bytes=mb,
                           qsize=int(params.get("qsize", 256)),
-                          event_idx=bool(params.get("event_idx", False)), verify=verify, kvm=kvm)
+                          event_idx=bool(params.get("event_idx", False)), verify=verify, kvm=kvm,
+                          used=params.get("used", "poll"))
     if experiment == "io.ivshmem":
         return IvshmemPath(notify=params.get("notify", "poll"), msg_bytes=mb, verify=verify,
                            kvm=kvm)
