@@ -40,7 +40,11 @@ TRAILER = 9                 # virtio payload: kicks, full waits, completions, 3 
 USED_MODES = {"poll": 0, "interrupt": 1}    # io.virtio's `used`: how completions reach the driver
 VEC_TX, VEC_ECHO = 0x40, 0x41               # virtio: the queues' MSI vectors (to vCPU 0)
 VEC_DOORBELL = 0x50                         # ivshmem: the peer's doorbell, as an interrupt
-IV_TRAILER = 8              # ivshmem payload trailer (see payloads/ivshmem.c)
+IV_TRAILER = 13             # ivshmem payload trailer (see payloads/ivshmem.c)
+IV_FIELDS = ("kicks", "waits", "full_spins", "empty_spins", "received", "seq_errors",
+             "len_errors", "sum_errors", "rings", "rings_masked", "irqs_handled", "irq_sleeps",
+             "irqs_isr_sent")
+IV_IRQ = {"poll": 0, "vmm_wait": 0, "doorbell": 1}   # io.ivshmem notify -> the payload's irq
 
 
 @dataclass
@@ -388,30 +392,44 @@ def _up(n: int, a: int) -> int:
 # ---------------------------------------------------------------- io.ivshmem
 
 class IvshmemPath:
-    """Two VMs sharing a memfd slot that holds two SPSC rings (requests and replies)."""
+    """Two VMs sharing a memfd slot that holds two SPSC rings (requests and replies).
+
+    `notify`: "poll" (the consumer spins on an empty ring), "doorbell" (QEMU's
+    ivshmem-doorbell: the producer's doorbell ioeventfd is an irqfd of the consumer VM, which
+    sleeps in hlt on its in-kernel local APIC until the interrupt) or "vmm_wait" (the same
+    doorbell, but the waiting consumer exits to its VMM, which blocks on the eventfd: no
+    interrupt controller)."""
 
     def __init__(self, *, notify: str, msg_bytes: int, verify: bool = False,
                  kvm: Kvm | None = None, timeout: float = 30.0):
+        if notify not in IV_IRQ:
+            raise VlabError(f"notify must be one of {', '.join(IV_IRQ)}, not {notify!r}")
         self.notify, self.msg_bytes, self.verify, self.timeout = notify, msg_bytes, verify, timeout
         self._own_kvm = kvm is None
         self.kvm = kvm or Kvm()
         self.a = self.b = None
+        irqchip = notify == "doorbell"
         try:
-            self.a = Machine("ivshmem", kvm=self.kvm)
-            self.b = Machine("ivshmem", kvm=self.kvm)
+            self.a = Machine("ivshmem", kvm=self.kvm, irqchip=irqchip)
+            self.b = Machine("ivshmem", kvm=self.kvm, irqchip=irqchip)
             self.ring_bytes = _page_up(_io.ring_bytes(msg_bytes))
-            size = _up(2 * self.ring_bytes, 2 << 20)
+            self.isr_offset = 2 * self.ring_bytes      # the doorbells' interrupt status words
+            size = _up(self.isr_offset + 4096, 2 << 20)
             self.shared = self.a.add_data(size, backing="memfd", prefault=True)
             self.b.add_data(size, share=self.shared, gpa=self.shared.gpa, prefault=True)
             priv = _up(2 * _page_up(msg_bytes), 2 << 20)
             self.buf_a = self.a.add_data(priv, prefault=True).gpa
             self.buf_b = self.b.add_data(priv, prefault=True).gpa
             self.wait_a = self.wait_b = None
-            if notify == "doorbell":
+            if notify in ("doorbell", "vmm_wait"):
                 ev_a = self.a.vm.add_ioeventfd(RING_PORT, 1, pio=True)
                 ev_b = self.b.vm.add_ioeventfd(RING_PORT, 1, pio=True)
+            if notify == "vmm_wait":
                 self.wait_a = _io.add_doorbell_wait(self.a.vm, WAIT_PORT, ev_b)
                 self.wait_b = _io.add_doorbell_wait(self.b.vm, WAIT_PORT, ev_a)
+            elif notify == "doorbell":
+                _io.doorbell_irqfd(self.a.vm, ev_b, 0, VEC_DOORBELL)
+                _io.doorbell_irqfd(self.b.vm, ev_a, 0, VEC_DOORBELL)
         except BaseException:
             self.close()
             raise
@@ -420,20 +438,25 @@ class IvshmemPath:
 
     def _flags(self, faults: int) -> int:
         return ((_io.XFER_VERIFY if self.verify else 0)
-                | (_io.XFER_DOORBELL if self.notify == "doorbell" else 0) | faults)
+                | (_io.XFER_DOORBELL if self.notify != "poll" else 0) | faults)
 
     def _setup(self, role_a: int, role_b: int, batch: int, chunk_msgs: int, chunks: int,
-               warm: int, flags: int) -> None:
+               warm: int, flags: int, irq_b: int | None = None) -> None:
         _io.ring_setup(self.shared, 0, self.msg_bytes)
         _io.ring_setup(self.shared, self.ring_bytes, self.msg_bytes)
+        self.shared.array(np.uint64)[self.isr_offset // 8:(self.isr_offset + 128) // 8] = 0
         g = self.shared.gpa
-        for m, role, buf in ((self.a, role_a, self.buf_a), (self.b, role_b, self.buf_b)):
+        irq = IV_IRQ[self.notify]
+        for m, role, buf, i in ((self.a, role_a, self.buf_a, irq),
+                                (self.b, role_b, self.buf_b, irq if irq_b is None else irq_b)):
             m.restart()
             m.set_args(role, self.msg_bytes, batch, chunk_msgs, chunks, warm, flags, g,
-                       g + self.ring_bytes, self.ring_bytes, RING_PORT, WAIT_PORT, buf)
+                       g + self.ring_bytes, self.ring_bytes, RING_PORT, WAIT_PORT, buf, i,
+                       VEC_DOORBELL, g + self.isr_offset)
 
     def _run_pair(self) -> tuple[list[int], int, list[np.ndarray]]:
-        """Run both VMs, each on its own thread; a failure on one aborts the other."""
+        """Run both VMs, each on its own thread; a failure on one aborts the other. Also sets
+        `last_counts`: exits to user space and KVM's interrupt injections, per VM."""
         vms = [self.a, self.b]
         snap = _exit_snapshot([m.vcpus[0] for m in vms])
 
@@ -449,8 +472,9 @@ class IvshmemPath:
         cpu = [t.cpu_ns for t in threads]
         wait = [t.wait_ns for t in threads]
         errors = [t.error for t in threads]
-        # with a doorbell both vCPU threads sleep in the VMM: no contention measure then
-        spin = self.notify != "doorbell"
+        # with a doorbell both vCPU threads sleep (in the VMM or in KVM's hlt): no contention
+        # measure then
+        spin = self.notify == "poll"
         self.last_contention = {"wait_ns": sum(wait) if spin else 0, "wall_ns": _now_ns() - t0,
                                 "threads": 2 if spin else 0}
         for e in errors:                    # the first VM's own failure, not the abort it caused
@@ -459,13 +483,29 @@ class IvshmemPath:
         for e in errors:
             if e is not None:
                 raise e
-        exits = _exits_since([m.vcpus[0] for m in vms], snap)
+        vcpus = [m.vcpus[0] for m in vms]
+        exits = _exits_since(vcpus, snap)
+        self.last_counts = {
+            "user_exits": [_user_exits_since([v], [s]) for v, s in zip(vcpus, snap)],
+            "kvm_irq_injections": [_kvm_since([v], [s], "irq_injections")
+                                   for v, s in zip(vcpus, snap)]}
         return cpu, exits, [self.a.results(0), self.b.results(0)]
 
     def _trailer(self, res: np.ndarray) -> dict:
-        t = [int(x) for x in res[-IV_TRAILER:]]
-        return dict(zip(("kicks", "waits", "full_spins", "empty_spins", "received",
-                         "seq_errors", "len_errors", "sum_errors"), t))
+        return dict(zip(IV_FIELDS, (int(x) for x in res[-IV_TRAILER:])))
+
+    def _irq_extra(self, ta: dict, tb: dict) -> dict:
+        """The doorbell accounting of a run, VM A's then B's: rings made, rings not made while
+        the last was pending, interrupts handled, what the consumer read from the status word,
+        KVM's injections, sleeps, exits to user space."""
+        c = self.last_counts
+        return {"rings": [ta["rings"], tb["rings"]],
+                "rings_masked": [ta["rings_masked"], tb["rings_masked"]],
+                "irqs_handled": [ta["irqs_handled"], tb["irqs_handled"]],
+                "irqs_isr_sent": [ta["irqs_isr_sent"], tb["irqs_isr_sent"]],
+                "irq_sleeps": [ta["irq_sleeps"], tb["irq_sleeps"]],
+                "kvm_irq_injections": c["kvm_irq_injections"],
+                "user_exits_by_vm": c["user_exits"]}
 
     def stream(self, *, chunk_msgs: int, chunks: int, warm: int = 1, batch: int = 1,
                faults: int = 0) -> Run:
@@ -477,12 +517,14 @@ class IvshmemPath:
                  else (0, 0))
         return Run("io.ivshmem", self.msg_bytes, self.tsc_khz, (warm + chunks) * chunk_msgs,
                    chunk_msgs, np.diff(stamps), exits=exits, tx_cpu_ns=cpu_a, rx_cpu_ns=cpu_b,
-                   **self.last_contention,
+                   user_exits=sum(self.last_counts["user_exits"]),
+                   irqs=ta["irqs_handled"] + tb["irqs_handled"], **self.last_contention,
                    received=tb["received"], seq_errors=tb["seq_errors"],
                    len_errors=tb["len_errors"], sum_errors=tb["sum_errors"],
                    extra={"kicks": ta["kicks"], "waits": tb["waits"],
                           "full_spins": ta["full_spins"], "empty_spins": tb["empty_spins"],
-                          "doorbell_waits": waits[0], "doorbell_rings": waits[1]})
+                          "doorbell_waits": waits[0], "doorbell_rings": waits[1],
+                          **self._irq_extra(ta, tb)})
 
     def echo(self, *, rounds: int, warm: int = 16, faults: int = 0) -> Run:
         self._setup(3, 4, 1, 1, rounds, warm, self._flags(faults))
@@ -491,10 +533,27 @@ class IvshmemPath:
         return Run("io.ivshmem", self.msg_bytes, self.tsc_khz, rounds + warm,
                    rtt_cycles=ra[:rounds].astype(np.int64), exits=exits, tx_cpu_ns=cpu_a,
                    rx_cpu_ns=cpu_b, received=ta["received"], **self.last_contention,
+                   user_exits=sum(self.last_counts["user_exits"]),
+                   irqs=ta["irqs_handled"] + tb["irqs_handled"],
                    seq_errors=ta["seq_errors"] + tb["seq_errors"],
                    len_errors=ta["len_errors"] + tb["len_errors"],
                    sum_errors=ta["sum_errors"] + tb["sum_errors"],
-                   extra={"kicks": ta["kicks"] + tb["kicks"], "waits": ta["waits"] + tb["waits"]})
+                   extra={"kicks": ta["kicks"] + tb["kicks"], "waits": ta["waits"] + tb["waits"],
+                          **self._irq_extra(ta, tb)})
+
+    def masked(self, *, chunk_msgs: int = 64, timeout: float = 3.0) -> None:
+        """A hostile consumer (notify=doorbell only): VM B sets its APIC's task priority to
+        15, masking every vector, and sleeps for a doorbell that can never be delivered. Its
+        run must end at the watchdog (`timeout`) and abort the producer; the error is
+        re-raised."""
+        if self.notify != "doorbell":
+            raise VlabError("masked needs notify=doorbell")
+        self._setup(1, 2, 1, chunk_msgs, 1, 1, self._flags(0), irq_b=2)
+        old, self.timeout = self.timeout, timeout
+        try:
+            self._run_pair()
+        finally:
+            self.timeout = old
 
     def solo(self, *, rounds: int, chunks: int, batch: int = 1) -> float:
         """Guest cycles per message of the ring code with both ends on one vCPU (no second CPU,
