@@ -14,6 +14,7 @@ producing and consuming threads.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,7 @@ IV_FIELDS = ("kicks", "waits", "full_spins", "empty_spins", "received", "seq_err
              "len_errors", "sum_errors", "rings", "rings_masked", "irqs_handled", "irq_sleeps",
              "irqs_isr_sent")
 IV_IRQ = {"poll": 0, "vmm_wait": 0, "doorbell": 1}   # io.ivshmem notify -> the payload's irq
+SPSC_WAITING = 128          # offset of struct vlab_spsc's `waiting` (vlab_spsc.h)
 
 
 @dataclass
@@ -271,6 +273,7 @@ class VirtioPath:
         handled, sleeps, isr_sent = (int(x) for x in trail[6:9])
         return handled, {"irqs_handled": handled, "irqs_sent": st["irqs_sent"],
                          "irqs_isr_sent": isr_sent, "irqs_masked": st["irqs_masked"],
+                         "irqs_would_send": st["irqs"],
                          "kvm_irq_injections": st["kvm_irq_injections"],
                          "irq_sleeps": sleeps, "user_exits": st["user_exits"]}
 
@@ -359,9 +362,9 @@ class VirtioPath:
 
     def masked(self, *, chunk_msgs: int = 64, timeout: float = 3.0) -> None:
         """A hostile driver (used=interrupt only): it sets its APIC's task priority to 15,
-        masking every vector, streams, and sleeps for an interrupt that can never be delivered.
-        The run must end at the watchdog (`timeout`) with an error, which is re-raised; the
-        device, meanwhile, keeps one interrupt pending and sends no more."""
+        masking every vector, enables notifications, sends one message and sleeps for an
+        interrupt that can never be delivered. The run must end at the watchdog (`timeout`)
+        with an error, which is re-raised; the device's one interrupt stays pending."""
         if self.used != "interrupt":
             raise VlabError("masked needs used=interrupt")
         self._args(1, self.txq, self.tx_buf, self.tx_stride, NOTIFY_PORT, 1, chunk_msgs, 1, 1,
@@ -543,17 +546,28 @@ class IvshmemPath:
 
     def masked(self, *, chunk_msgs: int = 64, timeout: float = 3.0) -> None:
         """A hostile consumer (notify=doorbell only): VM B sets its APIC's task priority to
-        15, masking every vector, and sleeps for a doorbell that can never be delivered. Its
-        run must end at the watchdog (`timeout`) and abort the producer; the error is
-        re-raised."""
+        15, masking every vector, announces it waits and sleeps before reading anything; the
+        producer's doorbell interrupt stays pending. B's run must end at the watchdog
+        (`timeout`); the error is re-raised."""
         if self.notify != "doorbell":
             raise VlabError("masked needs notify=doorbell")
         self._setup(1, 2, 1, chunk_msgs, 1, 1, self._flags(0), irq_b=2)
-        old, self.timeout = self.timeout, timeout
+        # B first, until it announced it waits (its APIC is enabled and masked by then), so
+        # A's first publish rings it; then A runs to its end
+        tb = VcpuThread(self.b.vcpus[0], timeout=timeout, name="ivshmem-b-masked")
+        waiting = self.shared.array(np.uint64)[SPSC_WAITING // 8:SPSC_WAITING // 8 + 1]
         try:
-            self._run_pair()
+            tb.start()
+            t_end = _now_ns() + int(timeout * 1e9)
+            while not waiting[0] and not tb.finished and _now_ns() < t_end:
+                time.sleep(0.001)
+            if waiting[0]:
+                self.a.run_to_done(timeout=timeout)
+            tb.join()
         finally:
-            self.timeout = old
+            tb.quit()
+        if tb.error is not None:
+            raise tb.error
 
     def solo(self, *, rounds: int, chunks: int, batch: int = 1) -> float:
         """Guest cycles per message of the ring code with both ends on one vCPU (no second CPU,

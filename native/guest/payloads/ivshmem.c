@@ -19,8 +19,9 @@
  *      handled that interrupt and then re-checks the ring before it sleeps (the producer may
  *      have skipped a ring meanwhile), and at the end it sets CLOSED and waits for every
  *      interrupt rung: rings = interrupts handled, exactly.
- *   2  (hostile) as 1, with the APIC's task priority at 15: no interrupt is ever delivered,
- *      the first sleep never ends, and the host's watchdog must stop it.
+ *   2  (hostile consumer) the APIC's task priority at 15, which masks every vector; it
+ *      announces it is waiting and sleeps before it reads anything: the producer's doorbell
+ *      interrupt stays pending in the IRR, and the host's watchdog must stop this VM.
  *
  * The peer is not trusted: ring geometry is checked once against the shared region, indices
  * that claim more than the ring holds fail the run, and slot addresses come from our own copy.
@@ -201,6 +202,12 @@ void payload_main(u64 id)
         attach(&b, ARG(7), bytes, msg, 0);
         ports.rx_isr = isr0;
         ports.rx = &b;
+        if (ports.irq == 2) {
+            b.r->waiting = 1;
+            vlab_mfence();
+            for (;;)
+                irq_halt_until(0, irq_cpu[0].handled);
+        }
         check(vlab_spsc_consume(&b, sink, msg, warm, chunks, chunk, flags, &ports, stamps));
         doorbell_close(&ports);
         for (u64 c = 0; c <= chunks; c++)

@@ -31,8 +31,9 @@
  *              native/vmm/virtio.c): the driver clears its PENDING bit once it has handled that
  *              interrupt, before it enables notifications again, and sets CLOSED at the end,
  *              then waits for every interrupt the device sent, so the counts are exact;
- *   masked     (a hostile guest) as interrupt, with the APIC's task priority at 15, which
- *              masks every vector: the first sleep never ends and the host's watchdog stops it.
+ *   masked     (a hostile guest) the APIC's task priority at 15, which masks every vector;
+ *              it enables notifications, posts and kicks one message and sleeps until an
+ *              interrupt that can never be delivered: the host's watchdog must stop it.
  * The device is trusted less than a real driver would: a used entry naming a descriptor we did
  * not post fails the run.
  *
@@ -254,6 +255,21 @@ static void irq_start(u64 mode, u64 isr, u64 vec)
     if (mode == IRQ_MASKED)
         apic_write(APIC_TPR, 0xF0);
     d.irq_base = irq_cpu[0].count[vec];
+}
+
+/* The hostile guest of irq mode 2: the device's interrupt stays pending in the APIC's IRR,
+ * masked by the task priority, and this vCPU sleeps for good. */
+static void masked(u8 *src, u64 msg)
+{
+    u32 slot = d.free[--d.nfree];
+
+    vlab_msg_build(src, msg, 0, (u32)d.flags);
+    vlab_copy((u8 *)d.desc[slot * d.k].addr, src, msg);
+    notify_on(1);
+    post(slot);
+    publish();
+    for (;;)
+        irq_halt_until(0, irq_cpu[0].handled);
 }
 
 /* Wait for completions: spin (poll) or sleep until an interrupt (interrupt mode). */
@@ -487,7 +503,9 @@ void payload_main(u64 id)
             if (c >= warm)
                 result_push(id, t1 - t0);
         }
-    } else if (op == OP_TX)
+    } else if (op == OP_TX && d.irq == IRQ_MASKED)
+        masked(src, msg);
+    else if (op == OP_TX)
         tx(id, src, msg, batch, chunk, chunks, warm);
     else
         echo(id, src, msg, chunks * chunk, warm * chunk, errs);
