@@ -62,6 +62,7 @@ class Run:
     exits: int | None = None              # guest-caused exits over the run (None: no guest)
     user_exits: int | None = None         # ... of them, exits to user space (the VMM)
     irqs: int | None = None               # interrupts the guest(s) handled (None: no guest)
+    irqs_sent: int | None = None          # ... that the device / the peer's doorbell sent
     tx_cpu_ns: int = 0
     rx_cpu_ns: int = 0
     wait_ns: int = 0                      # run-queue wait of the threads that never block
@@ -298,6 +299,7 @@ class VirtioPath:
         backend = st["busy_ns"] if self.notify == "user" else st["cpu_ns"]
         return Run("io.virtio", self.msg_bytes, self.tsc_khz, total, chunk_msgs,
                    np.diff(stamps), exits=exits, user_exits=st["user_exits"], irqs=handled,
+                   irqs_sent=st["irqs_sent"],
                    **self._contention(st),
                    tx_cpu_ns=cpu - (st["busy_ns"] if self.notify == "user" else 0),
                    rx_cpu_ns=backend, received=st["chains"], seq_errors=st["seq_errors"],
@@ -321,7 +323,7 @@ class VirtioPath:
         handled, irq_extra = self._irq_extra(trail, st)
         return Run("io.virtio", self.msg_bytes, self.tsc_khz, rounds + warm,
                    rtt_cycles=rtt.astype(np.int64), exits=exits, user_exits=st["user_exits"],
-                   irqs=handled, tx_cpu_ns=cpu,
+                   irqs=handled, irqs_sent=st["irqs_sent"], tx_cpu_ns=cpu,
                    **self._contention(st),
                    rx_cpu_ns=st["busy_ns"] if self.notify == "user" else st["cpu_ns"],
                    received=completed, seq_errors=seq_e, len_errors=len_e, sum_errors=sum_e,
@@ -497,6 +499,11 @@ class IvshmemPath:
     def _trailer(self, res: np.ndarray) -> dict:
         return dict(zip(IV_FIELDS, (int(x) for x in res[-IV_TRAILER:])))
 
+    def _rung(self, ta: dict, tb: dict) -> int:
+        """Doorbell interrupts sent: the rings of both VMs with notify=doorbell (with vmm_wait
+        a ring is an eventfd signal the VMM waits for, not an interrupt)."""
+        return ta["rings"] + tb["rings"] if IV_IRQ[self.notify] else 0
+
     def _irq_extra(self, ta: dict, tb: dict) -> dict:
         """The doorbell accounting of a run, VM A's then B's: rings made, rings not made while
         the last was pending, interrupts handled, what the consumer read from the status word,
@@ -521,7 +528,8 @@ class IvshmemPath:
         return Run("io.ivshmem", self.msg_bytes, self.tsc_khz, (warm + chunks) * chunk_msgs,
                    chunk_msgs, np.diff(stamps), exits=exits, tx_cpu_ns=cpu_a, rx_cpu_ns=cpu_b,
                    user_exits=sum(self.last_counts["user_exits"]),
-                   irqs=ta["irqs_handled"] + tb["irqs_handled"], **self.last_contention,
+                   irqs=ta["irqs_handled"] + tb["irqs_handled"], irqs_sent=self._rung(ta, tb),
+                   **self.last_contention,
                    received=tb["received"], seq_errors=tb["seq_errors"],
                    len_errors=tb["len_errors"], sum_errors=tb["sum_errors"],
                    extra={"kicks": ta["kicks"], "waits": tb["waits"],
@@ -537,7 +545,7 @@ class IvshmemPath:
                    rtt_cycles=ra[:rounds].astype(np.int64), exits=exits, tx_cpu_ns=cpu_a,
                    rx_cpu_ns=cpu_b, received=ta["received"], **self.last_contention,
                    user_exits=sum(self.last_counts["user_exits"]),
-                   irqs=ta["irqs_handled"] + tb["irqs_handled"],
+                   irqs=ta["irqs_handled"] + tb["irqs_handled"], irqs_sent=self._rung(ta, tb),
                    seq_errors=ta["seq_errors"] + tb["seq_errors"],
                    len_errors=ta["len_errors"] + tb["len_errors"],
                    sum_errors=ta["sum_errors"] + tb["sum_errors"],
