@@ -1,5 +1,6 @@
-"""I/O paths: virtio (emulated kick, vhost-style kernel kick, polling), ivshmem between two VMs,
-SR-IOV direct assignment, against the same ring between host threads and TCP over loopback.
+"""I/O paths: virtio (emulated kick, vhost-style kernel kick, polling; completions polled or by
+interrupt), ivshmem between two VMs (polled, doorbell interrupt, or a wait in the VMM), SR-IOV
+direct assignment, against the same ring between host threads and TCP over loopback.
 
 Every path moves the same messages with two copies (see experiments/_iopaths.py), so the
 differences are what each path adds: exits per message, wake-ups, and CPU time per byte.
@@ -10,6 +11,10 @@ Metrics of a case (one row each):
   ns_per_msg               the same, as time per message
   rtt_ns                   echo round trips, one sample each (p50/p99 in the row)
   exits_per_msg            (VM paths) guest-caused exits per streamed message, KVM binary stats
+  user_exits_per_msg       (VM paths) of them, exits to user space (the VMM) per streamed
+                           message, the VMM's own count less its ucalls
+  irqs_per_msg             (VM paths) interrupts the guests' handlers took per streamed message
+                           (checked against the device's count and KVM's irq_injections)
   cpu_ns_per_msg_tx/_rx    CPU time per message of the producing / consuming thread: the vCPU
                            thread and the virtio backend (thread, or the in-exit handler in user
                            mode), or the two VMs' vCPU threads, or the two host threads
@@ -23,6 +28,15 @@ Metrics of a case (one row each):
                            where it runs on the vCPU thread); extra.model_terms also has the
                            kick as exits.pio_user / exits.pio_kernel measure it (nobody waiting
                            on the eventfd) and the model built from that
+Every row's extra also has messages_total (the messages the case moved in all its measurements:
+streamed, plus two per round trip) and, for the VM paths, irqs_per_msg / user_exits_per_msg
+over those same measurements (stream and round trips together).
+
+Modes: io.virtio `notify` is the driver -> device kick (user, kernel, poll) and `used` how
+completions reach the driver (poll: it spins on the used ring; interrupt: an MSI through an
+irqfd and a sleep in hlt). io.ivshmem `notify`: poll, doorbell (the producer's ioeventfd is an
+irqfd of the consumer VM: QEMU's ivshmem-doorbell), vmm_wait (the same doorbell, the consumer
+waits in its VMM: an exit to user space per wait, no interrupt controller).
 """
 from __future__ import annotations
 
@@ -47,12 +61,15 @@ THROUGHPUT = ("gbit_per_s", "msgs_per_s", "ratio_to_native", "ratio_to_tcp")
 
 COMMON_METRICS = {"gbit_per_s": "Gbit/s", "msgs_per_s": "msg/s", "ns_per_msg": "ns",
                   "rtt_ns": "ns", "cpu_ns_per_msg_tx": "ns", "cpu_ns_per_msg_rx": "ns"}
-VM_METRICS = {**COMMON_METRICS, "exits_per_msg": "exits", "ratio_to_native": "ratio"}
+VM_METRICS = {**COMMON_METRICS, "exits_per_msg": "exits", "user_exits_per_msg": "exits",
+              "irqs_per_msg": "interrupts", "ratio_to_native": "ratio"}
 
 
 # ---------------------------------------------------------------- validation
 
-NOTIFY_MODES = {"io.virtio": ("user", "kernel", "poll"), "io.ivshmem": ("poll", "doorbell")}
+NOTIFY_MODES = {"io.virtio": ("user", "kernel", "poll"),
+                "io.ivshmem": ("poll", "doorbell", "vmm_wait")}
+USED_MODES = tuple(_iopaths.USED_MODES)         # io.virtio's `used`
 
 
 def _int_param(params: dict, key: str, lo: int, hi: int, what: str) -> int:
@@ -78,6 +95,8 @@ def validate_io(exp: str, params: dict) -> None:
         if need > q:
             raise UsageError(f"qsize {q} cannot hold a {mb}-byte echo chain ({need} descriptors "
                              f"of at most {_iopaths.SEG_BYTES} bytes); use qsize >= {need}")
+    if "used" in params and params["used"] not in USED_MODES:
+        raise UsageError(f"used must be one of {', '.join(USED_MODES)}, not {params['used']!r}")
     if "event_idx" in params and not isinstance(params["event_idx"], bool):
         raise UsageError(f"event_idx must be true or false, not {params['event_idx']!r}")
 
@@ -220,6 +239,14 @@ def _check_integrity(run: Run, what: str) -> None:
         raise RuntimeError(f"{what}: {run.received} of {run.total_msgs} messages arrived, "
                            f"{run.seq_errors} out of sequence, {run.len_errors} with a wrong "
                            f"length, {run.sum_errors} with a wrong checksum")
+    if run.irqs is not None and run.irqs != run.irqs_sent:
+        raise RuntimeError(f"{what}: the guests handled {run.irqs} interrupts, the device or "
+                           f"the peer's doorbell sent {run.irqs_sent}")
+
+
+def _kvm_injections(run: Run) -> int | None:
+    k = run.extra.get("kvm_irq_injections")
+    return None if k is None else int(sum(k) if isinstance(k, list) else k)
 
 
 def _measure(st: State, loops: int) -> Measurement:
@@ -246,9 +273,20 @@ def _measure(st: State, loops: int) -> Measurement:
                              "copies_per_msg": 2, "loadavg": _loadavg(),
                              "cpu_wait_share": run.wait_share(),
                              "rtt_cpu_wait_share": echo.wait_share(), **run.extra}
+    moved = run.total_msgs + 2 * echo.total_msgs       # a round trip is two messages
+    extra["messages_moved"] = moved
     if run.exits is not None:
         metrics["exits_per_msg"] = [run.exits_per_msg()]
         extra["exits"] = run.exits
+    if run.irqs is not None:
+        metrics["irqs_per_msg"] = [run.irqs_per_msg()]
+        metrics["user_exits_per_msg"] = [run.user_exits_per_msg()]
+        extra["irqs"] = run.irqs + (echo.irqs or 0)
+        extra["user_exits"] = run.user_exits + (echo.user_exits or 0)
+        extra["kvm_irq_injections"] = [_kvm_injections(run), _kvm_injections(echo)]
+        extra["irqs_sent"] = [run.irqs_sent, echo.irqs_sent]
+        extra["rtt_irqs_per_round_trip"] = echo.irqs / echo.total_msgs
+        extra["rtt_user_exits_per_round_trip"] = echo.user_exits / echo.total_msgs
     if st.native is not None:
         nat = st.native.stream(chunk_msgs=st.native_chunk, chunks=3, warm=1, batch=st.batch)
         _check_integrity(nat, "io.native_ring baseline")
@@ -303,7 +341,7 @@ def annotate(params: dict, host: dict, metric: str, samples: list, extras: list)
     guest issued and the device received; the virtio model is compared with the measurement."""
     warnings: list[str] = []
     flags: dict = {}
-    extra: dict = {}
+    extra: dict = _totals(extras)
     last = extras[-1] if extras else {}
     if metric == "model_ns_per_msg":
         flags["model"] = True
@@ -327,6 +365,8 @@ def annotate(params: dict, host: dict, metric: str, samples: list, extras: list)
             warnings.append("this host's idle CPUs halt at once (cpuidle-haltpoll polls 0 ns): "
                             "each kick that wakes the backend also pays a cross-CPU IPI; "
                             f"`{HALTPOLL_ADVICE}` removes it")
+    if metric == "irqs_per_msg":
+        warnings += _irq_warnings(extras)
     if metric == "exits_per_msg":
         got = float(np.mean(samples))
         kicks = [e["guest_kicks"] / e["messages"] for e in extras if "guest_kicks" in e]
@@ -361,6 +401,44 @@ def annotate(params: dict, host: dict, metric: str, samples: list, extras: list)
     return warnings, flags, extra
 
 
+def _totals(extras: list) -> dict:
+    """What every io row reports about the whole case: messages_total (every message its
+    measurements moved, in all worker processes) and, for VM paths, interrupts and exits to
+    user space per message over the same messages."""
+    moved = sum(e.get("messages_moved", 0) for e in extras)
+    out: dict[str, Any] = {"messages_total": moved}
+    if moved and any("irqs" in e for e in extras):
+        irqs = sum(e.get("irqs", 0) for e in extras)
+        out["irqs_per_msg_all"] = irqs / moved
+        out["user_exits_per_msg_all"] = sum(e.get("user_exits", 0) for e in extras) / moved
+        kvm = [k for e in extras for k in e.get("kvm_irq_injections", []) if k is not None]
+        if kvm:
+            out["kvm_reinjections"] = sum(kvm) - irqs
+    return out
+
+
+def _irq_warnings(extras: list) -> list[str]:
+    """The guests' interrupt count against KVM's irq_injections, where KVM counts them (the
+    guest's own count is checked against the sender's in every measurement). KVM counts an
+    injection again when an exit interrupted its delivery and it re-injects it, so its count
+    may exceed the guests' (irqs_per_msg's extra has kvm_reinjections); below it, an interrupt
+    the guest handled was never injected, which cannot be."""
+    handled = sum(e.get("irqs", 0) for e in extras)
+    kvm = [k for e in extras for k in e.get("kvm_irq_injections", []) if k is not None]
+    if kvm and sum(kvm) < handled:
+        return [f"the guests handled {handled} interrupts, KVM counted {sum(kvm)} injections"]
+    return []
+
+
+def _cap_for(cap: str, key: str, value: str) -> Requirement:
+    """KVM capability `cap`, only for the cases whose `key` is `value`."""
+    req = needs_cap(cap, f"{key}={value}")
+
+    def check(host: dict, params: dict) -> str | None:
+        return req.check(host, params) if params.get(key) == value else None
+    return Requirement(f"{cap.lower()}:{key}={value}", check)
+
+
 def _ioeventfd_for(notify: str) -> Requirement:
     """KVM_CAP_IOEVENTFD, for the notify mode that kicks through an ioeventfd."""
     cap = needs_cap("IOEVENTFD", f"notify={notify}")
@@ -384,25 +462,31 @@ LIMITS = {"msg_bytes": within(64, 65536, "message bytes, at most 64 KiB"),
 register(LoopExperiment(
     name="io.virtio",
     description="split virtqueue (virtio 1.x) TX and echo: kick by PIO exit (user), ioeventfd + "
-                "backend thread (kernel), or a polling backend (poll)",
-    params={"notify": ["user", "kernel", "poll"], "msg_bytes": SIZES, "batch": [1, 16],
-            "event_idx": [False, True], "qsize": [256]},
-    quick={"notify": ["user", "kernel", "poll"], "msg_bytes": [64], "batch": [1],
-           "event_idx": [False], "qsize": [256]},
+                "backend thread (kernel), or a polling backend (poll); completions polled "
+                "(used=poll) or an MSI through an irqfd while the driver sleeps in hlt "
+                "(used=interrupt)",
+    params={"notify": ["user", "kernel", "poll"], "used": list(USED_MODES), "msg_bytes": SIZES,
+            "batch": [1, 16], "event_idx": [False, True], "qsize": [256]},
+    quick={"notify": ["user", "kernel", "poll"], "used": list(USED_MODES), "msg_bytes": [64],
+           "batch": [1], "event_idx": [False], "qsize": [256]},
     metrics={**VM_METRICS, "model_ns_per_msg": "ns"},
-    requires=[needs_kvm(), _ioeventfd_for("kernel")],
+    requires=[needs_kvm(), _ioeventfd_for("kernel"), _cap_for("IRQCHIP", "used", "interrupt"),
+              _cap_for("IRQFD", "used", "interrupt")],
     handled_by="device backend in the VMM", payload="virtio", higher_is_better=THROUGHPUT,
     validate=_validator("io.virtio"), annotate=annotate, limits=LIMITS,
     setup=_setup("io.virtio"), measure=_measure, teardown=_teardown))
 
 register(LoopExperiment(
     name="io.ivshmem",
-    description="two VMs, an SPSC ring in a shared memfd slot (ivshmem-plain); polled, or a "
-                "doorbell (ioeventfd -> the consumer's vCPU thread waiting in the VMM)",
-    params={"notify": ["poll", "doorbell"], "msg_bytes": SIZES, "batch": [1, 16]},
-    quick={"notify": ["poll", "doorbell"], "msg_bytes": [64], "batch": [1]},
+    description="two VMs, an SPSC ring in a shared memfd slot; polled (ivshmem-plain), a "
+                "doorbell interrupt (ivshmem-doorbell: the producer's ioeventfd is an irqfd of "
+                "the consumer, which sleeps in hlt), or the doorbell waited for in the VMM "
+                "(vmm_wait: an exit to user space per wait)",
+    params={"notify": list(NOTIFY_MODES["io.ivshmem"]), "msg_bytes": SIZES, "batch": [1, 16]},
+    quick={"notify": list(NOTIFY_MODES["io.ivshmem"]), "msg_bytes": [64], "batch": [1]},
     metrics={**VM_METRICS, "ratio_to_tcp": "ratio"},
-    requires=[needs_kvm(), _ioeventfd_for("doorbell")],
+    requires=[needs_kvm(), _ioeventfd_for("doorbell"), _ioeventfd_for("vmm_wait"),
+              _cap_for("IRQCHIP", "notify", "doorbell"), _cap_for("IRQFD", "notify", "doorbell")],
     handled_by="guest to guest (shared memory)", payload="ivshmem",
     higher_is_better=THROUGHPUT, validate=_validator("io.ivshmem"), annotate=annotate,
     limits=LIMITS,

@@ -522,7 +522,7 @@ def test_hostile_guest_breaks_its_queue_not_the_host(kvm, notify, what):
 
 
 @needs_kvm
-@pytest.mark.parametrize("notify", ["poll", "doorbell"])
+@pytest.mark.parametrize("notify", ["poll", "doorbell", "vmm_wait"])
 def test_ivshmem_delivers_every_byte_in_order(kvm, notify):
     P = _paths()
     for mb, chunk in ((64, 200), (4096, 40), (65536, 10)):
@@ -541,9 +541,11 @@ def test_ivshmem_delivers_every_byte_in_order(kvm, notify):
 
 
 @needs_kvm
-def test_ivshmem_doorbell_accounting(kvm):
+def test_ivshmem_vmm_wait_accounting(kvm):
+    """notify=vmm_wait: the doorbell waited for in the VMM (tests/test_io_irq.py has the
+    doorbell as an interrupt)."""
     P = _paths()
-    p = P.IvshmemPath(notify="doorbell", msg_bytes=64, kvm=kvm)
+    p = P.IvshmemPath(notify="vmm_wait", msg_bytes=64, kvm=kvm)
     try:
         e = p.echo(rounds=20, warm=0)
         assert e.received == 20 and e.errors == 0
@@ -555,6 +557,8 @@ def test_ivshmem_doorbell_accounting(kvm):
         assert 1 <= w_a[1] + w_b[1] <= e.extra["kicks"]
         # kicks are ioeventfd exits, waits are user-space exits: KVM counted both
         assert e.exits >= e.extra["waits"] + e.extra["kicks"]
+        # every wait is one exit to user space (the VMM's count), and no interrupt is involved
+        assert e.user_exits == e.extra["waits"] and e.irqs == 0
     finally:
         p.close()
     p = P.IvshmemPath(notify="poll", msg_bytes=64, kvm=kvm)

@@ -80,8 +80,11 @@ _HOW_TO_READ = {
         "scale), and how many VM exits each message costs. <code>notify</code> says how the "
         "other side learns of new data: <code>poll</code> spins on shared memory (no exits), "
         "<code>kernel</code> uses an ioeventfd handled inside KVM, <code>user</code> exits to "
-        "the VMM process, <code>doorbell</code> rings an ivshmem register. Batching divides the "
-        "exits per message. Dashed lines are host-only baselines."),
+        "the VMM process, <code>doorbell</code> rings an ivshmem register that interrupts the "
+        "peer VM (<code>vmm_wait</code>: the peer waits for it in its VMM instead). "
+        "<code>used=interrupt</code>: the virtio device signals completions with an interrupt "
+        "instead of being polled. Batching divides the exits per message. Dashed lines are "
+        "host-only baselines."),
     "migration": (
         "How much memory the guest dirties, as the migration's dirty log sees it. "
         "<em>Dirty pages per interval</em> is the time series of pages reported dirty each "

@@ -294,6 +294,11 @@ int vlab_host_syscall_loop(uint64_t n, uint64_t *cycles, uint64_t *ns);
 #define VLAB_VQ_ERR_INDIRECT   8
 #define VLAB_VQ_ERR_ORDER      9
 #define VLAB_VQ_ERR_DIRECTION  10
+/* used-buffer interrupts (vlab_virtq_set_irq): the 64-bit interrupt status word in guest memory
+ * that the device and the driver share; bits 63..2 count the interrupts the device sent */
+#define VLAB_VQ_ISR_PENDING    1   /* set by the device when it sends, cleared by the driver */
+#define VLAB_VQ_ISR_CLOSED     2   /* set by the driver: send no more (end of a run) */
+#define VLAB_VQ_ISR_ONE        4
 
 #define VLAB_VFIO_REGION_MMAP  4
 
@@ -331,6 +336,8 @@ struct vlab_virtq_stats {
     uint32_t last_avail;
     uint32_t used_idx;
     char message[200];
+    uint64_t irqs_sent;     /* interrupts the device sent (irqfd writes; interrupt mode) */
+    uint64_t irqs_masked;   /* notifications not sent: the last interrupt was still pending */
 };
 
 struct vlab_xfer {
@@ -359,6 +366,7 @@ int vlab_virtq_reset(struct vlab_virtq *q);
 int vlab_virtq_start(struct vlab_virtq *q);
 int vlab_virtq_stop(struct vlab_virtq *q);
 void vlab_virtq_get_stats(struct vlab_virtq *q, struct vlab_virtq_stats *out);
+int vlab_virtq_set_irq(struct vlab_virtq *q, int irqfd, uint64_t isr_gpa);
 int vlab_virtq_process_buffer(uint8_t *image, uint64_t len, uint64_t gpa,
                               const struct vlab_virtq_config *cfg, uint32_t budget,
                               struct vlab_virtq_stats *out);

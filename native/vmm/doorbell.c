@@ -1,16 +1,21 @@
 /*
- * The doorbell a guest waits on (io.ivshmem): a PIO device run on the consumer's vCPU thread.
- * Its public names are vlab_vm_* (the Python side calls them so); the device is this file.
+ * The doorbell a guest waits on in its VMM (io.ivshmem notify=vmm_wait): a PIO device run on
+ * the consumer's vCPU thread. Its public names are vlab_vm_* (the Python side calls them so);
+ * the device is this file.
  *
- * The doorbell without an irqchip. A guest cannot sleep at CPL3 (hlt is privileged, and at CPL0
- * it would run in PVM's instruction emulator), and nothing can interrupt it. So a consumer that
- * finds its ring empty announces it is waiting, re-checks, and writes to a "wait" port: that
- * exit comes to this process on the consumer's vCPU thread, where doorbell_pio blocks in poll()
- * on the producer VM's ioeventfd. The producer rings by writing its own doorbell port, which
- * KVM turns into an eventfd signal without an exit to user space; the consumer's vCPU thread
- * wakes, returns from the handler, and KVM_RUN resumes the guest right after its `out`. The
- * wait is bounded (50 ms) so the run loop's deadline and watchdog still apply; a timed-out wait
- * is a spurious wake-up the guest absorbs by re-checking its ring.
+ * io.ivshmem notify=doorbell does without it: there the peer's ioeventfd is an irqfd of the
+ * consumer VM (vlab.vmm.devices.doorbell_irqfd), which sleeps in hlt on its in-kernel local APIC
+ * and never exits to user space for a ring. This file is the doorbell without an irqchip, kept
+ * as the comparison: what a wait costs when it has to go through user space. Without an
+ * interrupt controller a guest has nothing to sleep on (hlt would only exit) and nothing can
+ * interrupt it. So a consumer that finds its ring empty announces it is waiting, re-checks,
+ * and writes to a "wait" port: that exit comes to this process on the consumer's vCPU thread,
+ * where doorbell_pio blocks in poll() on the producer VM's ioeventfd. The producer rings by
+ * writing its own doorbell port, which KVM turns into an eventfd signal without an exit to user
+ * space; the consumer's vCPU thread wakes, returns from the handler, and KVM_RUN resumes the
+ * guest right after its `out`. The wait is bounded (50 ms) so the run loop's deadline and
+ * watchdog still apply; a timed-out wait is a spurious wake-up the guest absorbs by re-checking
+ * its ring.
  */
 #include "internal.h"
 #include <fcntl.h>

@@ -18,6 +18,22 @@
  *          vhost's way.
  *   poll   a backend thread spins on avail->idx with kicks suppressed for good. DPDK's way.
  *
+ * Used-buffer notifications (device -> driver). Whether the driver wants one is decided per spec
+ * 2.7.7.2 (VIRTQ_AVAIL_F_NO_INTERRUPT, or used_event with VIRTIO_F_EVENT_IDX) and counted in
+ * `irqs`. Without an interrupt (the driver polls the used ring) that is all. With one
+ * (vlab_virtq_set_irq: io.virtio's used=interrupt) the device writes an irqfd, which KVM turns
+ * into an MSI to the driver's vCPU without leaving the kernel, from whichever thread returned
+ * the buffers (the backend thread, or the vCPU thread in user mode). An MSI is edge-triggered:
+ * a second one that arrives while the first is still pending in the local APIC's IRR merges
+ * with it, so the device keeps at most one interrupt outstanding, as a device with an
+ * auto-masked MSI vector does: a 64-bit interrupt status word in guest memory (VLAB_VQ_ISR_*)
+ * counts the interrupts sent and has a PENDING bit the device sets (compare-and-swap) when it
+ * sends and the driver clears once it has handled that interrupt. A notification due while
+ * PENDING is set is not sent (`irqs_masked`): the pending interrupt already makes the driver
+ * look at the used ring, after the entries this notification was for were published. The
+ * driver sets CLOSED at the end of a run, so no interrupt arrives after it stopped counting.
+ * Interrupts sent = interrupts the driver handled, exactly.
+ *
  * Guest memory is hostile. Every index and field is read once (no double fetch) and checked
  * before use: avail->idx may not run more than `size` ahead, heads and `next` must be < size, a
  * chain may not be longer than the queue (that is a loop), every buffer must lie inside guest
@@ -33,6 +49,7 @@
  */
 #include "internal.h"
 #include "vlab_spsc.h"
+#include <fcntl.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -65,6 +82,9 @@ struct vlab_virtq {
     struct vlab_virtq_config cfg;
     int notify;
     int kick_fd;                    /* ioeventfd (kernel mode; owned by the VM) */
+    int irq_fd;                     /* our dup of the irqfd (used-buffer interrupts), or -1 */
+    uint64_t isr_gpa;
+    uint64_t *isr;                  /* the interrupt status word in guest memory */
     int stop_fd;
     uint8_t *desc, *avail, *used;
     uint16_t last_avail, used_idx;
@@ -282,7 +302,23 @@ static int vq_chain(struct vlab_virtq *q, uint16_t head, uint32_t *written)
     return 0;
 }
 
-/* Would the device interrupt the driver now (spec 2.7.7.2)? Without an irqchip it is counted. */
+/* Send one used-buffer interrupt unless the last one is still pending (see the top). */
+static void vq_interrupt(struct vlab_virtq *q)
+{
+    uint64_t s = __atomic_load_n(q->isr, __ATOMIC_ACQUIRE), one = 1;
+
+    if ((s & (VLAB_VQ_ISR_PENDING | VLAB_VQ_ISR_CLOSED)) ||
+        !__atomic_compare_exchange_n(q->isr, &s, (s + VLAB_VQ_ISR_ONE) | VLAB_VQ_ISR_PENDING, 0,
+                                     __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
+        q->st.irqs_masked++;
+        return;
+    }
+    /* an eventfd write fails only when its counter would overflow; KVM's irqfd reads it */
+    if (write(q->irq_fd, &one, sizeof(one)) == sizeof(one))
+        q->st.irqs_sent++;
+}
+
+/* Would the device interrupt the driver now (spec 2.7.7.2)? Counted, and sent with an irqfd. */
 static void vq_signal(struct vlab_virtq *q, uint16_t old)
 {
     int need;
@@ -295,8 +331,11 @@ static void vq_signal(struct vlab_virtq *q, uint16_t old)
     } else {
         need = !(ld16(q->avail) & VIRTQ_AVAIL_F_NO_INTERRUPT);
     }
-    if (need)
+    if (need) {
         q->st.irqs++;
+        if (q->irq_fd >= 0)
+            vq_interrupt(q);
+    }
 }
 
 /*
@@ -491,6 +530,8 @@ static void vq_free(struct vlab_virtq *q)
         munmap(q->sink, q->sink_map);
     if (q->stop_fd >= 0)
         close(q->stop_fd);
+    if (q->irq_fd >= 0)
+        close(q->irq_fd);
     free(q->segs);
     free(q);
 }
@@ -518,6 +559,7 @@ static struct vlab_virtq *vq_alloc(const struct vlab_virtq_config *cfg, int noti
     q->notify = notify;
     q->kick_fd = -1;
     q->stop_fd = -1;
+    q->irq_fd = -1;
     q->segs = calloc(cfg->size, sizeof(*q->segs));
     q->sink_map = ((cfg->max_bytes + psz - 1) / psz + 1) * psz;
     m = mmap(NULL, q->sink_map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -584,6 +626,8 @@ int vlab_virtq_reset(struct vlab_virtq *q)
     memset(q->desc, 0, 16 * n);
     memset(q->avail, 0, 6 + 2 * n);
     memset(q->used, 0, 6 + 8 * n);
+    if (q->isr)
+        __atomic_store_n(q->isr, 0, __ATOMIC_SEQ_CST);
     q->last_avail = q->used_idx = 0;
     memset(&q->st, 0, sizeof(q->st));
     if (q->kick_fd >= 0)
@@ -592,6 +636,37 @@ int vlab_virtq_reset(struct vlab_virtq *q)
     vq_notify(q, q->notify != VLAB_VQ_NOTIFY_POLL);
     if (q->vm)
         vlab_vm_abort_clear(q->vm, "virtqueue");    /* the device's own abort, if any */
+    return 0;
+}
+
+/*
+ * Deliver used-buffer notifications as interrupts: `irqfd` (an eventfd KVM turns into an MSI,
+ * see Vm.add_irqfd) is written whenever the driver wants one, at most one outstanding, with the
+ * interrupt status word (VLAB_VQ_ISR_*) at `isr_gpa` in guest memory, 8-byte aligned. The device
+ * keeps its own duplicate of the fd. Only while the backend thread is stopped.
+ */
+int vlab_virtq_set_irq(struct vlab_virtq *q, int irqfd, uint64_t isr_gpa)
+{
+    uint64_t *isr;
+    int fd;
+
+    if (q->thread_on)
+        return vlab_fail(EBUSY, "vlab_virtq_set_irq", "the backend thread runs");
+    if (!q->vm)
+        return vlab_fail(EINVAL, "vlab_virtq_set_irq", "no VM");
+    isr = isr_gpa % 8 ? NULL : (uint64_t *)vq_mem(q, isr_gpa, 8);
+    if (!isr)
+        return vlab_fail(EINVAL, "vlab_virtq_set_irq", "interrupt status word at %#llx is not "
+                         "8-byte aligned guest memory", (unsigned long long)isr_gpa);
+    fd = fcntl(irqfd, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0)
+        return vlab_fail_errno("fcntl", "F_DUPFD_CLOEXEC of irqfd %d", irqfd);
+    if (q->irq_fd >= 0)
+        close(q->irq_fd);
+    q->irq_fd = fd;
+    q->isr_gpa = isr_gpa;
+    q->isr = isr;
+    __atomic_store_n(q->isr, 0, __ATOMIC_SEQ_CST);
     return 0;
 }
 

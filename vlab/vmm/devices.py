@@ -30,13 +30,14 @@ XFER_VERIFY = lib.VLAB_XFER_F_VERIFY
 XFER_DOORBELL = lib.VLAB_XFER_F_DOORBELL
 XFER_BAD_SEQ = lib.VLAB_XFER_F_BAD_SEQ
 XFER_BAD_SUM = lib.VLAB_XFER_F_BAD_SUM
+ISR_PENDING, ISR_CLOSED, ISR_ONE = lib.VLAB_VQ_ISR_PENDING, lib.VLAB_VQ_ISR_CLOSED, lib.VLAB_VQ_ISR_ONE
 MSG_MIN, MSG_MAX = 64, 65536
 VFIO_REGION_MMAP = lib.VLAB_VFIO_REGION_MMAP     # a region flag: the region can be mmapped
 
 _STAT_FIELDS = ("chains", "descs", "bytes", "kicks", "wakeups", "irqs", "empty_polls",
                 "bad_notifies", "seq_next", "seq_errors", "len_errors", "sum_errors", "busy_ns", "cpu_ns",
                 "wait_ns",
-                "backend_tid", "error", "last_avail", "used_idx")
+                "backend_tid", "error", "last_avail", "used_idx", "irqs_sent", "irqs_masked")
 _XFER_OUT = ("received", "bytes", "seq_errors", "len_errors", "sum_errors", "tx_cpu_ns",
              "rx_cpu_ns", "tx_wait_ns", "rx_wait_ns", "tx_tid", "rx_tid", "wall_ns", "kicks", "waits", "full_spins",
              "empty_spins")
@@ -167,6 +168,7 @@ class Virtqueue:
             _virtq_raise()
         self.vm, self._h, self.layout, self.notify, self.port = vm, out[0], layout, notify, port
         self.mode = mode
+        self.irq: IrqFd | None = None
 
     def _ptr(self):
         if self.vm.closed:
@@ -176,6 +178,13 @@ class Virtqueue:
     def reset(self) -> None:
         """Device reset: zero the rings, indices and statistics (backend thread stopped)."""
         _check(lib.vlab_virtq_reset(self._ptr()))
+
+    def set_irq(self, irq: IrqFd, isr_gpa: int) -> None:
+        """Send used-buffer notifications as interrupts through `irq` (an irqfd of this VM),
+        at most one outstanding, with the interrupt status word at `isr_gpa` (8 bytes of guest
+        memory the driver shares; VLAB_VQ_ISR_* in vlab.h, see native/vmm/virtio.c)."""
+        _check(lib.vlab_virtq_set_irq(self._ptr(), irq.fd, isr_gpa))
+        self.irq = irq
 
     def start(self) -> None:
         """Start the backend thread (kernel and poll modes; nothing to do in user mode)."""
@@ -218,6 +227,24 @@ def add_doorbell_wait(vm: Vm, port: int, peer: EventFd) -> int:
     """Guest writes to `port` block the vCPU thread until `peer` (another VM's ioeventfd) fires
     (or 50 ms pass). Returns the handler index for `doorbell_counts`."""
     return _check(lib.vlab_vm_add_doorbell_wait(vm._h, port, peer.fd))
+
+
+def doorbell_irqfd(vm: Vm, peer: EventFd, dest: int, vector: int) -> IrqFd:
+    """Make `peer` (another VM's doorbell ioeventfd) an irqfd of `vm`: each time the peer's
+    guest rings, KVM signals the eventfd and, still in the kernel, delivers the MSI (`dest`,
+    `vector`) to `vm` — QEMU's ivshmem-doorbell with ioeventfd and irqfd. KVM keeps its own
+    reference to the eventfd; the returned IrqFd holds a duplicate, closed with `vm`."""
+    vm.kvm.require("IRQFD", "irqfd")
+    gsi = vm.route_msi(dest, vector)
+    fd = os.dup(peer.fd)
+    try:
+        _check(lib.vlab_irq_irqfd(vm._h, fd, gsi, 1))
+    except BaseException:
+        os.close(fd)
+        raise
+    irq = IrqFd(fd, gsi, dest, vector)
+    vm.irqfds.append(irq)
+    return irq
 
 
 def doorbell_counts(vm: Vm, index: int) -> tuple[int, int]:

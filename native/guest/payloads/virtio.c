@@ -16,10 +16,26 @@
  * device decides how often we kick: once per batch (user: it re-arms after every exit), rarely
  * (kernel: suppressed while its thread works), never (poll).
  *
- * There is no interrupt controller, so completions are polled from the used ring; we still
- * publish used_event / VIRTQ_AVAIL_F_NO_INTERRUPT so the device can count the interrupts it
- * would have sent. The device is trusted less than a real driver would: a used entry naming a
- * descriptor we did not post fails the run.
+ * Completions (device -> driver), ARG(16):
+ *   poll       spin on the used ring; used_event / VIRTQ_AVAIL_F_NO_INTERRUPT are still published
+ *              (a delayed "interrupt" at half the slots) so the device can count the interrupts
+ *              it would have sent;
+ *   interrupt  the device sends an MSI through an irqfd (the VM has an in-kernel irqchip).
+ *              Notifications stay off (NO_INTERRUPT set, or used_event parked one behind
+ *              last_used) until the driver runs out of work: then it enables them (used_event
+ *              at the completion it waits for: half the chains in flight when the queue is full,
+ *              all the rest at the end, the next one in echo), re-checks the used ring after a
+ *              full fence, and sleeps in hlt on the local APIC (irq_halt_until), as a virtio
+ *              driver enables callbacks and re-checks before it sleeps. The device keeps at most
+ *              one interrupt outstanding through the interrupt status word (VLAB_VQ_ISR_*, see
+ *              native/vmm/virtio.c): the driver clears its PENDING bit once it has handled that
+ *              interrupt, before it enables notifications again, and sets CLOSED at the end,
+ *              then waits for every interrupt the device sent, so the counts are exact;
+ *   masked     (a hostile guest) the APIC's task priority at 15, which masks every vector;
+ *              it enables notifications, posts and kicks one message and sleeps until an
+ *              interrupt that can never be delivered: the host's watchdog must stop it.
+ * The device is trusted less than a real driver would: a used entry naming a descriptor we did
+ * not post fails the run.
  *
  * Arguments (ARG(i)):
  *   0 op          1 transmit stream, 2 echo round trips, 3 hostile (break the queue, kick, wait),
@@ -38,11 +54,16 @@
  *  13 seg_bytes   largest payload descriptor
  *  14 hostile     what op 3 breaks (enum hostile)
  *  15 warm        warm-up chunks
+ *  16 irq         0 poll, 1 interrupt, 2 masked (see above)
+ *  17 isr_gpa     the interrupt status word (8 bytes, shared with the device)
+ *  18 vector      the irqfd's vector
  * Results: transmit: chunks+1 TSC stamps taken as completions cross chunk boundaries; echo: one
  * round-trip TSC sample per message; copy: one TSC sample per chunk. Then the trailer: kicks, full waits, completions,
- * seq errors, len errors, sum errors (echo replies), interrupts requested off.
+ * seq errors, len errors, sum errors (echo replies), interrupts handled (the handler's count
+ * of our vector), sleeps (hlt waits), interrupts the device says it sent (interrupt status).
  */
 #include "rt.h"
+#include "apic.h"
 #include "../../include/vlab_spsc.h"
 
 #define F_EVENT_IDX      0x100
@@ -52,6 +73,11 @@
 #define USED_F_NO_NOTIFY 1
 #define AVAIL_F_NO_INTERRUPT 1
 #define MAX_SLOTS        4096
+/* the interrupt status word: mirrors VLAB_VQ_ISR_* in native/include/vlab.h */
+#define ISR_PENDING      1
+#define ISR_CLOSED       2
+#define ISR_SHIFT        2
+enum irq_mode { IRQ_POLL = 0, IRQ_ON = 1, IRQ_MASKED = 2 };
 
 enum op { OP_TX = 1, OP_ECHO = 2, OP_HOSTILE = 3, OP_COPY = 4, OP_KICKS = 5 };
 enum hostile {
@@ -76,6 +102,9 @@ struct drv {
     u16 free[MAX_SLOTS];
     u32 nfree;
     u8 inflight[MAX_SLOTS];
+    /* interrupt mode */
+    u64 irq, vec, irq_base, sleeps, sent;
+    volatile u64 *isr;
 };
 
 static struct drv d;
@@ -137,9 +166,119 @@ static u64 reclaim(u64 chunk, u64 *stamps, u64 nstamps)
         if (stamps && chunk && d.completed % chunk == 0 && d.completed / chunk <= nstamps)
             stamps[d.completed / chunk - 1] = tsc_end();
     }
-    if (n && (d.flags & F_EVENT_IDX))
-        d.avail[2 + d.q] = (u16)(d.last_used + d.nslots / 2);   /* delayed "interrupt" */
+    if (n && (d.flags & F_EVENT_IDX))    /* delayed "interrupt", or parked (interrupt mode) */
+        d.avail[2 + d.q] = d.irq ? (u16)(d.last_used - 1) : (u16)(d.last_used + d.nslots / 2);
     return n;
+}
+
+/* ---- interrupt mode ---- */
+
+static inline u64 irqs_taken(void)
+{
+    return irq_cpu[0].count[d.vec & 0xff] - d.irq_base;
+}
+
+static void notify_on(u64 want)
+{
+    if (d.flags & F_EVENT_IDX)
+        d.avail[2 + d.q] = (u16)(d.last_used + want - 1);   /* interrupt at the want-th */
+    else
+        d.avail[0] = 0;
+}
+
+static void notify_off(void)
+{
+    if (d.flags & F_EVENT_IDX)
+        d.avail[2 + d.q] = (u16)(d.last_used - 1);          /* crossed 64 Ki entries later */
+    else
+        d.avail[0] = AVAIL_F_NO_INTERRUPT;
+}
+
+/* Sleep until the used ring has something for us (want: completions to be woken for). */
+static void wait_used(u64 want)
+{
+    for (;;) {
+        u64 seen = irq_cpu[0].handled;          /* before any check: no lost wake-up */
+        u64 s;
+
+        if (used_idx() != d.last_used)
+            return;
+        s = *d.isr;
+        if (s & ISR_PENDING) {
+            if (irqs_taken() < s >> ISR_SHIFT) {
+                /* the device's last interrupt is on its way and will wake us */
+                d.sleeps++;
+                irq_halt_until(0, seen);
+                continue;
+            }
+            *d.isr = s & ~(u64)ISR_PENDING;     /* handled: the device may send again */
+        }
+        notify_on(want);
+        vlab_mfence();
+        if (used_idx() != d.last_used) {
+            notify_off();
+            return;
+        }
+        d.sleeps++;
+        irq_halt_until(0, seen);
+        notify_off();
+    }
+}
+
+/* End of a run: no more interrupts, and every one the device sent has been handled. */
+static void irq_close(void)
+{
+    u64 s = __atomic_fetch_or(d.isr, ISR_CLOSED, __ATOMIC_SEQ_CST);
+
+    d.sent = s >> ISR_SHIFT;
+    for (;;) {
+        u64 seen = irq_cpu[0].handled;
+
+        if (irqs_taken() >= d.sent)
+            break;
+        d.sleeps++;
+        irq_halt_until(0, seen);
+    }
+}
+
+static void irq_start(u64 mode, u64 isr, u64 vec)
+{
+    d.irq = mode;
+    d.vec = vec;
+    d.sleeps = d.sent = 0;
+    if (!mode)
+        return;
+    GUEST_ASSERT(isr && !(isr & 7) && vec >= 32 && vec <= 254);
+    d.isr = (volatile u64 *)isr;
+    irq_install();
+    apic_enable(0);             /* xAPIC: its page is mapped, usable at CPL3 */
+    if (mode == IRQ_MASKED)
+        apic_write(APIC_TPR, 0xF0);
+    d.irq_base = irq_cpu[0].count[vec];
+}
+
+/* The hostile guest of irq mode 2: the device's interrupt stays pending in the APIC's IRR,
+ * masked by the task priority, and this vCPU sleeps for good. */
+static void masked(u8 *src, u64 msg)
+{
+    u32 slot = d.free[--d.nfree];
+
+    vlab_msg_build(src, msg, 0, (u32)d.flags);
+    vlab_copy((u8 *)d.desc[slot * d.k].addr, src, msg);
+    notify_on(1);
+    post(slot);
+    publish();
+    for (;;)
+        irq_halt_until(0, irq_cpu[0].handled);
+}
+
+/* Wait for completions: spin (poll) or sleep until an interrupt (interrupt mode). */
+static inline void wait_for(u64 want)
+{
+    if (d.irq)
+        wait_used(want);
+    else
+        vlab_cpu_relax();
 }
 
 /* Descriptors of one slot's chain: readable header + payload segments, then (echo) writable. */
@@ -200,7 +339,7 @@ static void tx(u64 id, u8 *src, u64 msg, u64 batch, u64 chunk, u64 chunks, u64 w
             publish();                      /* never sit on posted chains while waiting */
             while (!reclaim(chunk, stamps, nstamps)) {
                 d.full_waits++;
-                vlab_cpu_relax();
+                wait_for(d.nslots / 2 ? d.nslots / 2 : 1);
             }
         }
         slot = d.free[--d.nfree];
@@ -219,7 +358,7 @@ static void tx(u64 id, u8 *src, u64 msg, u64 batch, u64 chunk, u64 chunks, u64 w
     publish();
     while (d.completed < total)
         if (!reclaim(chunk, stamps, nstamps))
-            vlab_cpu_relax();
+            wait_for(total - d.completed);
     /* stamp k marks the end of chunk k; the first recorded chunk starts at the end of the warm-up */
     for (u64 c = warm - 1; c < nstamps; c++)
         result_push(id, stamps[c]);
@@ -240,7 +379,7 @@ static void echo(u64 id, u8 *src, u64 msg, u64 rounds, u64 warm, u64 *errs)
         post(0);
         publish();
         while (used_idx() == d.last_used)
-            vlab_cpu_relax();
+            wait_for(1);
         t1 = tsc_end();
         {
             volatile u8 *e = d.used + 4 + 8 * (u64)(d.last_used & (d.q - 1));
@@ -336,8 +475,9 @@ void payload_main(u64 id)
         d.free[d.nfree++] = (u16)s;
     src = (u8 *)(buf + d.nslots * stride);
     memset(src, 0x5a, msg);
+    irq_start(op == OP_TX || op == OP_ECHO ? ARG(16) : 0, ARG(17), ARG(18));
     if (d.flags & F_EVENT_IDX)
-        d.avail[2 + d.q] = (u16)(d.nslots / 2);
+        d.avail[2 + d.q] = d.irq ? (u16)0xffff : (u16)(d.nslots / 2);
     else
         d.avail[0] = AVAIL_F_NO_INTERRUPT;
     vlab_mfence();
@@ -363,14 +503,21 @@ void payload_main(u64 id)
             if (c >= warm)
                 result_push(id, t1 - t0);
         }
-    } else if (op == OP_TX)
+    } else if (op == OP_TX && d.irq == IRQ_MASKED)
+        masked(src, msg);
+    else if (op == OP_TX)
         tx(id, src, msg, batch, chunk, chunks, warm);
     else
         echo(id, src, msg, chunks * chunk, warm * chunk, errs);
+    if (d.irq)
+        irq_close();
     result_push(id, d.kicks);
     result_push(id, d.full_waits);
     result_push(id, d.completed);
     result_push(id, errs[0]);
     result_push(id, errs[1]);
     result_push(id, errs[2]);
+    result_push(id, d.irq ? irqs_taken() : 0);
+    result_push(id, d.sleeps);
+    result_push(id, d.sent);
 }
