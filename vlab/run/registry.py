@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import functools
 import hashlib
 import importlib
 import inspect
 import itertools
 import os
 import pkgutil
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -155,7 +157,7 @@ class Experiment:
     annotate: Callable[..., tuple[list[str], dict, dict]] | None = None
     payload: str | None = "micro"
     module: str = ""
-    source_hash: str = ""
+    source_hash: str = ""                       # computed on first use (see `code_hash`)
     # (rows of this experiment's cases, host) -> more rows computed from several cases (ratios
     # between cases, knees of a sweep, model rows beside measured ones); run once after all
     # cases of the run, see _runner.derived_rows
@@ -209,7 +211,7 @@ class Experiment:
     def version(self) -> str:
         """Hash of the experiment's source and its guest payload: results of other versions
         are not comparable."""
-        h = hashlib.sha256(self.source_hash.encode())
+        h = hashlib.sha256(self.code_hash().encode())
         if self.payload:
             try:
                 from vlab.vmm.payloads import load_payload
@@ -218,6 +220,14 @@ class Experiment:
             except Exception:  # noqa: BLE001 - native part missing: source hash alone
                 pass
         return h.hexdigest()[:12]
+
+    def code_hash(self) -> str:
+        """`source_hash`, computed (and kept) the first time it is asked for: parsing every
+        experiment module at registration cost each pyperf worker process seconds."""
+        if not self.source_hash:
+            fn = getattr(self, "measure", None) or getattr(self, "run", None)
+            self.source_hash = _source_hash(fn) if fn else ""
+        return self.source_hash
 
     def check(self, host: dict, params: dict) -> str | None:
         for req in self.requires:
@@ -273,15 +283,19 @@ def measuring_code(source: str) -> str:
 
 
 def _source_hash(fn: Callable) -> str:
-    """Hash of the measuring code (see `measuring_code`) of the module defining `fn` and of the
+    mod = inspect.getmodule(fn)
+    return _module_hash(mod.__name__) if mod else hashlib.sha256().hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _module_hash(name: str) -> str:
+    """Hash of the measuring code (see `measuring_code`) of module `name` and of the
     private helper modules of the experiments package it imports (e.g. experiments/_micro.py),
     so a change to either bumps the version and a move of code between packages does not."""
-    mod = inspect.getmodule(fn)
-    mods = [mod] if mod else []
-    if mod:
-        pkg = mod.__name__.rpartition(".")[0]
-        mods += sorted((m for m in vars(mod).values() if inspect.ismodule(m)
-                        and m.__name__.startswith(pkg + "._")), key=lambda m: m.__name__)
+    mod = sys.modules[name]
+    pkg = name.rpartition(".")[0]
+    mods = [mod] + sorted((m for m in vars(mod).values() if inspect.ismodule(m)
+                           and m.__name__.startswith(pkg + "._")), key=lambda m: m.__name__)
     h = hashlib.sha256()
     for m in mods:
         try:
@@ -296,7 +310,6 @@ def register(exp: Experiment) -> Experiment:
         raise ValueError(f"experiment {exp.name} registered twice")
     fn = getattr(exp, "measure", None) or getattr(exp, "run", None)
     exp.module = fn.__module__ if fn else ""
-    exp.source_hash = _source_hash(fn) if fn else ""
     _REGISTRY[exp.name] = exp
     return exp
 
@@ -322,7 +335,7 @@ def get(name: str) -> Experiment:
     start once per process, so they should not import every area)."""
     if name not in _REGISTRY:
         try:
-            importlib.import_module(f"{__package__}.experiments.{name.split('.', 1)[0]}")
+            importlib.import_module(f"vlab.experiments.{name.split('.', 1)[0]}")
         except ImportError:
             pass
     if name not in _REGISTRY:
