@@ -378,6 +378,10 @@ class Suite:
     quick: bool                         # use each experiment's quick grid
     pyperf: dict[str, Any]              # processes, values, warmups, min_time
     entries: list[tuple[str, dict[str, list]]]   # (selector, param overrides)
+    pin: list[str] | None = None        # the suite's `pin` (vlab/run/pinning.py), None: default
+    # per entry, pyperf loops per value for its cases (an entry's `loops = N`): pyperf's own
+    # calibration costs a worker process per case; None: calibrate
+    loops: list[int | None] = field(default_factory=list)
 
 
 def load_suite(name: str) -> Suite:
@@ -389,12 +393,28 @@ def load_suite(name: str) -> Suite:
             data = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"suite {name}: {path} is not valid TOML: {e}") from None
-    entries = []
+    entries, loops = [], []
     for item in data.get("experiment", []):
         entries.append((item["select"], {k: v if isinstance(v, list) else [v]
                                          for k, v in item.get("params", {}).items()}))
+        n = item.get("loops")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not
+                              1 <= n <= 1 << 20):
+            raise UsageError(f"suite {name}: loops of {item['select']!r} must be an integer "
+                             f"from 1 to {1 << 20}, not {n!r}")
+        loops.append(n)
+    pin = data.get("pin")
+    if pin is not None:
+        if isinstance(pin, str):
+            pin = [pin]
+        elif isinstance(pin, dict):
+            pin = [f"{k}={v}" for k, v in pin.items()]
+        if not isinstance(pin, list) or not all(isinstance(p, (str, int)) for p in pin):
+            raise UsageError(f"suite {name}: pin must be a string, a list of strings or a "
+                             f"table of ROLE = \"CPUS\", not {pin!r}")
+        pin = [str(p) for p in pin]
     return Suite(name, data.get("description", ""), bool(data.get("quick", False)),
-                 dict(data.get("pyperf", {})), entries)
+                 dict(data.get("pyperf", {})), entries, pin, loops)
 
 
 def parse_param(text: str) -> tuple[str, list]:
