@@ -205,8 +205,9 @@ class VirtioPath:
             c0, w0, t0 = _cpu_now(), _wait_now(), _now_ns()
             try:
                 self.m.run_to_done(timeout=self.timeout)
-                if self.notify != "user":
-                    note_thread("backend", q.stats()["backend_tid"])
+                tid = q.stats()["backend_tid"] if self.notify != "user" else 0
+                if tid > 0:                 # (0 would read this thread's own CPUs)
+                    note_thread("backend", tid)
             except KvmError as e:
                 raise _virtq_error(e, q) from None
             finally:
