@@ -40,6 +40,8 @@ waits in its VMM: an exit to user space per wait, no interrupt controller).
 """
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 import numpy as np
@@ -55,8 +57,17 @@ from vlab.experiments._iopaths import HostPath, Run, make_path
 SIZES = [64, 256, 1024, 4096, 16384, 65536]
 CHUNK_NS = 2_500_000          # target time of one throughput sample
 SAMPLES_PER_LOOP = 4          # throughput samples per pyperf loop: one loop is ~10 ms
+MAX_CHUNKS_PER_CALL = 16      # at most this many samples per measure call (~40 ms at the
+                              # trial's pace); pyperf's time is scaled to the loops it asked
+                              # for, so a calibration made while the host was fast cannot make
+                              # a later, slower call run for seconds
 RTT_BUDGET_NS = 3_000_000     # target time of the round trips of one measure call
+MAX_RTT_ROUNDS = 256          # ... and at most this many (a starved round trip takes a
+                              # scheduler time slice, ~3 ms)
 WAIT_SHARE_WARN = 0.05        # run-queue wait above this share of a run makes a figure suspect
+STARVED_FACTOR = 10           # a sample this many times slower than the case's fastest 5% ...
+STARVED_SHARE = 0.05          # ... in more than this share of samples: a starved poller
+STARVED_WAIT = 0.20           # or a never-blocking thread waited this share of a run for a CPU
 THROUGHPUT = ("gbit_per_s", "msgs_per_s", "ratio_to_native", "ratio_to_tcp")
 
 COMMON_METRICS = {"gbit_per_s": "Gbit/s", "msgs_per_s": "msg/s", "ns_per_msg": "ns",
@@ -169,7 +180,7 @@ def _chunk_size(path, batch: int) -> int:
 def _rounds(path) -> int:
     trial = path.echo(rounds=16, warm=4)
     rtt = max(float(np.mean(trial.rtt_ns())), 1.0)
-    return int(min(max(RTT_BUDGET_NS / rtt, 32), 2000))
+    return int(min(max(RTT_BUDGET_NS / rtt, 32), MAX_RTT_ROUNDS))
 
 
 def _model_terms(path: _iopaths.VirtioPath, params: dict) -> dict:
@@ -250,7 +261,9 @@ def _kvm_injections(run: Run) -> int | None:
 
 
 def _measure(st: State, loops: int) -> Measurement:
-    chunks = max(1, min(int(loops) * SAMPLES_PER_LOOP, 4000))
+    asked = max(1, int(loops) * SAMPLES_PER_LOOP)
+    chunks = min(asked, MAX_CHUNKS_PER_CALL)
+    t_call = time.monotonic()
     # a generous bound (a loaded host stretches everything), still finite
     st.path.timeout = max(30.0, 50 * (chunks + 1) * CHUNK_NS * 1e-9 + 50 * RTT_BUDGET_NS * 1e-9)
     run = st.path.stream(chunk_msgs=st.chunk, chunks=chunks, warm=1, batch=st.batch)
@@ -310,7 +323,8 @@ def _measure(st: State, loops: int) -> Measurement:
     # total time / messages: what the model (built from run totals of exits) predicts; the
     # median chunk can hide a bimodal run (kernel mode streams without kicks, or kicks each one)
     extra["ns_per_msg_mean"] = float(np.mean(metrics["ns_per_msg"]))
-    return Measurement(run.seconds(), metrics, extra)
+    extra["call_wall_s"] = round(time.monotonic() - t_call, 4)
+    return Measurement(run.seconds() * asked / chunks, metrics, extra)
 
 
 def _thread_names(exp: str, params: dict) -> tuple[str, str]:
@@ -394,7 +408,17 @@ def annotate(params: dict, host: dict, metric: str, samples: list, extras: list)
                   "ratio_to_tcp") and shares:
         worst = max(shares)
         extra["cpu_wait_share_max"] = worst
-        if worst > WAIT_SHARE_WARN:
+        starved = starvation(metric, samples, worst)
+        extra["starvation"] = starved
+        if starved["starved"]:
+            flags["starved"] = True
+            warnings.append(
+                f"starved: {100 * starved['slow_share']:.0f}% of the samples took over "
+                f"{STARVED_FACTOR}x the fastest 5% and a never-blocking thread waited up to "
+                f"{100 * worst:.0f}% of a run for a CPU: a spinning thread lost its CPU to "
+                f"another runnable thread ({os.cpu_count()} CPUs here; the other poller when "
+                "both share one, or other load); pin them apart (--pin auto) on an idle host")
+        elif worst > WAIT_SHARE_WARN:
             warnings.append(f"the measuring threads spent up to {100 * worst:.0f}% of a run "
                             "waiting for a CPU (other load on the host): spinning paths lose "
                             "their core and slow down by orders of magnitude")
@@ -437,6 +461,20 @@ def _cap_for(cap: str, key: str, value: str) -> Requirement:
     def check(host: dict, params: dict) -> str | None:
         return req.check(host, params) if params.get(key) == value else None
     return Requirement(f"{cap.lower()}:{key}={value}", check)
+
+
+def starvation(metric: str, samples: list, wait_share: float) -> dict:
+    """Whether a spinning path was starved of CPU time: more than STARVED_SHARE of its samples
+    over STARVED_FACTOR times slower than its fastest 5% (a poller that lost its CPU makes
+    its peer wait a whole scheduler time slice: hundreds of times the normal pace), or a
+    never-blocking thread that waited over STARVED_WAIT of a run for a CPU."""
+    x = np.asarray(samples, dtype=np.float64)
+    x = x[np.isfinite(x) & (x > 0)]
+    if metric in THROUGHPUT:
+        x = 1.0 / x                     # as time per unit: larger is slower
+    slow = float(np.mean(x > STARVED_FACTOR * np.percentile(x, 5))) if len(x) else 0.0
+    return {"slow_share": slow, "factor": STARVED_FACTOR, "wait_share_max": wait_share,
+            "starved": bool(slow > STARVED_SHARE or wait_share > STARVED_WAIT)}
 
 
 def _ioeventfd_for(notify: str) -> Requirement:

@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--trace", action="store_true", help="attach the exit tracer to every case")
     r.add_argument("--processes", type=int, help="pyperf worker processes per case")
     r.add_argument("--values", type=int, help="pyperf values per process")
+    r.add_argument("--pin", action="append", metavar="SPEC",
+                   help="CPU pinning of vCPU, backend and worker threads: auto (the default), "
+                        "none, a CPU list (0-3,6), or ROLE=CPUS (roles worker, vcpu, backend; "
+                        "repeat --pin for several)")
     r.add_argument("--resume", metavar="FILE",
                    help="continue a stopped or killed run from its journal (FILE.journal)")
     r.add_argument("--force", action="store_true", help="replace an existing -o results file")
@@ -186,6 +190,10 @@ def cmd_run(args) -> int:
         if args.values > 100000:
             raise UsageError("--values must be at most 100000")
         pyperf["values"] = args.values
+    if args.pin is not None:
+        from vlab.run.pinning import parse_pin
+
+        parse_pin(args.pin)             # a bad spec stops here, before anything runs
     dev = os.environ.get("VLAB_DEV_KVM") or "/dev/kvm"
     if not os.path.exists(dev):
         raise UsageError(f"{dev} does not exist: this host has no KVM (see `vlab doctor`)")
@@ -198,7 +206,7 @@ def cmd_run(args) -> int:
     session = RunSession(args.output, "results", args.force)
     opts = RunOptions(selectors=args.selectors, suite=args.suite, overrides=overrides,
                       output=args.output, trace=args.trace, argv=sys.argv[1:],
-                      progress=sys.stderr, pyperf=pyperf,
+                      progress=sys.stderr, pyperf=pyperf, pin=args.pin,
                       on_start=session.on_start, on_case=session.on_case)
     if args.resume:
         resume_options(session, args.resume, opts)

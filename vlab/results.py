@@ -54,7 +54,7 @@ STAT_KEYS = ("n", "mean", "median", "stdev", "min", "max", "p90", "p99")
 ROW_KEYS = ("experiment", "params", "metric", "unit", "status", "reason", *STAT_KEYS, "samples")
 #: Optional row keys and the JSON type each must have.
 OPTIONAL_ROW_KEYS = {"exp_version": (str, type(None)), "warnings": list, "flags": dict,
-                     "series": dict, "extra": dict}
+                     "series": dict, "extra": dict, "placement": dict}
 STATUSES = ("ok", "skip", "error")
 #: Above this coefficient of variation a result is flagged as noisy (pyperf uses the same 10%).
 NOISY_CV = 0.10

@@ -355,6 +355,7 @@ struct vlab_xfer {
     int32_t tx_tid, rx_tid;
     uint64_t wall_ns;
     uint64_t kicks, waits, full_spins, empty_spins;
+    uint64_t tx_cpus, rx_cpus;       /* CPU masks (CPUs 0..63) to pin the two threads to; 0: none */
 };
 
 struct vlab_virtq;

@@ -119,7 +119,18 @@ static void *role_main(void *arg)
     struct vlab_xfer *x = r->c->x;
     int32_t tid = my_tid();
     int64_t c0, c1, w0, w1;
+    uint64_t mask = r->tx ? x->tx_cpus : x->rx_cpus;
 
+    if (mask) {                     /* pinned before the run starts (vlab.vmm.thread) */
+        cpu_set_t set;
+
+        CPU_ZERO(&set);
+        for (int i = 0; i < 64; i++)
+            if (mask >> i & 1)
+                CPU_SET(i, &set);
+        if (sched_setaffinity(0, sizeof(set), &set))
+            host_fail(r->c, errno, "sched_setaffinity of a host thread failed");
+    }
     while (!atomic_load(&r->c->go))
         sched_yield();
     c0 = vlab_task_cpu_ns(tid);

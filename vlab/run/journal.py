@@ -164,13 +164,15 @@ def resume_options(session: "RunSession", file: str, opts: Any) -> None:
     if opts.output is not None:
         raise UsageError("--resume continues a run where it was writing; give no -o")
     saved = session.resume(file)
-    given = opts.selectors or opts.suite or opts.overrides or opts.pyperf or opts.trace
+    given = (opts.selectors or opts.suite or opts.overrides or opts.pyperf or opts.trace
+             or opts.pin is not None)
     if not given:
         opts.selectors = list(saved.get("selectors") or [])
         opts.suite = saved.get("suite")
         opts.overrides = dict(saved.get("overrides") or {})
         opts.pyperf = dict(saved.get("pyperf") or {})
         opts.trace = bool(saved.get("trace"))
+        opts.pin = saved.get("pin")
     assert session.resumed is not None
     opts.run_id = session.resumed.header.get("run_id")
     opts.host = session.resumed.header.get("host")

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import functools
 import hashlib
 import importlib
 import inspect
 import itertools
 import os
 import pkgutil
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -155,7 +157,7 @@ class Experiment:
     annotate: Callable[..., tuple[list[str], dict, dict]] | None = None
     payload: str | None = "micro"
     module: str = ""
-    source_hash: str = ""
+    source_hash: str = ""                       # computed on first use (see `code_hash`)
     # (rows of this experiment's cases, host) -> more rows computed from several cases (ratios
     # between cases, knees of a sweep, model rows beside measured ones); run once after all
     # cases of the run, see _runner.derived_rows
@@ -209,7 +211,7 @@ class Experiment:
     def version(self) -> str:
         """Hash of the experiment's source and its guest payload: results of other versions
         are not comparable."""
-        h = hashlib.sha256(self.source_hash.encode())
+        h = hashlib.sha256(self.code_hash().encode())
         if self.payload:
             try:
                 from vlab.vmm.payloads import load_payload
@@ -218,6 +220,14 @@ class Experiment:
             except Exception:  # noqa: BLE001 - native part missing: source hash alone
                 pass
         return h.hexdigest()[:12]
+
+    def code_hash(self) -> str:
+        """`source_hash`, computed (and kept) the first time it is asked for: parsing every
+        experiment module at registration cost each pyperf worker process seconds."""
+        if not self.source_hash:
+            fn = getattr(self, "measure", None) or getattr(self, "run", None)
+            self.source_hash = _source_hash(fn) if fn else ""
+        return self.source_hash
 
     def check(self, host: dict, params: dict) -> str | None:
         for req in self.requires:
@@ -273,15 +283,19 @@ def measuring_code(source: str) -> str:
 
 
 def _source_hash(fn: Callable) -> str:
-    """Hash of the measuring code (see `measuring_code`) of the module defining `fn` and of the
+    mod = inspect.getmodule(fn)
+    return _module_hash(mod.__name__) if mod else hashlib.sha256().hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _module_hash(name: str) -> str:
+    """Hash of the measuring code (see `measuring_code`) of module `name` and of the
     private helper modules of the experiments package it imports (e.g. experiments/_micro.py),
     so a change to either bumps the version and a move of code between packages does not."""
-    mod = inspect.getmodule(fn)
-    mods = [mod] if mod else []
-    if mod:
-        pkg = mod.__name__.rpartition(".")[0]
-        mods += sorted((m for m in vars(mod).values() if inspect.ismodule(m)
-                        and m.__name__.startswith(pkg + "._")), key=lambda m: m.__name__)
+    mod = sys.modules[name]
+    pkg = name.rpartition(".")[0]
+    mods = [mod] + sorted((m for m in vars(mod).values() if inspect.ismodule(m)
+                           and m.__name__.startswith(pkg + "._")), key=lambda m: m.__name__)
     h = hashlib.sha256()
     for m in mods:
         try:
@@ -296,7 +310,6 @@ def register(exp: Experiment) -> Experiment:
         raise ValueError(f"experiment {exp.name} registered twice")
     fn = getattr(exp, "measure", None) or getattr(exp, "run", None)
     exp.module = fn.__module__ if fn else ""
-    exp.source_hash = _source_hash(fn) if fn else ""
     _REGISTRY[exp.name] = exp
     return exp
 
@@ -322,7 +335,7 @@ def get(name: str) -> Experiment:
     start once per process, so they should not import every area)."""
     if name not in _REGISTRY:
         try:
-            importlib.import_module(f"{__package__}.experiments.{name.split('.', 1)[0]}")
+            importlib.import_module(f"vlab.experiments.{name.split('.', 1)[0]}")
         except ImportError:
             pass
     if name not in _REGISTRY:
@@ -365,6 +378,10 @@ class Suite:
     quick: bool                         # use each experiment's quick grid
     pyperf: dict[str, Any]              # processes, values, warmups, min_time
     entries: list[tuple[str, dict[str, list]]]   # (selector, param overrides)
+    pin: list[str] | None = None        # the suite's `pin` (vlab/run/pinning.py), None: default
+    # per entry, pyperf loops per value for its cases (an entry's `loops = N`): pyperf's own
+    # calibration costs a worker process per case; None: calibrate
+    loops: list[int | None] = field(default_factory=list)
 
 
 def load_suite(name: str) -> Suite:
@@ -376,12 +393,28 @@ def load_suite(name: str) -> Suite:
             data = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"suite {name}: {path} is not valid TOML: {e}") from None
-    entries = []
+    entries, loops = [], []
     for item in data.get("experiment", []):
         entries.append((item["select"], {k: v if isinstance(v, list) else [v]
                                          for k, v in item.get("params", {}).items()}))
+        n = item.get("loops")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not
+                              1 <= n <= 1 << 20):
+            raise UsageError(f"suite {name}: loops of {item['select']!r} must be an integer "
+                             f"from 1 to {1 << 20}, not {n!r}")
+        loops.append(n)
+    pin = data.get("pin")
+    if pin is not None:
+        if isinstance(pin, str):
+            pin = [pin]
+        elif isinstance(pin, dict):
+            pin = [f"{k}={v}" for k, v in pin.items()]
+        if not isinstance(pin, list) or not all(isinstance(p, (str, int)) for p in pin):
+            raise UsageError(f"suite {name}: pin must be a string, a list of strings or a "
+                             f"table of ROLE = \"CPUS\", not {pin!r}")
+        pin = [str(p) for p in pin]
     return Suite(name, data.get("description", ""), bool(data.get("quick", False)),
-                 dict(data.get("pyperf", {})), entries)
+                 dict(data.get("pyperf", {})), entries, pin, loops)
 
 
 def parse_param(text: str) -> tuple[str, list]:

@@ -21,10 +21,11 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 
-from vlab.run import registry as registry
+from vlab.run import pinning, registry as registry
 from vlab._errors import UsageError, VlabError
 from vlab.run.interrupt import Interrupted, deferred, stop_children, worker_command
 from vlab.run.registry import Experiment
+from vlab.vmm.thread import placement_record, set_placement
 
 DEFAULT_PYPERF = {"processes": 3, "values": 3, "warmups": 1, "min_time": 0.02}
 
@@ -35,6 +36,8 @@ class Case:
     exp: Experiment
     params: dict
     skip: str | None = None
+    loops: int | None = None        # pyperf loops per value (a suite entry's `loops`); None:
+                                    # pyperf calibrates (or the run's --loops)
 
 
 @dataclass
@@ -48,6 +51,8 @@ class RunOptions:
     argv: list[str] = field(default_factory=list)
     progress: TextIO | None = None
     pyperf: dict[str, Any] = field(default_factory=dict)
+    pin: list[str] | None = None                # --pin items (vlab/run/pinning.py); None: the
+                                                # suite's, else pinning.DEFAULT_PIN
     # ---- journal and resume (vlab/run/journal.py) ----
     run_id: str | None = None
     host: dict | None = None                    # resuming: the journal's host (no calibration)
@@ -57,29 +62,35 @@ class RunOptions:
 
 
 def plan(opts: RunOptions, host: dict) -> tuple[list[Case], dict[str, Any], str | None]:
-    """Resolve selectors/suite into cases; bad names or parameters raise UsageError."""
+    """Resolve selectors/suite into cases; bad names or parameters raise UsageError. The
+    pyperf options come back with the run's pin items under "pin" (None: the default)."""
     pyperf_opts = dict(DEFAULT_PYPERF)
     suite_name = None
-    entries: list[tuple[Experiment, dict[str, list], bool]] = []
+    pin = opts.pin
+    entries: list[tuple[Experiment, dict[str, list], bool, int | None]] = []
     if opts.selectors:
         for exp in registry.select(opts.selectors):
-            entries.append((exp, {}, False))
+            entries.append((exp, {}, False, None))
     else:
         suite_name = opts.suite or "quick"
         suite = registry.load_suite(suite_name)
         pyperf_opts.update(suite.pyperf)
-        for sel, overrides in suite.entries:
+        if pin is None:
+            pin = suite.pin
+        for i, (sel, overrides) in enumerate(suite.entries):
+            loops = suite.loops[i] if i < len(suite.loops) else None
             for exp in registry.select([sel]):
-                entries.append((exp, overrides, suite.quick))
+                entries.append((exp, overrides, suite.quick, loops))
     pyperf_opts.update(opts.pyperf)
-    known = {k for exp, _, _ in entries for k in exp.params} | {"iters"}
+    pyperf_opts["pin"] = pin
+    known = {k for exp, _, _, _ in entries for k in exp.params} | {"iters"}
     for key in opts.overrides:
         if key not in known:
             raise UsageError(f"unknown parameter {key!r} for the selected experiments "
                              f"(known: {', '.join(sorted(known))})")
     cases: list[Case] = []
     seen: set[str] = set()
-    for exp, suite_over, quick in entries:
+    for exp, suite_over, quick, loops in entries:
         over = dict(suite_over)
         over.update({k: v for k, v in opts.overrides.items() if k in exp.params})
         grid = exp.grid(quick=quick, overrides=over)
@@ -91,7 +102,8 @@ def plan(opts: RunOptions, host: dict) -> tuple[list[Case], dict[str, Any], str 
             if cid in seen:
                 continue
             seen.add(cid)
-            cases.append(Case(f"c{len(cases):03d}", exp, params, exp.check(host, params)))
+            cases.append(Case(f"c{len(cases):03d}", exp, params, exp.check(host, params),
+                              None if "loops" in opts.pyperf else loops))
     if not cases:
         raise UsageError("nothing to run: the selection matched no experiment cases")
     return cases, pyperf_opts, suite_name
@@ -224,6 +236,7 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
     run_id = opts.run_id or results.new_run_id()
     host = opts.host or collect_host()
     cases, pyperf_opts, suite = plan(opts, host)
+    placement = pinning.parse_pin(pyperf_opts["pin"])
     # a resumed run keeps the host record (and calibration) of the run it continues
     cal = None if opts.host is not None else calibrate_host(
         host, on_start=lambda: _progress(opts, "calibrating ...", end=" "))
@@ -237,7 +250,10 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
                       trace=opts.trace, argv=opts.argv,
                       options={"selectors": opts.selectors, "suite": opts.suite,
                                "overrides": opts.overrides, "trace": opts.trace,
-                               "pyperf": opts.pyperf})
+                               "pyperf": opts.pyperf, "pin": opts.pin})
+    _progress(opts, pinning.describe(placement))
+    own_cpus = os.sched_getaffinity(0)
+    set_placement(placement)            # one-shot cases run here, in the manager process
     tmp = tempfile.mkdtemp(prefix="vlab-run-")
     rows: list[dict] = []
     failed = any(r.get("status") == "error" for rs in opts.done.values() for r in rs)
@@ -251,6 +267,7 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
         plan_path = os.path.join(tmp, "plan.json")
         with open(plan_path, "w") as f:
             json.dump({"host": host, "side_dir": side_dir,
+                       "placement": pinning.to_plan(placement),
                        "cases": [{"id": c.id, "experiment": c.exp.name, "params": c.params}
                                  for c in loop_cases]}, f)
         runner = _new_runner(pyperf_opts, plan_path) if loop_cases else None
@@ -274,6 +291,7 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
                 tracer.snapshot(reset=True)         # start this case's trace from zero
             try:
                 if case.exp.kind == "loop":
+                    runner.args.loops = case.loops or pyperf_opts.get("loops") or 0
                     with contextlib.redirect_stdout(io.StringIO()):   # pyperf's own result line
                         bench = runner.bench_time_func(case.id, _never_called)
                     side = _read_side(side_dir, case.id)
@@ -287,9 +305,15 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
                                                 "platform", "python_version", "cpu_affinity",
                                                 "cpu_config", "cpu_freq", "boot_time")}
                     case_rows = _rows_for(case, host, kept, meta)
+                    where = pinning.merge_records(r.get("placement") for proc in kept
+                                                  for r in proc)
                 else:
+                    set_placement(placement)        # forget the CPUs of the case before
                     case_rows = case.exp.run(case.params, host,
                                              lambda s: _progress(opts, s, end=" "))
+                    where = placement_record()
+                for row in case_rows:
+                    row.setdefault("placement", where)
                 if opts.trace:
                     case_rows = case_rows + _trace_case_rows(
                         tracer, trace_reason,
@@ -319,6 +343,8 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
         _progress(opts, f"\n{e.name}: stopping the workers ...")
         stop_children()
     finally:
+        set_placement(None)
+        os.sched_setaffinity(0, own_cpus)
         shutil.rmtree(tmp, ignore_errors=True)
         if tracer is not None:
             last = tracer.snapshot()
@@ -327,6 +353,8 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
             tracer.close(wait=True)
     doc = results.new_document(host, rows, argv=opts.argv, suite=suite, started=started,
                                duration_s=round(time.monotonic() - t_start, 2), run_id=run_id)
+    doc["placement"] = dict(pinning.to_plan(placement) or {}, pin=placement.spec
+                            if placement is not None else "none")
     if interrupted is not None:
         doc.update(interrupted=True, signal=interrupted.name)
         return doc, interrupted.exit_code

@@ -294,9 +294,12 @@ def ring_setup(slot: MemorySlot, offset: int, msg_bytes: int) -> int:
 # ---------------------------------------------------------------- host transfers
 
 def _xfer(fn, msg_bytes: int, *, chunk_msgs: int, chunks: int, warm_chunks: int = 1,
-          batch: int = 1, echo: bool = False, flags: int = 0,
-          timeout_ms: int = 10000) -> tuple[np.ndarray, dict]:
+          batch: int = 1, echo: bool = False, flags: int = 0, timeout_ms: int = 10000,
+          tx_cpus: int = 0, rx_cpus: int = 0) -> tuple[np.ndarray, dict]:
+    """One host transfer; tx_cpus / rx_cpus pin the producer / consumer thread (CPU bit masks,
+    0: not pinned)."""
     x = ffi.new("struct vlab_xfer *")
+    x.tx_cpus, x.rx_cpus = tx_cpus, rx_cpus
     x.msg_bytes, x.batch, x.flags, x.echo = msg_bytes, batch, flags, 1 if echo else 0
     x.chunk_msgs, x.chunks, x.warm_chunks, x.timeout_ms = chunk_msgs, chunks, warm_chunks, timeout_ms
     cap = chunks * chunk_msgs if echo else chunks + 1

@@ -15,13 +15,23 @@ an event the C side does not handle itself) and deals with what comes back:
 Whatever stopped the thread badly is kept in `error` and re-raised to the controlling thread
 by `wait_done()`, `wait_paused()` and `pause()`. Nothing here runs per KVM_RUN: the C side
 loops over the exits it handles, Python sees only the events above.
+
+Placement (CPU pinning): `set_placement(Placement(...))` makes this process pin its threads by
+role: every VcpuThread (and a thread that runs a vCPU itself inside `vcpu_slot()`) takes the
+lowest free vCPU slot and runs on `vcpu[slot % len(vcpu)]`; a device backend or host peer
+thread is created inside `inherit("backend")` and is born on the `backend` CPUs. Without a
+placement nothing is pinned. `placement_record()` says where this process's threads were
+allowed to run, as read back from the kernel.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from vlab._errors import GuestTimeout, KvmError, VlabError
 from vlab.vmm._checks import _check
@@ -32,6 +42,123 @@ from vlab.vmm.vcpu import ERROR_STOPS, STOP_NAMES, Stop, Vcpu, stop_error, unexp
 log = logging.getLogger("vlab")
 
 _NO_WATCHDOG_MS = 10000      # one run's length when nothing else bounds it (a quit kicks it)
+ROLES = ("worker", "vcpu", "backend")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """CPUs per role: `worker` (the whole process, and what any other thread inherits),
+    `vcpu` (one CPU per vCPU thread, round robin by slot), `backend` (device backend and
+    host peer threads). `spec` is the user's text it came from (e.g. "auto")."""
+    worker: tuple[int, ...]
+    vcpu: tuple[int, ...]
+    backend: tuple[int, ...]
+    spec: str = ""
+
+    def cpus(self, role: str, slot: int = 0) -> set[int]:
+        """The CPUs a thread of `role` (a vCPU thread: of vCPU slot `slot`) may run on."""
+        if role == "vcpu":
+            return {self.vcpu[slot % len(self.vcpu)]}
+        return set(getattr(self, role))
+
+
+_placement: Placement | None = None
+_slots_lock = threading.Lock()
+_vcpu_slots: set[int] = set()
+_seen: dict[str, set[int]] = {}     # role -> CPUs threads of that role were allowed (read back)
+
+
+def set_placement(p: Placement | None) -> None:
+    """Pin this process's threads by `p` from now on (None: leave affinity alone). The calling
+    thread, and every thread it creates later without a role, gets the worker CPUs."""
+    global _placement
+    _placement = p
+    _seen.clear()
+    if p is not None:
+        os.sched_setaffinity(0, p.worker)
+        note_thread("worker", 0)
+
+
+def placement() -> Placement | None:
+    return _placement
+
+
+def note_thread(role: str, tid: int) -> None:
+    """Note where thread `tid` of `role` may run (its affinity, read back), for
+    `placement_record`; a thread that has already ended is skipped."""
+    try:
+        _seen.setdefault(role, set()).update(os.sched_getaffinity(tid))
+    except OSError:
+        pass
+
+
+def note_cpus(role: str, cpus) -> None:
+    """Note that a thread of `role` ran on `cpus` (a thread pinned by the C side that has
+    ended by the time anyone could read its affinity back)."""
+    _seen.setdefault(role, set()).update(cpus)
+
+
+def cpu_mask(cpus: set[int] | tuple[int, ...]) -> int:
+    """CPUs as the bit mask the C side takes (CPUs 0..63; pinning beyond is refused)."""
+    if any(not 0 <= c < 64 for c in cpus):
+        raise VlabError(f"cannot pin a C thread to CPUs beyond 63: {sorted(cpus)}")
+    return sum(1 << c for c in cpus)
+
+
+def placement_record() -> dict:
+    """Where this process's threads were allowed to run: the spec ("none" without a placement)
+    and, per role, the union of the CPU sets the kernel reported for its threads."""
+    rec: dict = {"pin": _placement.spec if _placement is not None else "none"}
+    if "worker" not in _seen:
+        note_thread("worker", 0)
+    for role in ROLES:
+        if role in _seen:
+            rec[role] = sorted(_seen[role])
+    return rec
+
+
+def pin_thread(role: str, tid: int = 0, slot: int = 0) -> None:
+    """Pin thread `tid` (0: the calling thread) to the CPUs of `role` under the placement, and
+    note where it may run. Without a placement only the note."""
+    if _placement is not None:
+        os.sched_setaffinity(tid, _placement.cpus(role, slot))
+    note_thread(role, tid)
+
+
+@contextlib.contextmanager
+def vcpu_slot() -> Iterator[int]:
+    """The calling thread runs a vCPU for the duration: it takes the lowest free vCPU slot and
+    its CPU, and goes back to the worker CPUs afterwards. Yields the slot."""
+    with _slots_lock:
+        slot = 0
+        while slot in _vcpu_slots:
+            slot += 1
+        _vcpu_slots.add(slot)
+    try:
+        pin_thread("vcpu", 0, slot)
+        yield slot
+    finally:
+        with _slots_lock:
+            _vcpu_slots.discard(slot)
+        if _placement is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, _placement.worker)
+
+
+@contextlib.contextmanager
+def inherit(role: str) -> Iterator[None]:
+    """Threads the calling thread creates inside this block (e.g. a C device backend's
+    pthread) are born with the CPUs of `role`: the calling thread carries that affinity for
+    the duration (a new thread inherits its creator's) and gets its own back afterwards."""
+    if _placement is None:
+        yield
+        return
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, _placement.cpus(role))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
 
 
 class VcpuThread:
@@ -76,6 +203,7 @@ class VcpuThread:
         self.cpu_ns = 0                     # the thread's CPU time, once it has ended
         self.wait_ns = 0                    # ... and its time runnable without a CPU
         self.tid = 0                        # its native thread id, once started
+        self.slot = -1                      # its vCPU slot (placement), once started
         self._pause_req = False
         self._self_paused = False
         self._quit = False
@@ -216,6 +344,18 @@ class VcpuThread:
 
     def _body(self) -> None:
         self.tid = threading.get_native_id()
+        try:
+            with vcpu_slot() as self.slot:
+                self._measured_body()
+        except BaseException as e:  # noqa: BLE001 - pinning failed: the body never ran
+            if not self._finished.is_set():
+                self.error = e
+                self.stop_reason = f"error: {e}"
+                self._finished.set()
+                with self._cv:
+                    self._cv.notify_all()
+
+    def _measured_body(self) -> None:
         c0, w0 = task_cpu_ns(self.tid), task_wait_ns(self.tid)
         st = ffi.new("struct vlab_stop *")
         prints: list[str] = []
