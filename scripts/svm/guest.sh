@@ -85,7 +85,7 @@ main() {
         $(grep -l "mark.svm_lane" tests/test_*.py) \
         > "$1/pytest.log" 2>&1; rc=$?; tail -n 15 "$1/pytest.log"; exit $rc' _ "$out"
 
-    step run-npt1 1500 vlab run --suite svm --trace -o "$out/npt1.json"
+    step run-npt1 1800 vlab run --suite svm --trace -o "$out/npt1.json"
 
     step npt0 300 bash -c 'vlab host set kvm_amd.npt=0 && vlab doctor | grep -E "^(kvm|OK|WARN|MISSING) +(kvm|paging)"'
     if want npt0 && [ "$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)" != N ]; then
