@@ -101,12 +101,13 @@ static inline void wrmsr(u32 msr, u64 v)
 }
 
 /* Wait (spinning with interrupts on) until vCPU `id` has handled more than `seen`, at most
- * `spins` pause iterations; returns the new count, or `seen` on giving up. */
-static inline u64 irq_wait(u64 id, u64 seen, u64 spins)
+ * `cycles` TSC cycles; returns the new count, or `seen` on giving up. A time bound, not a
+ * count of pause loops: where pause is emulated (PVM at CPL0) a loop's cost varies 100-fold. */
+static inline u64 irq_wait(u64 id, u64 seen, u64 cycles)
 {
-    u64 h;
+    u64 h, t0 = rdtsc();
 
-    while ((h = irq_cpu[id].handled) == seen && spins--)
+    while ((h = irq_cpu[id].handled) == seen && rdtsc() - t0 < cycles)
         __asm__ volatile("pause" ::: "memory");
     return h;
 }

@@ -52,7 +52,9 @@ enum op {
 #define F_X2APIC 8
 #define F_HALT 16
 
-#define IRQ_SPINS (1UL << 22)      /* pause loops an op waits for its interrupt before going on */
+/* how long an op waits for its interrupt before going on (a lost interrupt then shows in the
+ * handler's count, which the host checks): 5 s of TSC cycles */
+#define IRQ_WAIT ((PARAM(P_TSC_KHZ) ? PARAM(P_TSC_KHZ) : 3000000UL) * 5000)
 #define ARG_STOP 7
 #define ARG_READY 8
 #define ARG_HALTING 9
@@ -106,7 +108,7 @@ static void __attribute__((noinline)) loop_ipi_self(u64 n, u64 vec, u64 id)
 
     for (u64 i = 0; i < n; i++) {
         apic_ipi(0, (u32)vec, ICR_SELF);
-        seen = irq_wait(id, seen, IRQ_SPINS);
+        seen = irq_wait(id, seen, IRQ_WAIT);
     }
 }
 
@@ -138,7 +140,7 @@ static void __attribute__((noinline)) loop_timer_expired(u64 n, u64 vec, u64 id)
         u64 h;
 
         wrmsr(MSR_TSC_DEADLINE, dl);
-        h = irq_wait(id, seen, IRQ_SPINS);
+        h = irq_wait(id, seen, IRQ_WAIT);
         if (h != seen)
             timer_latency(id, dl);
         seen = h;
@@ -155,7 +157,7 @@ static void __attribute__((noinline)) loop_timer_future(u64 n, u64 vec, u64 id)
         u64 h;
 
         wrmsr(MSR_TSC_DEADLINE, dl);
-        h = irq_wait(id, seen, IRQ_SPINS * 16);
+        h = irq_wait(id, seen, IRQ_WAIT);
         if (h != seen)
             timer_latency(id, dl);
         seen = h;
@@ -171,16 +173,16 @@ static void __attribute__((noinline)) loop_ipi_other(u64 n, u64 vec, u64 dest)
 
     for (u64 i = 0; i < n; i++) {
         if (halt) {
-            u64 spins = IRQ_SPINS;
+            u64 t0 = rdtsc();
 
-            while (!PARAM(P_ARG0 + ARG_HALTING) && spins--)
+            while (!PARAM(P_ARG0 + ARG_HALTING) && rdtsc() - t0 < IRQ_WAIT)
                 __asm__ volatile("pause" ::: "memory");
             PARAM(P_ARG0 + ARG_HALTING) = 0;
             for (u64 t = rdtsc(); rdtsc() - t < settle;)
                 __asm__ volatile("pause");
         }
         apic_ipi((u32)dest, (u32)vec, 0);
-        seen = irq_wait(dest, seen, IRQ_SPINS);
+        seen = irq_wait(dest, seen, IRQ_WAIT);
     }
 }
 
@@ -335,7 +337,7 @@ static int irq_main(u64 id, u64 op, u64 a0, u64 a1)
             ipi_target(id, flags & F_HALT);
             break;
         }
-        for (u64 spins = IRQ_SPINS * 16; !ARG(ARG_READY) && spins; spins--)
+        for (u64 t0 = rdtsc(); !ARG(ARG_READY) && rdtsc() - t0 < 4 * IRQ_WAIT;)
             __asm__ volatile("pause" ::: "memory");
         GUEST_ASSERT(ARG(ARG_READY));
         timed(id, loops[op], a0, 1);
@@ -373,7 +375,7 @@ static int irq_main(u64 id, u64 op, u64 a0, u64 a1)
 
         for (u64 k = 0; k < a1; k++) {
             apic_ipi(0, (u32)a0, ICR_SELF);
-            irq_wait(id, irq_cpu[id].handled, 1UL << 16);
+            irq_wait(id, irq_cpu[id].handled, IRQ_WAIT / 500);   /* 10 ms */
         }
         result_push(id, irq_cpu[id].handled - seen);
         ucall_sync(3);
