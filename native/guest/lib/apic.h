@@ -100,14 +100,16 @@ static inline void wrmsr(u32 msr, u64 v)
     __asm__ volatile("wrmsr" :: "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
 }
 
-/* Wait (spinning with interrupts on) until vCPU `id` has handled more than `seen`, at most
- * `cycles` TSC cycles; returns the new count, or `seen` on giving up. A time bound, not a
- * count of pause loops: where pause is emulated (PVM at CPL0) a loop's cost varies 100-fold. */
-static inline u64 irq_wait(u64 id, u64 seen, u64 cycles)
+/* Wait (spinning with interrupts on) until vCPU `id` has taken vector `vec` more than `seen`
+ * times (irq_cpu[id].count[vec]), at most `cycles` TSC cycles; returns the new count, or `seen`
+ * on giving up. Per vector, so a stray interrupt of another vector (a wake-up left pending from
+ * an earlier run) is never taken for the one waited for. A time bound, not a count of pause
+ * loops: where pause is emulated (PVM at CPL0) a loop's cost varies 100-fold. */
+static inline u64 irq_wait(u64 id, u64 vec, u64 seen, u64 cycles)
 {
     u64 h, t0 = rdtsc();
 
-    while ((h = irq_cpu[id].handled) == seen && rdtsc() - t0 < cycles)
+    while ((h = irq_cpu[id].count[vec & 0xff]) == seen && rdtsc() - t0 < cycles)
         __asm__ volatile("pause" ::: "memory");
     return h;
 }

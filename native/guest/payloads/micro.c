@@ -104,11 +104,11 @@ LOOP(invd, __asm__ volatile("invd" ::: "memory"))
 /* Interrupt loops: a0 is the vector, a1 the vCPU id (payload_main passes it). */
 static void __attribute__((noinline)) loop_ipi_self(u64 n, u64 vec, u64 id)
 {
-    u64 seen = irq_cpu[id].handled;
+    u64 seen = irq_cpu[id].count[vec];
 
     for (u64 i = 0; i < n; i++) {
         apic_ipi(0, (u32)vec, ICR_SELF);
-        seen = irq_wait(id, seen, IRQ_WAIT);
+        seen = irq_wait(id, vec, seen, IRQ_WAIT);
     }
 }
 
@@ -132,15 +132,14 @@ static void timer_latency(u64 id, u64 dl)
 /* The deadline is "now" (already expired when KVM sees the write): arming plus delivery. */
 static void __attribute__((noinline)) loop_timer_expired(u64 n, u64 vec, u64 id)
 {
-    u64 seen = irq_cpu[id].handled;
+    u64 seen = irq_cpu[id].count[vec];
 
-    (void)vec;
     for (u64 i = 0; i < n; i++) {
         u64 dl = rdtsc();
         u64 h;
 
         wrmsr(MSR_TSC_DEADLINE, dl);
-        h = irq_wait(id, seen, IRQ_WAIT);
+        h = irq_wait(id, vec, seen, IRQ_WAIT);
         if (h != seen)
             timer_latency(id, dl);
         seen = h;
@@ -149,15 +148,14 @@ static void __attribute__((noinline)) loop_timer_expired(u64 n, u64 vec, u64 id)
 
 static void __attribute__((noinline)) loop_timer_future(u64 n, u64 vec, u64 id)
 {
-    u64 seen = irq_cpu[id].handled, delta = ARG(4);
+    u64 seen = irq_cpu[id].count[vec], delta = ARG(4);
 
-    (void)vec;
     for (u64 i = 0; i < n; i++) {
         u64 dl = rdtsc() + delta;
         u64 h;
 
         wrmsr(MSR_TSC_DEADLINE, dl);
-        h = irq_wait(id, seen, IRQ_WAIT);
+        h = irq_wait(id, vec, seen, IRQ_WAIT);
         if (h != seen)
             timer_latency(id, dl);
         seen = h;
@@ -169,7 +167,7 @@ static void __attribute__((noinline)) loop_timer_future(u64 n, u64 vec, u64 id)
  * `settle` (a1 of the case, ARG(4)) more cycles, so the target is really asleep. */
 static void __attribute__((noinline)) loop_ipi_other(u64 n, u64 vec, u64 dest)
 {
-    u64 seen = irq_cpu[dest].handled, halt = ARG(5) & F_HALT, settle = ARG(4);
+    u64 seen = irq_cpu[dest].count[vec], halt = ARG(5) & F_HALT, settle = ARG(4);
 
     for (u64 i = 0; i < n; i++) {
         if (halt) {
@@ -182,7 +180,7 @@ static void __attribute__((noinline)) loop_ipi_other(u64 n, u64 vec, u64 dest)
                 __asm__ volatile("pause");
         }
         apic_ipi((u32)dest, (u32)vec, 0);
-        seen = irq_wait(dest, seen, IRQ_WAIT);
+        seen = irq_wait(dest, vec, seen, IRQ_WAIT);
     }
 }
 
@@ -354,17 +352,16 @@ static int irq_main(u64 id, u64 op, u64 a0, u64 a1)
             break;
         VPARAM(id, 4) = rdtsc();
         for (u64 k = 0; k < a1; k++) {
-            u64 seen = irq_cpu[id].handled;
+            u64 seen = irq_cpu[id].count[a0 & 0xff];
 
-            if (flags & F_HALT) {
-                ARG(ARG_HALTING) = k + 1;
-                while (irq_cpu[id].handled == seen)
-                    irq_halt_until(id, seen);
-            } else {
-                ARG(ARG_HALTING) = k + 1;
-                while (irq_cpu[id].handled == seen)
+            ARG(ARG_HALTING) = k + 1;
+            while (irq_cpu[id].count[a0 & 0xff] == seen) {
+                if (flags & F_HALT)
+                    irq_halt_until(id, irq_cpu[id].handled);
+                else
                     __asm__ volatile("pause" ::: "memory");
             }
+            GUEST_ASSERT(irq_cpu[id].last_vector == (a0 & 0xff));
             result_push(id, irq_cpu[id].last_tsc);
         }
         break;
@@ -375,7 +372,7 @@ static int irq_main(u64 id, u64 op, u64 a0, u64 a1)
 
         for (u64 k = 0; k < a1; k++) {
             apic_ipi(0, (u32)a0, ICR_SELF);
-            irq_wait(id, irq_cpu[id].handled, IRQ_WAIT / 500);   /* 10 ms */
+            irq_wait(id, a0, irq_cpu[id].count[a0], IRQ_WAIT / 500);   /* 10 ms */
         }
         result_push(id, irq_cpu[id].handled - seen);
         ucall_sync(3);
