@@ -55,6 +55,9 @@ CR0_WP_GUEST_OWNED_SINCE = (6, 4)
 # is not confirmed: PVM has no kvm_exit tracepoint): measured 0.004-0.013 per
 # operation for 3-5 instruction loops on the build host, 0.02 for a CR4.PGE toggle (a TLB flush).
 PVM_EMULATED_TOL = 0.05
+# ... and around an interrupt delivered at emulated CPL0 many more: measured 0.00-0.38 over the
+# one exit per delivery across runs on the build host, growing with the host's load.
+PVM_IRQ_TOL = 0.45
 
 
 @dataclass(frozen=True)
@@ -504,11 +507,11 @@ def _ipi_self(s, p, iters):
             return Expectation(2, "trap to KVM", _fmt("pvm", cpl=3),
                                "the xAPIC ICR write faults into KVM (MMIO), and the handler's "
                                "iretq back to CPL3 goes through KVM's switcher; the delivery and "
-                               "the CPL0 handler's EOI do not count (measured 2.02/op)", tol=0.05)
+                               "the CPL0 handler's EOI do not count (measured 2.02-2.07/op)", tol=0.15)
         return Expectation(1, "trap to KVM", _fmt("pvm", cpl=0),
                            "CPL0 runs in KVM's emulator: the ICR write and the EOI are handled "
-                           "in line; one counted exit per delivery (measured 1.03-1.06/op)",
-                           tol=0.1)
+                           "in line; one counted exit per delivery, plus the emulator's own "
+                           "returns, which grow with load (measured 1.00-1.16/op)", tol=PVM_IRQ_TOL)
     if _avic(s):
         return None
     if f == "vmx" and s.get("apicv"):
@@ -595,7 +598,8 @@ def _tsc_deadline(s, p, iters):
         return Expectation(1, "trap to KVM", _fmt("pvm", cpl=0, timer=p.get("timer")),
                            "CPL0 runs in KVM's emulator: the deadline write and the EOI are "
                            "handled in line; one counted exit per delivery, as for ipi_self at "
-                           "CPL0 (measured 1.06-1.09/op)", tol=0.15)
+                           "CPL0, plus the emulator's own returns, which grow with load "
+                           "(measured 1.03-1.38/op across runs)", tol=PVM_IRQ_TOL)
     if _avic(s):
         return None
     future = p.get("timer") == "future"
