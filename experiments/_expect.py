@@ -582,16 +582,16 @@ def _pvm_ipi_other(p: dict, halted: bool) -> Expectation:
                            "handler returns to CPL3 through KVM's switcher (measured 3.25/op; "
                            "more when host interrupts hit the spinning target)", tol=0.5)
     if halted:
-        return Expectation(1.7, "trap to KVM", setting,
+        return Expectation(1.6, "trap to KVM", setting,
                            "both vCPUs run at CPL0 in KVM's emulator; the target's hlt and the "
                            "delivery that wakes it count, but not every time (measured "
-                           "1.22-2.19/op across runs: no stable count, the range is the rule)",
-                           tol=0.6)
-    return Expectation(6.5, "trap to KVM", setting,
+                           "1.03-2.19/op across runs: no stable count, the range is the rule)",
+                           tol=0.65)
+    return Expectation(5.5, "trap to KVM", setting,
                        "both vCPUs run at CPL0 in KVM's emulator; the spinning target leaves it "
                        "every pvm_emul_batch instructions, so the count follows how long the "
-                       "IPI takes (measured 3.3-9.6/op across runs: no stable count, the range "
-                       "is the rule)", tol=3.5)
+                       "IPI takes (measured 1.76-9.61/op across runs: no stable count, the "
+                       "range is the rule)", tol=4.6)
 
 
 @rule("exits.tsc_deadline")
