@@ -55,7 +55,7 @@ class MicroCase:
     single: int = 32                # one-operation samples per measure call (0: none)
     measured: int = 0               # vCPUs whose samples count (0: all; ipi_other: vCPU 0
                                     # sends and times, the others are its targets)
-    interrupts: bool = False        # count the guest handler's deliveries (VPARAM 5-9)
+    interrupts: bool = False        # count the guest handler's deliveries (VPARAM 5-8)
 
 
 @dataclass
@@ -194,11 +194,10 @@ def measure(st: MicroState, loops: int) -> Measurement:
     metrics_more: dict[str, list[float]] = {}
     if irq0 is not None:
         d = {k: irq_counters(m)[k] - irq0[k] for k in irq0}
-        # one operation = one delivery of the op's vector (ipi_other's wake-ups after the
-        # samples use another vector and are not counted)
+        # one operation = one delivery of the op's vector
         ops_run = total_ops
         extra["interrupts"] = {
-            "handled": d["handled"], "wakeups": d["wakeups"], "operations": ops_run,
+            "handled": d["handled"], "operations": ops_run,
             "handled_per_op": d["handled"] / ops_run,
             "eois": d["eois"], "spurious": d["spurious"],
             "kvm": irq_kvm, "kvm_irq_injections_per_op": irq_kvm.get("irq_injections", 0) / ops_run}
@@ -242,9 +241,9 @@ IRQ_STATS = ("irq_injections", "halt_exits", "halt_wakeup", "halt_successful_pol
 
 def irq_counters(m: Machine) -> dict[str, int]:
     """The guest handler's cumulative counters, summed over vCPUs (micro.c publishes them in
-    VPARAM(id, 5..9) after every interrupt op): deliveries of the op's vector, EOIs, EOI cycles,
-    spurious interrupts, and the wake-up IPIs of ipi_other (another vector)."""
-    out = {"handled": 0, "eois": 0, "eoi_cycles": 0, "spurious": 0, "wakeups": 0}
+    VPARAM(id, 5..8) after every interrupt op): deliveries of the op's vector, EOIs, EOI cycles
+    and spurious interrupts."""
+    out = {"handled": 0, "eois": 0, "eoi_cycles": 0, "spurious": 0}
     for v in m.vcpus:
         base = P_VCPU0 + P_VCPU_STRIDE * v.id
         p = m.params
@@ -252,7 +251,6 @@ def irq_counters(m: Machine) -> dict[str, int]:
         out["eois"] += int(p[base + 6])
         out["eoi_cycles"] += int(p[base + 7])
         out["spurious"] += int(p[base + 8])
-        out["wakeups"] += int(p[base + 9])
     return out
 
 

@@ -18,6 +18,7 @@
  *   7 stop       interrupt ops with a target vCPU: vCPU 0 sets it when done (host clears)
  *   8 ready      ... the target sets it once it takes interrupts (host clears)
  *   9 halting    ... the target sets it just before it halts; the sender clears it
+ * The sender sets the stop just before its last IPI; the target leaves after taking it.
  * Each vCPU records into its own results area; all vCPUs run the same loop, except for
  * ipi_other, where vCPU 0 sends and times while every other vCPU is a target.
  *
@@ -27,8 +28,7 @@
  *   timer_*: 0 sum, 1 count, 2 min, 3 max of handler-entry TSC - deadline (signed)
  *   tsc_probe / irq_wait: 4 the guest's rdtsc before its first sync
  *   every interrupt op: 5 deliveries of the op's vector, 6 EOIs, 7 EOI cycles, 8 spurious
- *   (cumulative), and on vCPU 0 of ipi_other 9 the wake-up IPIs (vector a0 + 1) it sent after
- *   its samples, one per target and run
+ *   (cumulative)
  */
 #include "rt.h"
 #include "apic.h"
@@ -162,6 +162,9 @@ static void __attribute__((noinline)) loop_timer_future(u64 n, u64 vec, u64 id)
     }
 }
 
+/* set by timed() while it runs its last sample (ipi_other stops its target before the last IPI) */
+static volatile u64 timed_last;
+
 /* vCPU 0 sends one fixed IPI to APIC ID `dest` per operation and waits until the target's
  * handler ran; with F_HALT it first waits until the target announced it is halting and then
  * `settle` (a1 of the case, ARG(4)) more cycles, so the target is really asleep. */
@@ -179,22 +182,33 @@ static void __attribute__((noinline)) loop_ipi_other(u64 n, u64 vec, u64 dest)
             for (u64 t = rdtsc(); rdtsc() - t < settle;)
                 __asm__ volatile("pause");
         }
+        if (timed_last && i + 1 == n)
+            ARG(ARG_STOP) = 1;          /* the target leaves after taking this one */
         apic_ipi((u32)dest, (u32)vec, 0);
         seen = irq_wait(dest, vec, seen, IRQ_WAIT);
     }
 }
 
-static void ipi_target(u64 id, u64 halt)
+/* The target: wait for IPIs (spinning, or halted with F_HALT), and after each delivery check
+ * whether the sender has set the stop, which it does just before its last IPI. So the last IPI
+ * is taken before the target leaves, and no wake-up IPI outside the measured operations is
+ * needed (its exits would count against the operations). */
+static void ipi_target(u64 id, u64 vec, u64 halt)
 {
-    while (!ARG(ARG_STOP)) {
-        if (halt) {
-            u64 seen = irq_cpu[id].handled;
+    u64 last = irq_cpu[id].count[vec];
 
+    for (;;) {
+        if (halt)
             ARG(ARG_HALTING) = 1;
-            irq_halt_until(id, seen);
-        } else {
-            __asm__ volatile("pause" ::: "memory");
+        while (irq_cpu[id].count[vec] == last) {
+            if (halt)
+                irq_halt_until(id, irq_cpu[id].handled);
+            else
+                __asm__ volatile("pause" ::: "memory");
         }
+        last = irq_cpu[id].count[vec];
+        if (ARG(ARG_STOP))
+            break;
     }
 }
 
@@ -247,6 +261,7 @@ static void timed(u64 id, loop_fn fn, u64 a0, u64 a1)
     if (flags & F_MARK)
         ucall_mark();           /* host timestamps bracket every sample: n samples, n+1 marks */
     for (u64 s = 0; s < warmup + samples; s++) {
+        timed_last = s + 1 == warmup + samples;
         u64 t0 = tsc_begin();
         fn(iters, a0, a1);
         u64 t1 = tsc_end();
@@ -296,9 +311,7 @@ static void irq_setup(u64 op, u64 vec)
 }
 
 /* The handler's counters where the host reads them: VPARAM(id, 5..8) deliveries of the op's
- * vector, EOIs, EOI cycles, spurious (cumulative over runs); VPARAM(id, 9) the wake-up IPIs
- * ipi_other's sender sent (on vector + 1, so they never count as operations: a target that has
- * already seen the stop may take its wake-up after it published). */
+ * vector, EOIs, EOI cycles, spurious (cumulative over runs). */
 static void irq_publish(u64 id, u64 vec)
 {
     VPARAM(id, 5) = irq_cpu[id].count[vec & 0xff];
@@ -332,17 +345,16 @@ static int irq_main(u64 id, u64 op, u64 a0, u64 a1)
             ARG(ARG_READY) = 1;
             if (flags & F_SYNC)
                 ucall_sync(1);
-            ipi_target(id, flags & F_HALT);
+            ipi_target(id, a0, flags & F_HALT);
             break;
         }
         for (u64 t0 = rdtsc(); !ARG(ARG_READY) && rdtsc() - t0 < 4 * IRQ_WAIT;)
             __asm__ volatile("pause" ::: "memory");
         GUEST_ASSERT(ARG(ARG_READY));
         timed(id, loops[op], a0, 1);
-        ARG(ARG_STOP) = 1;
-        for (u64 d = 1; d < PARAM(P_NR_VCPUS); d++) {
-            apic_ipi((u32)d, (u32)a0 + 1, 0);  /* wake a halted target to see the stop */
-            VPARAM(id, 9) += 1;
+        if (!ARG(ARG_STOP)) {           /* no operation ran: stop the target on another vector */
+            ARG(ARG_STOP) = 1;
+            apic_ipi(1, (u32)a0 + 1, 0);
         }
         break;
     case OP_IRQ_WAIT:
@@ -396,11 +408,9 @@ static int irq_main(u64 id, u64 op, u64 a0, u64 a1)
         result_push(id, (read_cs() & 3) ? 0 : rdmsr(MSR_APIC_BASE));     /* CPL0 only */
         break;
     default:
+        /* a timer op leaves nothing armed: each deadline has fired (KVM clears the MSR); it
+         * writes nothing after its samples, which would count against its operations */
         timed(id, loops[op], a0, id);
-        if (is_timer_op(op)) {
-            wrmsr(MSR_TSC_DEADLINE, 0);
-            apic_write(APIC_LVT_TIMER, LVT_MASKED);
-        }
     }
     irq_disable();
     irq_publish(id, a0);
