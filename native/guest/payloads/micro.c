@@ -15,10 +15,10 @@
  *                F_X2APIC: interrupt ops drive the local APIC in x2APIC mode (MSRs, CPL0)
  *                F_HALT: ipi_other's target halts between IPIs; irq_wait halts while waiting
  *   6 warmup     samples run first and not recorded
- *   7 stop       interrupt ops with a target vCPU: vCPU 0 sets it when done (host clears)
+ *   7 stop       ipi_other: the target's delivery count at which it leaves, set by vCPU 0 just
+ *                before its last IPI (host clears)
  *   8 ready      ... the target sets it once it takes interrupts (host clears)
  *   9 halting    ... the target sets it just before it halts; the sender clears it
- * The sender sets the stop just before its last IPI; the target leaves after taking it.
  * Each vCPU records into its own results area; all vCPUs run the same loop, except for
  * ipi_other, where vCPU 0 sends and times while every other vCPU is a target.
  *
@@ -183,16 +183,16 @@ static void __attribute__((noinline)) loop_ipi_other(u64 n, u64 vec, u64 dest)
                 __asm__ volatile("pause");
         }
         if (timed_last && i + 1 == n)
-            ARG(ARG_STOP) = 1;          /* the target leaves after taking this one */
+            ARG(ARG_STOP) = seen + 1;   /* the target leaves once it has taken this one */
         apic_ipi((u32)dest, (u32)vec, 0);
         seen = irq_wait(dest, vec, seen, IRQ_WAIT);
     }
 }
 
-/* The target: wait for IPIs (spinning, or halted with F_HALT), and after each delivery check
- * whether the sender has set the stop, which it does just before its last IPI. So the last IPI
- * is taken before the target leaves, and no wake-up IPI outside the measured operations is
- * needed (its exits would count against the operations). */
+/* The target: wait for IPIs (spinning, or halted with F_HALT) until it has taken as many as the
+ * sender's stop says (the delivery count after its last IPI, set just before sending it). So the
+ * last IPI is taken before the target leaves, and no wake-up IPI outside the measured
+ * operations is needed (its exits would count against the operations). */
 static void ipi_target(u64 id, u64 vec, u64 halt)
 {
     u64 last = irq_cpu[id].count[vec];
@@ -207,7 +207,7 @@ static void ipi_target(u64 id, u64 vec, u64 halt)
                 __asm__ volatile("pause" ::: "memory");
         }
         last = irq_cpu[id].count[vec];
-        if (ARG(ARG_STOP))
+        if (ARG(ARG_STOP) && last >= ARG(ARG_STOP))
             break;
     }
 }
@@ -352,9 +352,9 @@ static int irq_main(u64 id, u64 op, u64 a0, u64 a1)
             __asm__ volatile("pause" ::: "memory");
         GUEST_ASSERT(ARG(ARG_READY));
         timed(id, loops[op], a0, 1);
-        if (!ARG(ARG_STOP)) {           /* no operation ran: stop the target on another vector */
-            ARG(ARG_STOP) = 1;
-            apic_ipi(1, (u32)a0 + 1, 0);
+        if (!ARG(ARG_STOP)) {           /* no operation ran: one more IPI stops the target */
+            ARG(ARG_STOP) = irq_cpu[1].count[a0 & 0xff] + 1;
+            apic_ipi(1, (u32)a0, 0);
         }
         break;
     case OP_IRQ_WAIT:
