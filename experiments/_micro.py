@@ -197,7 +197,7 @@ def measure(st: MicroState, loops: int) -> Measurement:
         # one operation = one delivery of the op's vector
         ops_run = total_ops
         extra["interrupts"] = {
-            "handled": d["handled"], "operations": ops_run,
+            "handled": d["handled"], "operations": ops_run, "late": d["late"],
             "handled_per_op": d["handled"] / ops_run,
             "eois": d["eois"], "spurious": d["spurious"],
             "kvm": irq_kvm, "kvm_irq_injections_per_op": irq_kvm.get("irq_injections", 0) / ops_run}
@@ -241,9 +241,9 @@ IRQ_STATS = ("irq_injections", "halt_exits", "halt_wakeup", "halt_successful_pol
 
 def irq_counters(m: Machine) -> dict[str, int]:
     """The guest handler's cumulative counters, summed over vCPUs (micro.c publishes them in
-    VPARAM(id, 5..8) after every interrupt op): deliveries of the op's vector, EOIs, EOI cycles
-    and spurious interrupts."""
-    out = {"handled": 0, "eois": 0, "eoi_cycles": 0, "spurious": 0}
+    VPARAM(id, 5..9) after every interrupt op): deliveries of the op's vector, EOIs, EOI cycles,
+    spurious interrupts, and the IPIs ipi_other's target did not take within the wait (5 s)."""
+    out = {"handled": 0, "eois": 0, "eoi_cycles": 0, "spurious": 0, "late": 0}
     for v in m.vcpus:
         base = P_VCPU0 + P_VCPU_STRIDE * v.id
         p = m.params
@@ -251,6 +251,7 @@ def irq_counters(m: Machine) -> dict[str, int]:
         out["eois"] += int(p[base + 6])
         out["eoi_cycles"] += int(p[base + 7])
         out["spurious"] += int(p[base + 8])
+        out["late"] += int(p[base + 9])
     return out
 
 

@@ -135,9 +135,12 @@ def annotate_exits(params: dict, host: dict, metric: str, samples: list, extras:
         more["kvm_irq_injections_per_op"] = float(np.mean([i["kvm_irq_injections_per_op"]
                                                            for i in irq]))
         more["spurious_interrupts"] = sum(i["spurious"] for i in irq)
+        late = sum(i.get("late", 0) for i in irq)
+        more["late_interrupts"] = late
         if handled != ops:
             warnings.append(f"the guest's handler counted {handled} interrupts for {ops} "
-                            "operations: an interrupt was lost or duplicated")
+                            "operations: an interrupt was lost or duplicated"
+                            + (f" ({late} IPIs not taken within 5 s)" if late else ""))
     if metric == "guest_cycles":
         views = _micro.views_agree(extras)
         if views is not None:
