@@ -266,8 +266,8 @@ def test_doctor_halt_poll_off_and_timer_missing(tmp_path):
     assert r["halt_poll"].status == "WARN" and "sleeps at once" in r["halt_poll"].detail
     assert r["halt_poll"].advice == "vlab host set kvm.halt_poll_ns=200000"
     assert r["tsc_deadline"].status == "MISSING"
-    assert r["cap.IRQFD"].detail == "not offered (needed for io.virtio and io.ivshmem interrupt " \
-                                    "modes)"
+    assert r["cap.IRQFD"].detail == ("not offered (needed for exits.irq_inject and the io.virtio "
+                                     "and io.ivshmem interrupt modes)")
 
 
 def test_doctor_without_usable_kvm():

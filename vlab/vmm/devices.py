@@ -234,17 +234,7 @@ def doorbell_irqfd(vm: Vm, peer: EventFd, dest: int, vector: int) -> IrqFd:
     guest rings, KVM signals the eventfd and, still in the kernel, delivers the MSI (`dest`,
     `vector`) to `vm` — QEMU's ivshmem-doorbell with ioeventfd and irqfd. KVM keeps its own
     reference to the eventfd; the returned IrqFd holds a duplicate, closed with `vm`."""
-    vm.kvm.require("IRQFD", "irqfd")
-    gsi = vm.route_msi(dest, vector)
-    fd = os.dup(peer.fd)
-    try:
-        _check(lib.vlab_irq_irqfd(vm._h, fd, gsi, 1))
-    except BaseException:
-        os.close(fd)
-        raise
-    irq = IrqFd(fd, gsi, dest, vector)
-    vm.irqfds.append(irq)
-    return irq
+    return vm.add_irqfd(dest, vector, fd=os.dup(peer.fd))
 
 
 def doorbell_counts(vm: Vm, index: int) -> tuple[int, int]:

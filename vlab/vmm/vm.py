@@ -72,13 +72,15 @@ class Vm:
         self.msi_routes = routes
         return gsi
 
-    def add_irqfd(self, dest: int, vector: int) -> IrqFd:
+    def add_irqfd(self, dest: int, vector: int, fd: int | None = None) -> IrqFd:
         """An eventfd that KVM turns into the MSI (`dest`, `vector`) on every write, without
-        the VMM: the in-kernel side of a device interrupt (QEMU's irqfd)."""
-        self.kvm.require("IRQFD", "irqfd")
-        gsi = self.route_msi(dest, vector)
-        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        the VMM: the in-kernel side of a device interrupt (QEMU's irqfd). `fd`: an eventfd to
+        use (the VM takes it over and closes it), else a new one."""
+        if fd is None:
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
+            self.kvm.require("IRQFD", "irqfd")
+            gsi = self.route_msi(dest, vector)
             _check(lib.vlab_irq_irqfd(self._h, fd, gsi, 1))
         except BaseException:
             os.close(fd)
