@@ -130,24 +130,10 @@ static void timer_latency(u64 id, u64 dl)
         VPARAM(id, 3) = (u64)lat;
 }
 
-/* The deadline is "now" (already expired when KVM sees the write): arming plus delivery. */
-static void __attribute__((noinline)) loop_timer_expired(u64 n, u64 vec, u64 id)
-{
-    u64 seen = irq_cpu[id].count[vec];
-
-    for (u64 i = 0; i < n; i++) {
-        u64 dl = rdtsc();
-        u64 h;
-
-        wrmsr(MSR_TSC_DEADLINE, dl);
-        h = irq_wait(id, vec, seen, IRQ_WAIT);
-        if (h != seen)
-            timer_latency(id, dl);
-        seen = h;
-    }
-}
-
-static void __attribute__((noinline)) loop_timer_future(u64 n, u64 vec, u64 id)
+/* TSC-deadline timer: arm the deadline `delay` cycles ahead (ARG(4); 0 for timer_expired: the
+ * deadline is already past when KVM sees the write, so this is arming plus delivery) and wait
+ * for the handler. */
+static void __attribute__((noinline)) loop_timer(u64 n, u64 vec, u64 id)
 {
     u64 seen = irq_cpu[id].count[vec], delta = ARG(4);
 
@@ -228,7 +214,7 @@ static const loop_fn loops[] = {
     [OP_DR_WRITE] = loop_dr_write, [OP_DR_READ] = loop_dr_read, [OP_WBINVD] = loop_wbinvd,
     [OP_INVD] = loop_invd, [OP_IPI_SELF] = loop_ipi_self, [OP_EOI] = loop_eoi,
     [OP_CR8_WRITE] = loop_cr8_write, [OP_CR8_READ] = loop_cr8_read,
-    [OP_TIMER_EXPIRED] = loop_timer_expired, [OP_TIMER_FUTURE] = loop_timer_future,
+    [OP_TIMER_EXPIRED] = loop_timer, [OP_TIMER_FUTURE] = loop_timer,
     [OP_IPI_OTHER] = loop_ipi_other,
 };
 
