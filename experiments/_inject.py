@@ -184,9 +184,13 @@ def annotate(params: dict, host: dict, metric: str, samples: list, extras: list)
     tsc = last.get("tsc") or {}
     more["tsc_relation"] = tsc
     if tsc and not tsc.get("kvm_agrees_with_guest"):
-        warnings.append("KVM's IA32_TSC offset disagrees with the guest's own rdtsc (PVM: a "
-                        "user-mode rdtsc is not offset); the offset was measured from a guest "
-                        f"rdtsc inside one KVM_RUN, +-{tsc.get('uncertainty_cycles', 0):,} cycles")
+        lo, hi = tsc.get("guest_rdtsc_bracket") or (0, 0)
+        off = tsc.get("kvm_get_msrs_offset", 0)
+        gap = min(abs(off - lo), abs(off - hi))
+        warnings.append(f"KVM's IA32_TSC offset is {gap:,} cycles outside the guest's own rdtsc "
+                        "bracket (a TSC the CPU does not offset as KVM says: PVM's user-mode "
+                        "rdtsc, TCG's emulated TSC); the offset was measured from a guest rdtsc "
+                        f"inside one KVM_RUN, +-{tsc.get('uncertainty_cycles', 0):,} cycles")
     if samples and tsc:
         med = float(np.median(samples))
         unc = tsc.get("uncertainty_cycles", 0) * (1e6 / max(tsc.get("guest_tsc_khz") or 1, 1)
