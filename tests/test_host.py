@@ -376,11 +376,11 @@ def test_doctor_caps_missing_aliases_and_prefixes():
     assert checks["cap.DIRTY_LOG_RING"].ok and "ACQ_REL" in checks["cap.DIRTY_LOG_RING"].detail
     assert checks["cap.BINARY_STATS_FD"].ok
     # only capabilities something in vlab uses are listed (exits.hypercall never enables
-    # KVM_CAP_EXIT_HYPERCALL); irqfd carries the io interrupt modes
+    # KVM_CAP_EXIT_HYPERCALL); irqfd carries the injection row and the io interrupt modes
     assert "cap.EXIT_HYPERCALL" not in checks
     assert checks["cap.IRQFD"].status == "MISSING"
-    assert checks["cap.IRQFD"].detail == ("not offered (needed for io.virtio and io.ivshmem "
-                                          "interrupt modes)")
+    assert checks["cap.IRQFD"].detail == ("not offered (needed for exits.irq_inject and the "
+                                          "io.virtio and io.ivshmem interrupt modes)")
     assert checks["cap.IRQCHIP"].status == "MISSING"  # not in caps: not offered
     assert "exits.pio_device" in checks["cap.IRQCHIP"].detail
 
