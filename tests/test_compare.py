@@ -224,7 +224,26 @@ def test_rows_with_process_medians_are_tested_on_processes_and_say_so():
     assert c["tested"] == 1 and c["significant"] == 1
     text = format_compare(compare([a, b]))
     assert "1 rows tested (worker-process medians); Benjamini-Hochberg false-discovery rate 5%: " \
-           "1 significant" in text
+           "1 significant, 1 changed (beyond ±2% and 1 cycle or ns per operation). 1 of them had " \
+           "fewer than 4 processes a side and were tested by Welch's t" in text
+    assert c["changed"] == 1 and c["welch"] == 1
+
+
+def test_a_clear_shift_below_one_cycle_per_operation_is_significant_but_not_a_change():
+    """exits.nop is its own baseline (~0.8 cycles per operation): a run-to-run shift of a tenth
+    of a cycle is statistically clear and a ratio of 1.1, but not a change of any cost."""
+    a = doc([proc_row([0.72, 0.73, 0.72, 0.74, 0.73], experiment="exits.nop")])
+    b = doc([proc_row([0.80, 0.81, 0.80, 0.79, 0.81], experiment="exits.nop")])
+    c = only(compare([a, b]))
+    (r,) = c["rows"]
+    assert r["test"] == "permutation" and r["significant"]
+    assert r["direction"] == "same" and r["verdict"] == "within 1 cycle per operation"
+    assert c["significant"] == 1 and c["changed"] == 0 and c["welch"] == 0
+    # the same relative shift on a real cost is called
+    a = doc([proc_row([720.0, 730.0, 720.0, 740.0, 730.0])])
+    b = doc([proc_row([800.0, 810.0, 800.0, 790.0, 810.0])])
+    c = only(compare([a, b]))
+    assert c["changed"] == 1 and c["rows"][0]["direction"] == "worse"
 
 
 def test_pooled_samples_of_few_processes_no_longer_make_a_change_significant():
@@ -262,7 +281,12 @@ def test_rows_without_process_medians_fall_back_to_samples_and_say_so():
 
 def test_a_versus_a_on_this_host_finds_essentially_nothing(tmp_path):
     """Two real runs of the same code on this host: the comparison must call essentially no
-    row changed (at most one, by the false-discovery rate)."""
+    row changed (at most one, by the false-discovery rate).
+
+    Six processes a side, so that the test is the exact permutation test (distribution-free);
+    with three, Welch's t on three process medians per side called bimodal rows (a process's
+    single-exit cost lands near 80k or 100k cycles here) and quantized ones significant: CI
+    once counted three such rows in one A-versus-A comparison."""
     import os
     import subprocess
     import sys
@@ -276,13 +300,16 @@ def test_a_versus_a_on_this_host_finds_essentially_nothing(tmp_path):
         out = tmp_path / name
         proc = subprocess.run([sys.executable, "-m", "vlab", "run", "exits.nop", "exits.pio_user",
                                "-p", "vcpus=1", "-p", "cpl=3", "-p", "direction=out",
-                               "--processes", "3", "--values", "3", "-o", str(out)],
+                               "--processes", "6", "--values", "2", "-o", str(out)],
                               capture_output=True, text=True, timeout=600,
                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs.append(results.read(out))
     c = only(compare(outs))
     assert c["tested"] >= 4
-    assert all(r["tested_unit"] == "process" for r in c["rows"] if r["p_value"] is not None)
-    assert c["significant"] <= 1, [(r["experiment"], r["metric"], r["p_value"], r["q_value"])
-                                   for r in c["rows"] if r["significant"]]
+    tested = [r for r in c["rows"] if r["p_value"] is not None]
+    assert all(r["tested_unit"] == "process" and r["n_a"] == r["n_b"] == 6 for r in tested)
+    assert {r["test"] for r in tested} <= {"permutation", "identical"} and c["welch"] == 0
+    assert c["changed"] <= 1, [(r["experiment"], r["metric"], r["ratio"], r["p_value"],
+                                r["q_value"], r["verdict"]) for r in c["rows"]
+                               if r["significant"]]

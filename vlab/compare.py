@@ -34,6 +34,13 @@ COMPARE_SCHEMA = "vlab.compare/1"
 # Top-level run keys worth showing next to host keys (a new vlab version can explain a change).
 _RUN_KEYS = ("vlab_version", "suite")
 
+# The smallest change per operation a verdict calls, by unit, beside the relative `min_effect`.
+# vlab's costs are per operation; a figure near zero by construction (exits.nop is its own
+# baseline: ~0.8 cycles and 0-5 ns per operation here) has a ratio of noise over noise, and a
+# statistically clear shift of 0.1 cycle per operation between two runs of the same code (the
+# CPU the vCPU thread landed on) is not a change of any exit's cost.
+ABS_FLOOR = {"cycles": 1.0, "ns": 1.0}
+
 
 def run_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str, Any]]:
     """What differs between two results documents' settings: `vlab.host.host_diff` of their
@@ -74,6 +81,15 @@ def _side(row: Mapping[str, Any]) -> dict[str, Any]:
     return {"status": row["status"], "reason": row["reason"], "n": row["n"],
             "median": row["median"], "mean": row["mean"], "stdev": row["stdev"],
             "p99": row["p99"], "exp_version": row.get("exp_version")}
+
+
+def _below_floor(row: Mapping[str, Any]) -> float | None:
+    """The unit's absolute floor when the row's change of medians is smaller than it, else None."""
+    floor = ABS_FLOOR.get(row.get("unit"))
+    a, b = row["a"].get("median"), row["b"].get("median")
+    if floor is None or a is None or b is None or abs(b - a) >= floor:
+        return None
+    return floor
 
 
 def _direction(ratio: float | None, significant: bool, higher_is_better: bool,
@@ -136,7 +152,8 @@ def _test_case(ra: Mapping[str, Any], rb: Mapping[str, Any], *, min_effect: floa
 
 def _control_fdr(rows: list[dict[str, Any]], *, fdr: float, min_effect: float) -> None:
     """Benjamini-Hochberg across every tested row of one comparison: a row stays significant
-    only when its q-value is below `fdr` (and its interval excludes 1, as before)."""
+    only when its q-value is below `fdr` (and its interval excludes 1, as before). A significant
+    change is called (verdict, direction) only beyond `min_effect` and the unit's `ABS_FLOOR`."""
     from vlab.analysis.stats import fdr_bh, verdict
 
     qs = fdr_bh([r.get("p_value") for r in rows])
@@ -148,6 +165,11 @@ def _control_fdr(rows: list[dict[str, Any]], *, fdr: float, min_effect: float) -
                                    r["higher_is_better"])
         r["direction"] = _direction(r["ratio"], r["significant"], r["higher_is_better"],
                                     min_effect)
+        floor = _below_floor(r) if r["significant"] else None
+        if floor is not None and r["direction"] != "same":
+            r["direction"] = "same"
+            unit = "cycle" if r["unit"] == "cycles" and floor == 1 else r["unit"]
+            r["verdict"] = f"within {floor:g} {unit} per operation"
 
 
 def _compare_pair(a: Mapping[str, Any], b: Mapping[str, Any], *, min_effect: float,
@@ -208,7 +230,10 @@ def compare(docs: Sequence[Mapping[str, Any]], *, min_effect: float = 0.02,
     Returns ``{"schema": "vlab.compare/1", "min_effect", "files": [...], "comparisons": [...]}``
     where each comparison holds `a`, `b` (file labels), `host_diff`, `rows` (ratio, CI, p-value,
     its Benjamini-Hochberg q-value across the comparison's rows, the test and the unit tested,
-    significant, verdict, direction per case), `tested` and `significant` (row counts), `only_in_a`, `only_in_b`, `incomparable`
+    significant, verdict, direction per case), `tested`, `significant` and `changed` (row
+    counts: significant after false-discovery control, and called a change: significant and
+    beyond both `min_effect` and the unit's `ABS_FLOOR`), `welch` (rows tested by Welch's t for
+    want of processes), `only_in_a`, `only_in_b`, `incomparable`
     (experiment version differs), `not_compared` (skipped or failed on a side) and `warnings`.
 
     Raises `UsageError` when fewer than two documents are given, when their schemas differ,
@@ -241,6 +266,8 @@ def compare(docs: Sequence[Mapping[str, Any]], *, min_effect: float = 0.02,
         tested = [r for r in c["rows"] if r.get("q_value") is not None]
         c["tested"] = len(tested)
         c["significant"] = sum(1 for r in tested if r["significant"])
+        c["changed"] = sum(1 for r in tested if r["direction"] != "same")
+        c["welch"] = sum(1 for r in tested if r.get("test") == "welch")
     if strict:
         bad = [(c["b"]["name"], r) for c in comparisons for r in c["incomparable"]]
         if bad:
@@ -280,9 +307,17 @@ def _fdr_line(c: Mapping[str, Any], result: Mapping[str, Any]) -> str:
     """How many rows were tested, at what false-discovery rate, and on what unit."""
     units = sorted({r.get("tested_unit") for r in c["rows"] if r.get("tested_unit")})
     on = {"process": "worker-process medians", "sample": "samples (no per-process medians)"}
-    return (f"{c.get('tested', 0)} rows tested ({', '.join(on[u] for u in units) or 'none'}); "
+    line = (f"{c.get('tested', 0)} rows tested ({', '.join(on[u] for u in units) or 'none'}); "
             f"Benjamini-Hochberg false-discovery rate {result.get('fdr', 0.05) * 100:g}%: "
             f"{c.get('significant', 0)} significant")
+    if "changed" in c:
+        line += (f", {c['changed']} changed (beyond ±{result.get('min_effect', 0.02) * 100:g}% "
+                 "and 1 cycle or ns per operation)")
+    if c.get("welch"):
+        line += (f". {c['welch']} of them had fewer than 4 processes a side and were tested by "
+                 "Welch's t, which assumes normally distributed process medians; give "
+                 "--processes 4 or more for an exact permutation test")
+    return line
 
 
 def _fmt_value(v: Any) -> str:

@@ -818,7 +818,7 @@ def compare_figure(comparison: Mapping[str, Any], min_effect: float = 0.02) -> "
         return None
     colours = {"worse": OKABE_ITO[3], "better": OKABE_ITO[2], "same": "#999999"}
     names = {"worse": "significantly worse", "better": "significantly better",
-             "same": "not significant"}
+             "same": "no change called"}
     with matplotlib.rc_context({**_RC, "ytick.labelsize": 7.5 if len(rows) > 30 else 8}):
         fig = _new_figure(11.0, max(3.0, 0.2 * len(rows) + 1.6))
         ax = fig.subplots()

@@ -428,10 +428,13 @@ def _verdict_html(r: Mapping[str, Any]) -> str:
 def _compare_section(result: Mapping[str, Any], figs: _Figures) -> str:
     out = ['<h2 id="compare">Comparison</h2>',
            '<div class="howto"><strong>How to read this.</strong> Each file after the first is '
-           "compared with the first (A). The ratio is B/A of the metric; the 95% confidence "
-           "interval comes from a bootstrap over the samples. A change is reported only when it "
-           f"is significant and larger than {result['min_effect'] * 100:g}% (the grey band in "
-           "the figure); for throughput-like metrics (↑) a ratio above 1 is better. Host keys "
+           "compared with the first (A). The ratio is B/A of the metric; each worker process "
+           "counts once, by its median, and the 95% confidence interval is of the ratio of "
+           "those medians' geometric means. A change is reported only when it is significant "
+           "after false-discovery control, larger than "
+           f"{result['min_effect'] * 100:g}% (the grey band in the figure) and larger than 1 "
+           "cycle or ns per operation; for throughput-like metrics (↑) a ratio above 1 is "
+           "better. Host keys "
            "that differ are listed first because they usually explain the change.</div>"]
     for c in result["comparisons"]:
         a, b = c["a"], c["b"]
