@@ -220,3 +220,10 @@ def test_compare_units_handles_non_positive_values_on_a_linear_scale():
     r = compare_units([-1.0, 1.0, 3.0], [9.0, 10.0, 11.0])
     assert r["ratio"] == pytest.approx(10.0) and r["p_value"] < 0.05
     assert compare_units([-1.0, 0.0, 1.0], [9.0, 10.0, 11.0])["verdict"] == "ratio undefined (A is 0)"
+
+
+def test_compare_units_interval_has_its_low_end_first_for_a_negative_baseline():
+    # exits.nop's single-exit cost is below its baseline (about -78 cycles): the ratio's
+    # interval comes from dividing by a negative mean, which swaps its ends
+    r = compare_units([-80.0, -78.0, -76.0], [-79.0, -78.0, -77.0])
+    assert r["ci_low"] <= r["ratio"] <= r["ci_high"]

@@ -51,7 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--csv", action="store_true")
 
     c = sub.add_parser("compare", help="per-metric ratio B/A with significance, and host changes")
-    c.add_argument("files", nargs="+", metavar="FILE")
+    c.add_argument("files", nargs="+", metavar="FILE",
+                   help="a results file, or replicate runs of one side joined by commas "
+                        "(a1.json,a2.json,a3.json): with two or more runs on both sides each "
+                        "run counts once. Every side after the first is compared to the first")
     c.add_argument("--min-effect", type=float, default=0.02,
                    help="smallest relative change that counts (default 0.02 = 2%%)")
     c.add_argument("--json", action="store_true")
@@ -240,6 +243,17 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _side_paths(arg: str) -> list[str]:
+    """The files of one side of `vlab compare`: the path itself when it exists (a name may hold
+    a comma), else its comma-separated parts (replicate runs)."""
+    if "," not in arg or os.path.exists(arg):
+        return [arg]
+    parts = arg.split(",")
+    if not all(parts):
+        raise UsageError(f"compare: {arg!r} has an empty file name between its commas")
+    return parts
+
+
 def cmd_compare(args) -> int:
     from vlab import results
     from vlab._inputs import finite
@@ -248,9 +262,10 @@ def cmd_compare(args) -> int:
     if len(args.files) < 2:
         raise UsageError("compare needs at least two results files")
     finite("--min-effect", args.min_effect, 0.0)
-    docs = [results.read(f) for f in args.files]
+    sides = [_side_paths(arg) for arg in args.files]
+    docs = [[results.read(f) for f in side] for side in sides]
     res = compare(docs, min_effect=args.min_effect, strict=args.strict, fdr=args.fdr,
-                  names=[os.path.basename(f) for f in args.files])
+                  names=[",".join(os.path.basename(f) for f in side) for side in sides])
     fmt = "json" if args.json else "md" if args.md else "text"
     print(format_compare(res, fmt=fmt))
     return 0

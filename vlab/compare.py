@@ -17,11 +17,19 @@ Two questions, answered together because one explains the other:
 A case whose `exp_version` differs between the files measured different code: comparing it
 would be meaningless, so it is listed as incomparable (or, with `strict`, the whole comparison is
 refused), as asv does. With more than two files every file is compared to the first.
+
+A side may be several runs of the same configuration (replicates, ideally interleaved with the
+other side's: A B A B ...). On a noisy host a run's processes share a drift that the next
+run's do not, so two single runs can differ significantly by process although nothing changed.
+With two or more runs on both sides the unit of replication is the run (each run counts once,
+by its row median), which is the test that answers "do these configurations differ" rather than
+"do these two runs differ".
 """
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -54,33 +62,86 @@ def run_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str, Any]]
     return out
 
 
-def _label(doc: Mapping[str, Any], name: str | None, index: int) -> dict[str, Any]:
-    host = doc.get("host", {})
-    return {"name": name or f"file {index + 1}", "run_id": doc.get("run_id"),
-            "host_id": host.get("host_id"), "started_at": doc.get("started_at")}
+def _label(side: Sequence[Mapping[str, Any]], name: str | None, index: int) -> dict[str, Any]:
+    """A side's name, host and run; a side of several runs names its first run's host and
+    lists every run."""
+    first = side[0]
+    out = {"name": name or f"file {index + 1}", "run_id": first.get("run_id"),
+           "host_id": first.get("host", {}).get("host_id"), "started_at": first.get("started_at")}
+    if len(side) > 1:
+        out["runs"] = [{"run_id": d.get("run_id"), "host_id": d.get("host", {}).get("host_id"),
+                        "started_at": d.get("started_at")} for d in side]
+    return out
 
 
 def _case(row: Mapping[str, Any]) -> tuple[str, str, str]:
     return (row["experiment"], results.params_key(row["params"]), row["metric"])
 
 
-def _index(doc: Mapping[str, Any]) -> tuple[dict[tuple[str, str, str], dict], list[str]]:
-    """Rows by case; a case repeated in one file keeps its first row and is reported."""
-    rows: dict[tuple[str, str, str], dict] = {}
+def _index(side: Sequence[Mapping[str, Any]]) -> tuple[dict[tuple[str, str, str], list[dict]],
+                                                        list[str]]:
+    """Rows by case, one per run of the side; a case repeated in one file keeps its first row
+    and is reported."""
+    rows: dict[tuple[str, str, str], list[dict]] = {}
     dupes: list[str] = []
-    for row in doc["rows"]:
-        key = _case(row)
-        if key in rows:
-            dupes.append(" ".join(k for k in key if k))
-            continue
-        rows[key] = row
+    for i, doc in enumerate(side):
+        for row in doc["rows"]:
+            key = _case(row)
+            have = rows.setdefault(key, [])
+            if len(have) > i:
+                dupes.append(" ".join(k for k in key if k)
+                             + (f" (run {i + 1})" if len(side) > 1 else ""))
+                continue
+            have.append(row)
     return rows, dupes
 
 
-def _side(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {"status": row["status"], "reason": row["reason"], "n": row["n"],
-            "median": row["median"], "mean": row["mean"], "stdev": row["stdev"],
-            "p99": row["p99"], "exp_version": row.get("exp_version")}
+def _side_warnings(side: Sequence[Mapping[str, Any]], name: str,
+                   rows: Mapping[tuple[str, str, str], list[dict]]) -> list[str]:
+    """What makes a side's runs less than replicates: host keys that differ between them, and
+    cases some runs lack (the runs that have them are used)."""
+    out = []
+    for i, doc in enumerate(side[1:], start=2):
+        keys = [d["key"] for d in run_diff(side[0], doc)]
+        if keys:
+            out.append(f"{name}: run {i} differs from run 1 in {', '.join(keys)}; runs of one "
+                       "side are replicates only when their host and settings are the same")
+    partial = [" ".join(k for k in key if k) for key, rs in rows.items() if len(rs) < len(side)]
+    if partial:
+        more = f" and {len(partial) - 1} more" if len(partial) > 1 else ""
+        out.append(f"{name}: {len(partial)} case(s) are missing from some of its {len(side)} "
+                   f"runs ({partial[0]}{more}); the runs that have them are used")
+    return out
+
+
+def _version_conflict(ra: Sequence[Mapping[str, Any]],
+                      rb: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why a case's rows measured different code, if they did."""
+    va = {r.get("exp_version") for r in ra} - {None}
+    vb = {r.get("exp_version") for r in rb} - {None}
+    for name, v in (("A", va), ("B", vb)):
+        if len(v) > 1:
+            return f"experiment version differs between the runs of {name} ({', '.join(sorted(v))})"
+    if va and vb and va != vb:
+        return f"experiment version differs ({va.pop()} vs {vb.pop()})"
+    return None
+
+
+def _side(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One side of a case: its row, or for several runs their median of row medians (each run
+    counts once), the summed sample count and each run's median (`run_medians`); a pooled
+    stdev or p99 across runs would mix run drift into one figure, so it is left out."""
+    row = rows[0]
+    if len(rows) == 1:
+        return {"status": row["status"], "reason": row["reason"], "n": row["n"],
+                "median": row["median"], "mean": row["mean"], "stdev": row["stdev"],
+                "p99": row["p99"], "exp_version": row.get("exp_version")}
+    medians = [r["median"] for r in rows]
+    known = [m for m in medians if m is not None]
+    return {"status": row["status"], "reason": row["reason"], "n": sum(r["n"] or 0 for r in rows),
+            "median": statistics.median(known) if known else None, "mean": None, "stdev": None,
+            "p99": None, "exp_version": row.get("exp_version"), "runs": len(rows),
+            "run_medians": medians}
 
 
 def _below_floor(row: Mapping[str, Any]) -> float | None:
@@ -111,27 +172,45 @@ def _process_medians(row: Mapping[str, Any]) -> list[float] | None:
     return None
 
 
-def _test_case(ra: Mapping[str, Any], rb: Mapping[str, Any], *, min_effect: float, alpha: float,
-               hib: bool) -> dict[str, Any]:
-    """Ratio, interval, p-value and test of one case measured in both files.
+def _pooled(rows: Sequence[Mapping[str, Any]]) -> tuple[list[float] | None, list[float]]:
+    """A side's process medians (None unless every run recorded them) and samples, over all of
+    its runs."""
+    procs: list[float] | None = []
+    for r in rows:
+        pm = _process_medians(r)
+        procs = procs + pm if (procs is not None and pm) else None
+    return procs, [v for r in rows for v in (r.get("samples") or [])]
 
-    The worker process is the unit of replication: its samples share a CPU placement, caches and
-    calibration, so each process counts once, by its median (`compare_units`). Rows from files
-    that recorded no per-process medians, or from one-shot experiments with a single process,
-    fall back to the samples (`compare_samples`), and the row's `unit` says which was tested.
+
+def _test_case(ra: Sequence[Mapping[str, Any]], rb: Sequence[Mapping[str, Any]], *,
+               min_effect: float, alpha: float, hib: bool) -> dict[str, Any]:
+    """Ratio, interval, p-value and test of one case measured on both sides (each side one row
+    per run).
+
+    With two or more runs on both sides the run is the unit of replication: each run counts
+    once, by its row median, because a run's processes share a drift the other runs' do not.
+    Otherwise the worker process is the unit: its samples share a CPU placement, caches and
+    calibration, so each process counts once, by its median (`compare_units`); a side of
+    several runs facing a single run pools its runs' processes. Rows from files that recorded
+    no per-process medians, or from one-shot experiments with a single process, fall back to
+    the samples (`compare_samples`), and the row's `tested_unit` says which was tested.
     """
     # lazily: the analysis package pulls in scipy (and may pull in numba)
     from vlab.analysis.stats import compare_samples, compare_units
 
-    ratio = (rb["median"] / ra["median"]) if ra["median"] else None
-    pa, pb = _process_medians(ra), _process_medians(rb)
-    if pa and pb and (len(pa) >= 2 or len(pb) >= 2):
+    ma, mb = _side(ra)["median"], _side(rb)["median"]
+    ratio = (mb / ma) if ma and mb is not None else None
+    (pa, sa), (pb, sb) = _pooled(ra), _pooled(rb)
+    if len(ra) >= 2 and len(rb) >= 2 and all(r["median"] is not None for r in (*ra, *rb)):
+        res = compare_units([r["median"] for r in ra], [r["median"] for r in rb], ratio=ratio,
+                            min_effect=min_effect, alpha=alpha, higher_is_better=hib)
+        unit = "run"
+    elif pa and pb and (len(pa) >= 2 or len(pb) >= 2):
         res = compare_units(pa, pb, ratio=ratio, min_effect=min_effect, alpha=alpha,
                             higher_is_better=hib)
         unit = "process"
-    elif ra["samples"] and rb["samples"]:
-        res = compare_samples(ra["samples"], rb["samples"], min_effect=min_effect, alpha=alpha,
-                              higher_is_better=hib)
+    elif sa and sb:
+        res = compare_samples(sa, sb, min_effect=min_effect, alpha=alpha, higher_is_better=hib)
         res["test"] = "mann-whitney"
         unit = "sample"
     else:
@@ -172,41 +251,50 @@ def _control_fdr(rows: list[dict[str, Any]], *, fdr: float, min_effect: float) -
             r["verdict"] = f"within {floor:g} {unit} per operation"
 
 
-def _compare_pair(a: Mapping[str, Any], b: Mapping[str, Any], *, min_effect: float,
-                  ia: int, ib: int, names: Sequence[str | None], alpha: float = 0.05,
-                  fdr: float = 0.05) -> dict[str, Any]:
+def _compare_pair(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]], *,
+                  min_effect: float, ia: int, ib: int, names: Sequence[str | None],
+                  alpha: float = 0.05, fdr: float = 0.05) -> dict[str, Any]:
+    """Side B against side A; each side is one or more runs (results documents)."""
     rows_a, dupes_a = _index(a)
     rows_b, dupes_b = _index(b)
     out: dict[str, Any] = {
         "a": _label(a, names[ia], ia), "b": _label(b, names[ib], ib),
-        "host_diff": run_diff(a, b), "rows": [], "only_in_a": [], "only_in_b": [],
+        "host_diff": run_diff(a[0], b[0]), "rows": [], "only_in_a": [], "only_in_b": [],
         "incomparable": [], "not_compared": [], "warnings": []}
     for which, dupes in (("a", dupes_a), ("b", dupes_b)):
         for d in dupes:
             out["warnings"].append(f"{out[which]['name']}: case {d} appears more than once; "
                                    "the first row is used")
+    for which, side, rows in (("a", a, rows_a), ("b", b, rows_b)):
+        out["warnings"] += _side_warnings(side, out[which]["name"], rows)
+    if (len(a) > 1) != (len(b) > 1):
+        out["warnings"].append(
+            f"one side has {max(len(a), len(b))} runs and the other 1: testing runs needs two or "
+            "more runs a side, so the runs' worker processes are pooled as if from one run, and "
+            "run-to-run drift is not accounted for")
     for key, ra in rows_a.items():
         experiment, pkey, metric = key
-        base = {"experiment": experiment, "params": dict(ra["params"]), "params_str": pkey,
-                "metric": metric, "unit": ra["unit"]}
+        base = {"experiment": experiment, "params": dict(ra[0]["params"]), "params_str": pkey,
+                "metric": metric, "unit": ra[0]["unit"]}
         rb = rows_b.get(key)
         if rb is None:
-            out["only_in_a"].append({**base, "status": ra["status"]})
+            out["only_in_a"].append({**base, "status": ra[0]["status"]})
             continue
-        va, vb = ra.get("exp_version"), rb.get("exp_version")
-        if va is not None and vb is not None and va != vb:
-            out["incomparable"].append({**base, "reason": "experiment version differs "
-                                        f"({va} vs {vb})", "a": _side(ra), "b": _side(rb)})
+        conflict = _version_conflict(ra, rb)
+        if conflict:
+            out["incomparable"].append({**base, "reason": conflict, "a": _side(ra),
+                                        "b": _side(rb)})
             continue
-        if ra["status"] != "ok" or rb["status"] != "ok":
-            why = []
-            for side, r in (("A", ra), ("B", rb)):
-                if r["status"] != "ok":
-                    why.append(f"{side} {r['status']}: {r['reason']}")
+        why = [f"{side}{f' run {i + 1}' if len(rs) > 1 else ''} {r['status']}: {r['reason']}"
+               for side, rs in (("A", ra), ("B", rb)) for i, r in enumerate(rs)
+               if r["status"] != "ok"]
+        if why:
             out["not_compared"].append({**base, "reason": "; ".join(why),
                                         "a": _side(ra), "b": _side(rb)})
             continue
-        flags = {**(rb.get("flags") or {}), **(ra.get("flags") or {})}
+        flags: dict[str, Any] = {}
+        for r in (*rb, *ra):
+            flags.update(r.get("flags") or {})
         hib = bool(flags.get("higher_is_better", False))
         entry = {**base, "higher_is_better": hib, "a": _side(ra), "b": _side(rb),
                  "flags": {k: v for k, v in flags.items() if k != "higher_is_better"}}
@@ -216,52 +304,64 @@ def _compare_pair(a: Mapping[str, Any], b: Mapping[str, Any], *, min_effect: flo
     for key, rb in rows_b.items():
         if key not in rows_a:
             experiment, pkey, metric = key
-            out["only_in_b"].append({"experiment": experiment, "params": dict(rb["params"]),
-                                     "params_str": pkey, "metric": metric, "unit": rb["unit"],
-                                     "status": rb["status"]})
+            out["only_in_b"].append({"experiment": experiment, "params": dict(rb[0]["params"]),
+                                     "params_str": pkey, "metric": metric,
+                                     "unit": rb[0]["unit"], "status": rb[0]["status"]})
     return out
 
 
-def compare(docs: Sequence[Mapping[str, Any]], *, min_effect: float = 0.02,
-            strict: bool = False, names: Sequence[str] | None = None,
-            fdr: float = 0.05) -> dict[str, Any]:
-    """Compare results documents: each one after the first against the first.
+def compare(docs: Sequence[Mapping[str, Any] | Sequence[Mapping[str, Any]]], *,
+            min_effect: float = 0.02, strict: bool = False,
+            names: Sequence[str] | None = None, fdr: float = 0.05) -> dict[str, Any]:
+    """Compare results documents: each side after the first against the first.
+
+    A side is one results document, or a sequence of documents: replicate runs of one
+    configuration, tested with the run as the unit when both sides of a comparison have two or
+    more (see the module docstring).
 
     Returns ``{"schema": "vlab.compare/1", "min_effect", "files": [...], "comparisons": [...]}``
-    where each comparison holds `a`, `b` (file labels), `host_diff`, `rows` (ratio, CI, p-value,
-    its Benjamini-Hochberg q-value across the comparison's rows, the test and the unit tested,
-    significant, verdict, direction per case), `tested`, `significant` and `changed` (row
-    counts: significant after false-discovery control, and called a change: significant and
-    beyond both `min_effect` and the unit's `ABS_FLOOR`), `welch` (rows tested by Welch's t for
-    want of processes), `only_in_a`, `only_in_b`, `incomparable`
-    (experiment version differs), `not_compared` (skipped or failed on a side) and `warnings`.
+    where `files` labels each side (a side of several runs lists them under `runs`) and each
+    comparison holds `a`, `b` (side labels), `host_diff` (between the sides' first runs),
+    `rows` (ratio, CI, p-value, its Benjamini-Hochberg q-value across the comparison's rows,
+    the test and the unit tested, significant, verdict, direction per case), `tested`,
+    `significant` and `changed` (row counts: significant after false-discovery control, and
+    called a change: significant and beyond both `min_effect` and the unit's `ABS_FLOOR`),
+    `welch` (rows tested by Welch's t for want of processes or runs), `only_in_a`,
+    `only_in_b`, `incomparable` (experiment version differs), `not_compared` (skipped or failed
+    on a side) and `warnings` (among them: runs of one side whose host keys differ).
 
-    Raises `UsageError` when fewer than two documents are given, when their schemas differ,
+    Raises `UsageError` when fewer than two sides are given, when their schemas differ,
     when one is not a valid results document, or (with `strict`) when any case is
-    incomparable. `names` label the files (e.g. their paths) in the output.
+    incomparable. `names` label the sides (e.g. their paths) in the output.
     """
-    docs = list(docs)
-    if len(docs) < 2:
-        raise UsageError(f"compare needs at least two results files, got {len(docs)}")
-    names_list: list[str | None] = list(names) if names is not None else [None] * len(docs)
-    if len(names_list) != len(docs):
-        raise UsageError(f"compare got {len(docs)} documents but {len(names_list)} names")
-    schemas = [d.get("schema") if isinstance(d, Mapping) else None for d in docs]
-    if len(set(map(str, schemas))) > 1:
-        shown = ", ".join(f"{names_list[i] or f'file {i + 1}'}: {s!r}"
-                          for i, s in enumerate(schemas))
+    sides = [[d] if isinstance(d, Mapping) else list(d) for d in docs]
+    if len(sides) < 2:
+        raise UsageError(f"compare needs at least two results files, got {len(sides)}")
+    names_list: list[str | None] = list(names) if names is not None else [None] * len(sides)
+    if len(names_list) != len(sides):
+        raise UsageError(f"compare got {len(sides)} sides but {len(names_list)} names")
+    for i, side in enumerate(sides):
+        if not side:
+            raise UsageError(f"{names_list[i] or f'file {i + 1}'}: a side needs a results file")
+    schemas = [[d.get("schema") if isinstance(d, Mapping) else None for d in side]
+               for side in sides]
+    if len({str(x) for side in schemas for x in side}) > 1:
+        shown = ", ".join(f"{names_list[i] or f'file {i + 1}'}: {', '.join(map(repr, side))}"
+                          for i, side in enumerate(schemas))
         raise UsageError(f"cannot compare results with different schema versions ({shown})")
-    for i, d in enumerate(docs):
-        try:
-            results.validate(d)
-        except UsageError as e:
-            raise UsageError(f"{names_list[i] or f'file {i + 1}'}: {e}") from None
+    for i, side in enumerate(sides):
+        for k, d in enumerate(side):
+            try:
+                results.validate(d)
+            except UsageError as e:
+                run = f" run {k + 1}" if len(side) > 1 else ""
+                raise UsageError(f"{names_list[i] or f'file {i + 1}'}{run}: {e}") from None
     if not (0 <= min_effect < 1):
         raise UsageError(f"min_effect must be in [0, 1), got {min_effect}")
     if not (0 < fdr < 1):
         raise UsageError(f"the false-discovery rate must be in (0, 1), got {fdr}")
-    comparisons = [_compare_pair(docs[0], docs[i], min_effect=min_effect, ia=0, ib=i,
-                                 names=names_list, fdr=fdr) for i in range(1, len(docs))]
+    comparisons = [_compare_pair(sides[0], sides[i], min_effect=min_effect, ia=0, ib=i,
+                                 names=names_list, fdr=fdr) for i in range(1, len(sides))]
     for c in comparisons:
         tested = [r for r in c["rows"] if r.get("q_value") is not None]
         c["tested"] = len(tested)
@@ -276,7 +376,7 @@ def compare(docs: Sequence[Mapping[str, Any]], *, min_effect: float = 0.02,
             raise UsageError(f"refusing to compare (--strict): {r['experiment']} "
                              f"{r['params_str']} {r['metric']} in {name}: {r['reason']}{more}")
     return {"schema": COMPARE_SCHEMA, "min_effect": min_effect, "fdr": fdr,
-            "files": [_label(d, names_list[i], i) for i, d in enumerate(docs)],
+            "files": [_label(side, names_list[i], i) for i, side in enumerate(sides)],
             "comparisons": comparisons}
 
 
@@ -306,17 +406,24 @@ def _fmt_p(r: Mapping[str, Any]) -> str:
 def _fdr_line(c: Mapping[str, Any], result: Mapping[str, Any]) -> str:
     """How many rows were tested, at what false-discovery rate, and on what unit."""
     units = sorted({r.get("tested_unit") for r in c["rows"] if r.get("tested_unit")})
-    on = {"process": "worker-process medians", "sample": "samples (no per-process medians)"}
+    on = {"process": "worker-process medians", "sample": "samples (no per-process medians)",
+          "run": "run medians"}
     line = (f"{c.get('tested', 0)} rows tested ({', '.join(on[u] for u in units) or 'none'}); "
             f"Benjamini-Hochberg false-discovery rate {result.get('fdr', 0.05) * 100:g}%: "
             f"{c.get('significant', 0)} significant")
     if "changed" in c:
         line += (f", {c['changed']} changed (beyond ±{result.get('min_effect', 0.02) * 100:g}% "
                  "and 1 cycle or ns per operation)")
-    if c.get("welch"):
-        line += (f". {c['welch']} of them had fewer than 4 processes a side and were tested by "
-                 "Welch's t, which assumes normally distributed process medians; give "
+    welch = {u: sum(1 for r in c["rows"] if r.get("test") == "welch" and r["tested_unit"] == u)
+             for u in ("process", "run")}
+    if welch["process"]:
+        line += (f". {welch['process']} of them had fewer than 4 processes a side and were "
+                 "tested by Welch's t, which assumes normally distributed process medians; give "
                  "--processes 4 or more for an exact permutation test")
+    if welch["run"]:
+        line += (f". {welch['run']} of them had fewer than 4 runs a side and were tested by "
+                 "Welch's t, which assumes normally distributed run medians; 4 or more runs a "
+                 "side get an exact permutation test")
     return line
 
 
@@ -373,13 +480,12 @@ def format_compare(result: Mapping[str, Any], fmt: str = "text") -> str:
         a, b = c["a"], c["b"]
         heading(f"{b['name']} vs {a['name']} (B/A; min effect "
                 f"{result['min_effect'] * 100:g}%)")
-        if not md:
-            out.append(f"A: {a['name']}  host {a['host_id']}  run {a['run_id']}")
-            out.append(f"B: {b['name']}  host {b['host_id']}  run {b['run_id']}")
-            out.append("")
-        else:
-            out.extend([f"- A: `{a['name']}` host `{a['host_id']}` run `{a['run_id']}`",
-                        f"- B: `{b['name']}` host `{b['host_id']}` run `{b['run_id']}`", ""])
+        for side, lab in (("A", a), ("B", b)):
+            ids = [str(r["run_id"]) for r in lab.get("runs", [])]
+            runs = f"{len(ids)} runs ({', '.join(ids)})" if ids else f"run {lab['run_id']}"
+            out.append(f"- {side}: `{lab['name']}` host `{lab['host_id']}` {runs}" if md
+                       else f"{side}: {lab['name']}  host {lab['host_id']}  {runs}")
+        out.append("")
         heading("What changed on the host", 3)
         if c["host_diff"]:
             out.extend(table(["key", "A", "B"],

@@ -272,7 +272,9 @@ def compare_units(a: Iterable[float] | np.ndarray, b: Iterable[float] | np.ndarr
         lo, hi = math.exp(lo), math.exp(hi)
     else:
         base = float(np.mean(lx))
-        lo, hi = ((base + lo) / base, (base + hi) / base) if base else (math.nan, math.nan)
+        # a negative baseline (a cost below its reference) flips the ends of the ratio
+        lo, hi = (sorted(((base + lo) / base, (base + hi) / base)) if base
+                  else (math.nan, math.nan))
     out.update(ci_low=lo, ci_high=hi,
                ci_method="bootstrap" if min(x.size, y.size) >= 5 else "welch")
     excludes = math.isfinite(lo) and math.isfinite(hi) and (lo > 1.0 or hi < 1.0)
