@@ -2,6 +2,7 @@
 being replicates (different host keys, missing cases, different experiment versions)."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -153,3 +154,18 @@ def test_cli_bad_side_is_one_line_and_exit_2(tmp_path, arg, why):
     proc = cli(arg.format(a=a, d=tmp_path), str(a))
     assert proc.returncode == 2 and why in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_case_repeated_in_a_run_that_the_first_run_lacks_is_reported_not_counted_as_a_run():
+    a = side(DRIFT_A, "a")
+    nop = row([5.0, 5.1, 4.9], experiment="exits.nop")
+    a[1]["rows"] += [nop, copy.deepcopy(nop)]
+    a[2]["rows"].append(copy.deepcopy(nop))
+    b = side(DRIFT_B, "b")
+    for d in b:
+        d["rows"].append(copy.deepcopy(nop))
+    c = only(compare([a, b], names=["A", "B"]))
+    (r,) = [r for r in c["rows"] if r["experiment"] == "exits.nop"]
+    assert r["a"]["runs"] == 2  # runs 2 and 3, once each
+    assert any(w.startswith("A: case exits.nop cpl=3 guest_cycles (run 2) appears more than once")
+               for w in c["warnings"])

@@ -85,14 +85,15 @@ def _index(side: Sequence[Mapping[str, Any]]) -> tuple[dict[tuple[str, str, str]
     rows: dict[tuple[str, str, str], list[dict]] = {}
     dupes: list[str] = []
     for i, doc in enumerate(side):
+        seen: set[tuple[str, str, str]] = set()
         for row in doc["rows"]:
             key = _case(row)
-            have = rows.setdefault(key, [])
-            if len(have) > i:
+            if key in seen:
                 dupes.append(" ".join(k for k in key if k)
                              + (f" (run {i + 1})" if len(side) > 1 else ""))
                 continue
-            have.append(row)
+            seen.add(key)
+            rows.setdefault(key, []).append(row)
     return rows, dupes
 
 
