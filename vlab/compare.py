@@ -183,10 +183,11 @@ def _pooled(rows: Sequence[Mapping[str, Any]]) -> tuple[list[float] | None, list
     return procs, [v for r in rows for v in (r.get("samples") or [])]
 
 
-def _test_case(ra: Sequence[Mapping[str, Any]], rb: Sequence[Mapping[str, Any]], *,
-               min_effect: float, alpha: float, hib: bool) -> dict[str, Any]:
+def _test_case(ra: Sequence[Mapping[str, Any]], rb: Sequence[Mapping[str, Any]],
+               ma: float | None, mb: float | None, *, min_effect: float, alpha: float,
+               hib: bool) -> dict[str, Any]:
     """Ratio, interval, p-value and test of one case measured on both sides (each side one row
-    per run).
+    per run; `ma` and `mb` the sides' medians, from `_side`).
 
     With two or more runs on both sides the run is the unit of replication: each run counts
     once, by its row median, because a run's processes share a drift the other runs' do not.
@@ -199,7 +200,6 @@ def _test_case(ra: Sequence[Mapping[str, Any]], rb: Sequence[Mapping[str, Any]],
     # lazily: the analysis package pulls in scipy (and may pull in numba)
     from vlab.analysis.stats import compare_samples, compare_units
 
-    ma, mb = _side(ra)["median"], _side(rb)["median"]
     ratio = (mb / ma) if ma and mb is not None else None
     (pa, sa), (pb, sb) = _pooled(ra), _pooled(rb)
     if len(ra) >= 2 and len(rb) >= 2 and all(r["median"] is not None for r in (*ra, *rb)):
@@ -297,9 +297,11 @@ def _compare_pair(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]
         for r in (*rb, *ra):
             flags.update(r.get("flags") or {})
         hib = bool(flags.get("higher_is_better", False))
-        entry = {**base, "higher_is_better": hib, "a": _side(ra), "b": _side(rb),
+        sa, sb = _side(ra), _side(rb)
+        entry = {**base, "higher_is_better": hib, "a": sa, "b": sb,
                  "flags": {k: v for k, v in flags.items() if k != "higher_is_better"}}
-        entry.update(_test_case(ra, rb, min_effect=min_effect, alpha=alpha, hib=hib))
+        entry.update(_test_case(ra, rb, sa["median"], sb["median"], min_effect=min_effect,
+                                alpha=alpha, hib=hib))
         out["rows"].append(entry)
     _control_fdr(out["rows"], fdr=fdr, min_effect=min_effect)
     for key, rb in rows_b.items():
