@@ -190,9 +190,13 @@ static void ipi_target(u64 id, u64 vec, u64 halt)
     for (;;) {
         if (halt)
             ARG(ARG_HALTING) = 1;
-        while (irq_cpu[id].count[vec] == last && ARG(ARG_READY) != READY_ABORT) {
+        for (;;) {
+            u64 seen = irq_cpu[id].handled;     /* before the check: no lost wake-up */
+
+            if (irq_cpu[id].count[vec] != last || ARG(ARG_READY) == READY_ABORT)
+                break;
             if (halt)
-                irq_halt_until(id, irq_cpu[id].handled);
+                irq_halt_until(id, seen);
             else
                 __asm__ volatile("pause" ::: "memory");
         }
@@ -359,9 +363,13 @@ static int irq_main(u64 id, u64 op, u64 a0, u64 a1)
             u64 seen = irq_cpu[id].count[a0 & 0xff];
 
             ARG(ARG_HALTING) = k + 1;
-            while (irq_cpu[id].count[a0 & 0xff] == seen) {
+            for (;;) {
+                u64 handled = irq_cpu[id].handled;  /* before the check: no lost wake-up */
+
+                if (irq_cpu[id].count[a0 & 0xff] != seen)
+                    break;
                 if (flags & F_HALT)
-                    irq_halt_until(id, irq_cpu[id].handled);
+                    irq_halt_until(id, handled);
                 else
                     __asm__ volatile("pause" ::: "memory");
             }
