@@ -37,17 +37,3 @@ def test_no_interrupt_rows_no_interrupt_table():
     doc = {"host": {}, "rows": [_row("exits.cpuid", {"cpl": 3}, "guest_cycles", 15_000.0)]}
     assert "interrupts" not in exits_table(doc)
     assert interrupts_table({}, []) == ""
-
-
-def test_a_floor_expectation_is_shown_as_at_least():
-    p = {"apic": "x2apic", "cpl": 0, "target": "halted"}
-    doc = {"host": {}, "rows": [
-        _row("exits.ipi_other", p, "guest_cycles", 415_000.0),
-        _row("exits.ipi_other", p, "exits_per_op", 11.55, expected_exits_per_op=1,
-             expectation={"exits": 1, "open_above": True}),
-        _row("exits.cpuid", {"cpl": 3}, "exits_per_op", 1.0, expected_exits_per_op=1,
-             expectation={"exits": 1}),
-    ]}
-    lines = exits_table(doc).splitlines()
-    assert "≥1.00" in next(x for x in lines if x.startswith("ipi_other "))
-    assert "≥" not in next(x for x in lines if x.startswith("cpuid "))

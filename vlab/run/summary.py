@@ -77,13 +77,10 @@ def exits_table(doc: dict) -> str:
         if warn:
             flag += " !"
             notes += [f"  ! {name} {key[1]}: {w}" for w in dict.fromkeys(warn)]
-        extra = e.get("extra") or {}
-        want = extra.get("expected_exits_per_op")
-        floor = want is not None and (extra.get("expectation") or {}).get("open_above")
-        expect = f"≥{_fmt(want)}" if floor else _fmt(want)
+        want = (e.get("extra") or {}).get("expected_exits_per_op")
         lines.append(f"{name:<19} {key[1]:<28} {handled:<28} {_fmt(g.get('median')):>13} "
                      f"{_fmt(g.get('p99')):>9} {_fmt(h.get('median')):>11} {_fmt(h.get('p99')):>9} "
-                     f"{_fmt(e.get('median')):>8} {expect:>6} {mult:>9}{flag}")
+                     f"{_fmt(e.get('median')):>8} {_fmt(want):>6} {mult:>9}{flag}")
     if emulated and any((r.get("params") or {}).get("cpl") == 0 for rows in cases.values()
                         for r in rows.values()):
         lines.append("  * CPL0 is emulated by KVM on this host: CPL0 figures are the excess over "
