@@ -437,3 +437,49 @@ def test_a_journal_is_held_by_one_run_at_a_time(tmp_path):
     first.lock()
     with pytest.raises(UsageError, match="still going"):
         Journal.read(path).lock()
+
+
+_FAIL_FIRST = '''
+import sys
+
+import vlab.run.registry as _reg
+
+_get = _reg.get
+
+
+def get(name):
+    exp = _get(name)
+    if not sys.argv[0].endswith("worker.py"):
+        return exp
+
+    class Failing:
+        def __getattr__(self, attr):
+            return getattr(exp, attr)
+
+        def setup(self, params, host):
+            if params.get("vcpus") == 1:
+                raise RuntimeError("injected worker failure")
+            return exp.setup(params, host)
+
+    return Failing()
+
+
+_reg.get = get
+'''
+
+
+@needs_kvm
+def test_a_case_whose_workers_fail_does_not_fail_the_cases_after_it(tmp_path):
+    """pyperf numbers the cases its workers run; a failed case must not shift that numbering,
+    or every later case of the run is measured as the wrong case (and reported as failed). The
+    failure is injected into the workers of the first case only (a sitecustomize on their
+    PYTHONPATH), the guest path is real."""
+    (tmp_path / "sitecustomize.py").write_text(_FAIL_FIRST)
+    out = tmp_path / "r.json"
+    proc = vlab("run", *NOP2, "-o", str(out),
+                env={"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    by_vcpus = {r["params"]["vcpus"]: r for r in rows if r["metric"] == "guest_cycles"}
+    assert by_vcpus[1]["status"] == "error" and "injected worker failure" in by_vcpus[1]["reason"]
+    assert by_vcpus[2]["status"] == "ok", by_vcpus[2]["reason"]

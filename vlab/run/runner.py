@@ -137,6 +137,18 @@ def _new_runner(pyperf_opts: dict, plan_path: str):
     return runner
 
 
+def _bench(runner, task: int, case_id: str):
+    """Run loop case number `task` of the plan (its index among the plan's cases) in pyperf's
+    worker processes. pyperf numbers the cases in the order `bench_time_func` is called and
+    passes the number to each worker (`--worker-task`), which runs that case of the plan. It
+    counts a call only when the call returns, so after a case whose workers failed, the workers
+    of each later case would run the case before it (and the case be reported failed). Setting
+    the number from the plan keeps case and workers matched whatever happened before."""
+    runner._worker_task = task
+    with contextlib.redirect_stdout(io.StringIO()):   # pyperf's own result line
+        return runner.bench_time_func(case_id, _never_called)
+
+
 def _read_side(side_dir: str, case_id: str) -> dict[int, list[dict]]:
     out: dict[int, list[dict]] = {}
     for path in sorted(glob.glob(os.path.join(side_dir, f"{case_id}.*.jsonl"))):
@@ -271,6 +283,7 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
                        "cases": [{"id": c.id, "experiment": c.exp.name, "params": c.params}
                                  for c in loop_cases]}, f)
         runner = _new_runner(pyperf_opts, plan_path) if loop_cases else None
+        task = {c.id: k for k, c in enumerate(loop_cases)}     # the plan's numbering
         pyperf_meta: dict = {}
         total = len(cases)
         for i, case in enumerate(cases, 1):
@@ -292,8 +305,7 @@ def execute(opts: RunOptions) -> tuple[dict, int]:
             try:
                 if case.exp.kind == "loop":
                     runner.args.loops = case.loops or pyperf_opts.get("loops") or 0
-                    with contextlib.redirect_stdout(io.StringIO()):   # pyperf's own result line
-                        bench = runner.bench_time_func(case.id, _never_called)
+                    bench = _bench(runner, task[case.id], case.id)
                     side = _read_side(side_dir, case.id)
                     kept = _kept_records(side, pyperf_opts["warmups"], pyperf_opts["values"])
                     if not kept:
