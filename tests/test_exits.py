@@ -251,7 +251,11 @@ def test_exitbench_counts_its_exits(exitbench):
 def test_vlab_agrees_with_the_bare_c_measurement(exitbench, exp, op):
     """`vlab run` (Python, pyperf workers) within 10% of exitbench (C only), same session.
 
-    Both are medians of many samples; the two are interleaved so that host load affects both.
+    Both are medians of many samples. The exit's cost drifts here by 20% within a minute (one CI
+    run: exitbench 93,030 then vlab 77,518 cycles, a second later), so one pair says little:
+    seven rounds, each a pair taken back to back in alternating order, and the median of the
+    seven vlab/bare ratios must be within 10% of 1. A harness that adds or loses cycles per
+    operation moves every ratio, so the median still sees it.
     """
     from vlab import host as _host
     from vlab.experiments import _expect
@@ -260,15 +264,24 @@ def test_vlab_agrees_with_the_bare_c_measurement(exitbench, exp, op):
     if op == "cpuid" and not _expect.expectation(exp, {"cpl": 3}, _host.fingerprint("/")).exits:
         pytest.skip("cpuid is not a KVM exit on this host (PVM without CPUID faulting): it times "
                     "the outer hypervisor, whose cost moved by 30% between processes here")
-    ours, bare = [], []
-    for _ in range(2):
-        bare.append(exitbench(op)["guest_cycles"])
-        over = {"vcpus": [1], **({"leaf": [0]} if op == "cpuid" else {"direction": ["out"]})}
+    over = {"vcpus": [1], **({"leaf": [0]} if op == "cpuid" else {"direction": ["out"]})}
+
+    def ours() -> float:
         doc, _ = execute(RunOptions(selectors=[exp], overrides=over,
                                     pyperf={"processes": 2, "values": 2}))
-        ours.append([r for r in doc["rows"] if r["metric"] == "guest_cycles"][0]["median"])
-    a, b = float(np.median(ours)), float(np.median(bare))
-    assert abs(a - b) / b <= 0.10, (exp, ours, bare)
+        return [r for r in doc["rows"] if r["metric"] == "guest_cycles"][0]["median"]
+
+    pairs = []
+    for k in range(7):
+        if k % 2:
+            a = ours()
+            b = exitbench(op)["guest_cycles"]
+        else:
+            b = exitbench(op)["guest_cycles"]
+            a = ours()
+        pairs.append((a, b))
+    ratio = float(np.median([a / b for a, b in pairs]))
+    assert abs(ratio - 1) <= 0.10, (exp, ratio, pairs)
 
 
 def test_a_guest_fault_on_an_msr_is_reported_not_a_crash():
