@@ -26,7 +26,9 @@ from typing import Any, Callable
 import numpy as np
 
 from vlab.run.registry import Measurement
-from vlab.vmm.payloads import (GPA_MMIO, MICRO_F_MARK, MICRO_F_SYNC, MICRO_OPS, P_VCPU0,
+from vlab._errors import VlabError
+from vlab.vmm.payloads import (GPA_MMIO, MICRO_ARG_HALTING, MICRO_ARG_READY, MICRO_ARG_STOP,
+                               MICRO_F_MARK, MICRO_F_SYNC, MICRO_OPS, P_ARG0, P_VCPU0,
                                P_VCPU_STRIDE)
 from vlab.vmm.machine import Machine
 from vlab.vmm.stats import diff, guest_exits
@@ -138,8 +140,14 @@ def measure(st: MicroState, loops: int) -> Measurement:
             snaps[v.id] = (v.counters(), v.stats())
         for t in threads:
             t.resume(timeout=120)
+        errors = []
         for t in threads:
-            t.wait_done(150)
+            try:
+                t.wait_done(150)
+            except VlabError as e:
+                errors.append(e)
+        if errors:
+            raise _with_state(errors[0], m, threads, c)
     finally:
         for t in threads:
             t.quit()
@@ -237,6 +245,41 @@ def single_op_samples(st: MicroState) -> list[float]:
 # KVM vCPU statistics that count interrupt work (summed over the VM's vCPUs per measure call)
 IRQ_STATS = ("irq_injections", "halt_exits", "halt_wakeup", "halt_successful_poll",
              "irq_window_exits", "req_event")
+
+
+def _with_state(e: VlabError, m: Machine, threads: list[VcpuThread], c: MicroCase) -> VlabError:
+    """`e` (the first vCPU's failure) with what every vCPU was doing, so a multi-vCPU case that
+    stopped says which side stalled: each vCPU's outcome and rip, and for interrupt ops the
+    op vector's bits in its local APIC (IRR pending, ISR in service) and the handshake
+    arguments (ipi_other's stop, ready, halting; the IPIs the target did not take in 5 s)."""
+    if len(threads) < 2 and not c.interrupts:
+        return e
+    parts = []
+    vec = c.a0 & 0xFF
+    for t in threads:
+        v = t.vcpu
+        what = ("finished" if t.error is None else type(t.error).__name__) \
+            if t.stop_reason is not None else "running"
+        try:
+            rip, cpl = v.rip()
+            what += f" rip={rip:#x} cpl={cpl}"
+            if c.interrupts:
+                apic = v.lapic()
+
+                def bit(base: int) -> int:
+                    off = base + 16 * (vec // 32)       # 32 vectors per 16-byte-spaced register
+                    return (int.from_bytes(apic[off:off + 4], "little") >> (vec % 32)) & 1
+
+                what += f" irr={bit(0x200)} isr={bit(0x100)} tpr={apic[0x80]}"
+        except VlabError as why:
+            what += f" (state unreadable: {why})"
+        parts.append(f"vCPU {v.id} {what}")
+    if c.interrupts:
+        p = m.params
+        parts.append(f"stop={int(p[P_ARG0 + MICRO_ARG_STOP])} ready={int(p[P_ARG0 + MICRO_ARG_READY])} "
+                     f"halting={int(p[P_ARG0 + MICRO_ARG_HALTING])} late={int(p[P_VCPU0 + 9])}")
+    e.args = (f"{e}; " + "; ".join(parts),)
+    return e
 
 
 def irq_counters(m: Machine) -> dict[str, int]:

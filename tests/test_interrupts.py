@@ -278,6 +278,74 @@ def test_a_timer_storm_cannot_hang_the_host(machine):
 
 
 @pytest.mark.svm_lane
+def test_ipi_other_target_that_takes_every_ipi_before_it_looks_still_leaves(machine):
+    """An interrupt pending when a vCPU enters is taken before its next instruction. Here the
+    sender is resumed from the sync 0.3 s before the target, so its one IPI (also its last) is
+    pending when the target enters and is handled before the target first reads its count: the
+    target must still see that the stop is reached and leave (it used to spin until the
+    watchdog, which happened on PVM whenever the handler was too slow to keep up)."""
+    from vlab.experiments._micro import _pause_at_sync
+    from vlab.vmm.payloads import (MICRO_ARG_STOP, MICRO_F_SYNC, P_ARG0, P_VCPU0,
+                                   P_VCPU_STRIDE)
+    from vlab.vmm.thread import VcpuThread
+
+    m = machine(vcpus=2)
+    m.restart()
+    m.set_args(_ops()["ipi_other"], 1, 1, VEC, 0, MICRO_F_SYNC, 0, 0, 0, 0)
+    threads = [VcpuThread(v, timeout=20, on_stop=_pause_at_sync) for v in m.vcpus]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.wait_paused(30)
+        before = _handled(m, 1)
+        threads[0].resume()
+        time.sleep(0.3)
+        threads[1].resume()
+        for t in threads:
+            t.wait_done(60)
+    finally:
+        for t in threads:
+            t.quit()
+    assert int(m.params[P_ARG0 + MICRO_ARG_STOP]) > 0          # the sender set the stop
+    assert _handled(m, 1) - before == 1                          # one IPI, taken once
+    assert int(m.params[P_VCPU0 + 9]) == 0                       # and not late
+    assert int(m.params[P_VCPU0 + P_VCPU_STRIDE + 8]) == 0       # no spurious interrupt
+
+
+def test_a_stalled_two_vcpu_case_says_what_each_vcpu_was_doing(machine):
+    """When a case with several vCPUs stops (here both spin until their watchdog), the error
+    names every vCPU's outcome and rip, the op vector's local APIC bits and the ipi_other
+    handshake, so a stall says which side stalled."""
+    from vlab._errors import GuestTimeout
+    from vlab.experiments import _micro
+    from vlab.vmm.thread import VcpuThread
+
+    m = machine(vcpus=2)
+    m.restart()
+    m.set_args(_ops()["spin"], 0, 0, VEC, 0, 0, 0, 0, 0, 0)
+    threads = [VcpuThread(v, timeout=1.0) for v in m.vcpus]
+    errors = []
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            with pytest.raises(GuestTimeout) as e:
+                t.wait_done(60)
+            errors.append(e.value)
+        case = _micro.MicroCase("ipi_other", 3, 1, a0=VEC, vcpus=2, irqchip=True,
+                                interrupts=True)
+        text = str(_micro._with_state(errors[0], m, threads, case))
+    finally:
+        for t in threads:
+            t.quit()
+    assert text.startswith("guest did not finish within 1 s (watchdog)"), text
+    for k, err in enumerate(errors):
+        assert f"vCPU {k} GuestTimeout rip={err.rip:#x} cpl=3 irr=0 isr=0 tpr=0" in text, text
+    assert text.endswith("stop=0 ready=0 halting=0 late=0"), text
+
+
+@pytest.mark.svm_lane
 def test_guest_and_host_tsc_relation_is_measured(machine):
     from vlab.experiments._inject import tsc_relation
 

@@ -182,7 +182,15 @@ static void __attribute__((noinline)) loop_ipi_other(u64 n, u64 vec, u64 dest)
 /* The target: wait for IPIs (spinning, or halted with F_HALT) until it has taken as many as the
  * sender's stop says (the delivery count after its last IPI, set just before sending it). So the
  * last IPI is taken before the target leaves, and no wake-up IPI outside the measured
- * operations is needed (its exits would count against the operations). */
+ * operations is needed (its exits would count against the operations).
+ *
+ * The stop is checked on every pass, not only after a new delivery: the target may take all of
+ * a run's IPIs before it first reads its count. An interrupt pending when a vCPU enters is
+ * injected before the guest's next instruction, and the sender sends the next IPI as soon as the
+ * handler has counted the last one, so where the handler is slow (PVM emulates guest CPL0) each
+ * IPI is pending again by the handler's iretq and the target's own code does not move on. Seen
+ * on PVM when the host resumed the sender before the target after their sync: the target read
+ * the final count on entry, never saw it change, and spun until the watchdog. */
 static void ipi_target(u64 id, u64 vec, u64 halt)
 {
     u64 last = irq_cpu[id].count[vec];
@@ -192,8 +200,10 @@ static void ipi_target(u64 id, u64 vec, u64 halt)
             ARG(ARG_HALTING) = 1;
         for (;;) {
             u64 seen = irq_cpu[id].handled;     /* before the check: no lost wake-up */
+            u64 n = irq_cpu[id].count[vec];
 
-            if (irq_cpu[id].count[vec] != last || ARG(ARG_READY) == READY_ABORT)
+            if (n != last || ARG(ARG_READY) == READY_ABORT
+                || (ARG(ARG_STOP) && n >= ARG(ARG_STOP)))
                 break;
             if (halt)
                 irq_halt_until(id, seen);
