@@ -258,8 +258,10 @@ def _with_state(e: VlabError, m: Machine, threads: list[VcpuThread], c: MicroCas
     vec = c.a0 & 0xFF
     for t in threads:
         v = t.vcpu
-        what = ("finished" if t.error is None else type(t.error).__name__) \
-            if t.stop_reason is not None else "running"
+        if t.stop_reason is None:       # still in KVM_RUN: its registers would wait for it
+            parts.append(f"vCPU {v.id} running")
+            continue
+        what = "finished" if t.error is None else type(t.error).__name__
         try:
             rip, cpl = v.rip()
             what += f" rip={rip:#x} cpl={cpl}"
