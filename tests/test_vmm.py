@@ -144,6 +144,11 @@ def test_binary_stats_names_come_from_descriptors(kvm):
 
 # ---- misbehaving guests: each ends in the right exception, in time, and the process lives ----
 
+# "In time" for a 1 s watchdog: a stopped guest ends well within this on a loaded 2-CPU host (a
+# watchdog that did not fire would leave the spinning or livelocked guests running forever).
+_LATE = 10.0
+
+
 @pytest.mark.parametrize("op,cpl,exc,vector", [
     ("triple_fault", 3, "GuestFault", 255),
     ("hlt", 3, "GuestFault", 13),           # privileged at CPL3: #GP delivered to the guest IDT
@@ -172,11 +177,11 @@ def test_misbehaving_guest_is_stopped(kvm, op, cpl, exc, vector):
             if op == "vmcall" and exc == "GuestTimeout":
                 pass
             assert exc == "GuestTimeout", f"{op}: unexpected timeout {e}"
-            assert 0.9 <= time.monotonic() - t0 < 3.0
+            assert 0.9 <= time.monotonic() - t0 < _LATE
         else:
             if op != "vmcall":     # vmcall at CPL0 completes on hosts that do not livelock
                 pytest.fail(f"{op} did not fail")
-        assert time.monotonic() - t0 < 3.0
+        assert time.monotonic() - t0 < _LATE
     finally:
         m.close()
     # the process survives and the next VM works
