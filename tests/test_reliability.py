@@ -74,10 +74,10 @@ def _alive(pid: int) -> bool:
     return alive(pid)
 
 
-def _interrupt_midrun(tmp_path: Path, sig: int, group: bool):
+def _interrupt_midrun(tmp_path: Path, sig: int, group: bool, name: str = "r.json"):
     """Start a two-case run, wait until the first case is done and a worker of the second is
     running, send `sig` (to the process group, as a terminal does, or to the runner alone)."""
-    out = tmp_path / "r.json"
+    out = tmp_path / name
     proc = _start([*NOP2, "-o", str(out)])
     seen = _read_until(proc, " ok (")
     assert "Ctrl-C" in seen and "--resume" in seen, seen     # progress says how to stop/resume
@@ -171,13 +171,19 @@ def test_kill9_then_resume_measures_every_case_once(tmp_path):
 
 
 @needs_kvm
-def test_an_interrupted_run_resumes_into_the_same_file(tmp_path):
+@pytest.mark.parametrize("name", ["r.json", "r.json.gz"])
+def test_an_interrupted_run_resumes_into_the_same_file(tmp_path, name):
+    """Also for a gzip'ed results file: the partial results and the resumed ones are both
+    written compressed, and resuming recognizes the partial file as its own run's."""
     from vlab import results
 
-    out, proc, err, _took, _w = _interrupt_midrun(tmp_path, signal.SIGINT, group=True)
+    out, proc, err, _took, _w = _interrupt_midrun(tmp_path, signal.SIGINT, group=True,
+                                                  name=name)
     assert proc.returncode == 130, err
+    assert (out.read_bytes()[:2] == results.GZIP_MAGIC) == name.endswith(".gz")
     res = vlab("run", "--resume", str(out))          # the results file names its journal
     assert res.returncode == 0, res.stderr
+    assert (out.read_bytes()[:2] == results.GZIP_MAGIC) == name.endswith(".gz")
     doc = results.read(out)
     assert "interrupted" not in doc
     assert len({json.dumps(r["params"], sort_keys=True) for r in doc["rows"]}) == 2

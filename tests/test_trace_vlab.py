@@ -97,16 +97,18 @@ def test_vlab_run_trace_adds_rows(tmp_path):
     assert doc["host"]["trace"]["source"] in ("kvm_exit", "fallback")
 
 
-def test_vlab_trace_command_saves_a_results_file(tmp_path):
+@pytest.mark.parametrize("name", ["t.json", "t.json.gz"])
+def test_vlab_trace_command_saves_a_results_file(tmp_path, name):
     from vlab import results
 
-    out = tmp_path / "t.json"
+    out = tmp_path / name
     code = ("from vlab import Machine\nfrom vlab.vmm.payloads import MICRO_OPS as O\n"
             "m = Machine(); s = m.vm.add_pio_sink(0x80); m.set_args(O['out'], 200, 1, 0x80)\n"
             "m.run_to_done()\n")
     proc = subprocess.run([sys.executable, "-m", "vlab", "trace", "-o", str(out), "--",
                            sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    assert (out.read_bytes()[:2] == results.GZIP_MAGIC) == name.endswith(".gz")
     rows = {r["params"]["reason"]: r for r in results.read(out)["rows"] if r["experiment"] == "trace.exits"}
     assert rows["pio:out:0x80"]["median"] == 200
     assert "event" in proc.stdout and "count" in proc.stdout

@@ -373,7 +373,7 @@ def cmd_trace(args) -> int:
                                                         os.sep + "trace-" + doc["started_at"][:4])
     results.validate(doc)
     stem, ext = os.path.splitext(path)
-    path, problem = _outputs.save((json.dumps(doc, indent=1, allow_nan=False) + "\n").encode(),
+    path, problem = _outputs.save(results.encode(doc, os.path.basename(path)),
                                   path, replace=args.force,
                                   alternative=None if args.output else f"{stem}-{doc['run_id']}{ext}")
     if problem:

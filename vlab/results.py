@@ -285,6 +285,15 @@ def dumps(doc: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def encode(doc: Mapping[str, Any], name: str) -> bytes:
+    """The bytes of a results file called `name`: `dumps`, gzip-compressed when the name ends
+    in `.gz` (as pyperf does); `read` takes either form."""
+    data = dumps(doc).encode("utf-8")
+    if name.endswith(".gz"):
+        data = gzip.compress(data, compresslevel=6, mtime=0)
+    return data
+
+
 def write_atomic(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Validate `doc` and write it to `path` so that readers see the old file or the new one
     (`vlab._files.atomic_open`: temporary file, fsync, rename, directory fsync; on failure
@@ -293,9 +302,7 @@ def write_atomic(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """
     validate(doc)
     target = Path(path)
-    data = dumps(doc).encode("utf-8")
-    if target.name.endswith(".gz"):
-        data = gzip.compress(data, compresslevel=6, mtime=0)
+    data = encode(doc, target.name)
     # a results file is meant to be shared like any other: the umask decides its mode
     with atomic_open(target, "wb") as f:
         f.write(data)

@@ -250,6 +250,7 @@ class RunSession:
     def resume(self, file: str) -> dict:
         """Open the journal of `file` (a journal or its results file) for `--resume`; check
         the host. Returns the run options recorded in it; the plan is checked in on_start."""
+        from vlab import results
         from vlab.host.calibrate import collect_host
 
         p = Path(file)
@@ -269,8 +270,8 @@ class RunSession:
         if out.exists():
             # the partial results of this same run (interrupted before) may be replaced
             try:
-                theirs = json.loads(_inputs.read_file(out, "results file")).get("run_id")
-            except (UsageError, ValueError, AttributeError):
+                theirs = results.read(out).get("run_id")     # plain or gzip'ed
+            except UsageError:
                 theirs = None
             if theirs != j.header.get("run_id"):
                 raise UsageError(f"cannot resume {p}: its results file {out} now holds "
@@ -290,7 +291,7 @@ class RunSession:
 
         assert self.path is not None
         results.validate(doc)
-        data = (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode()
+        data = results.encode(doc, self.path.name)
         with interrupt.ignored():
             where, problem = _outputs.save(data, self.path, replace=self.replace)
             if problem:
