@@ -267,21 +267,24 @@ def _with_state(e: VlabError, m: Machine, threads: list[VcpuThread], c: MicroCas
             what += f" rip={rip:#x} cpl={cpl}"
             if c.interrupts:
                 apic = v.lapic()
-
-                def bit(base: int) -> int:
-                    off = base + 16 * (vec // 32)       # 32 vectors per 16-byte-spaced register
-                    return (int.from_bytes(apic[off:off + 4], "little") >> (vec % 32)) & 1
-
-                what += f" irr={bit(0x200)} isr={bit(0x100)} tpr={apic[0x80]}"
+                what += (f" irr={_apic_bit(apic, 0x200, vec)} isr={_apic_bit(apic, 0x100, vec)}"
+                         f" tpr={apic[0x80]}")
         except VlabError as why:
             what += f" (state unreadable: {why})"
         parts.append(f"vCPU {v.id} {what}")
     if c.interrupts:
-        p = m.params
-        parts.append(f"stop={int(p[P_ARG0 + MICRO_ARG_STOP])} ready={int(p[P_ARG0 + MICRO_ARG_READY])} "
-                     f"halting={int(p[P_ARG0 + MICRO_ARG_HALTING])} late={int(p[P_VCPU0 + 9])}")
+        arg = m.params[P_ARG0:]
+        parts.append(f"stop={int(arg[MICRO_ARG_STOP])} ready={int(arg[MICRO_ARG_READY])} "
+                     f"halting={int(arg[MICRO_ARG_HALTING])} late={irq_counters(m)['late']}")
     e.args = (f"{e}; " + "; ".join(parts),)
     return e
+
+
+def _apic_bit(apic: bytes, base: int, vec: int) -> int:
+    """Bit `vec` of the 256-bit local APIC register at `base` (IRR 0x200, ISR 0x100): eight
+    32-bit words, 16 bytes apart."""
+    off = base + 16 * (vec // 32)
+    return (int.from_bytes(apic[off:off + 4], "little") >> (vec % 32)) & 1
 
 
 def irq_counters(m: Machine) -> dict[str, int]:
