@@ -195,24 +195,23 @@ static void ipi_target(u64 id, u64 vec, u64 halt)
 {
     u64 last = irq_cpu[id].count[vec];
 
+    if (halt)
+        ARG(ARG_HALTING) = 1;
     for (;;) {
-        if (halt)
-            ARG(ARG_HALTING) = 1;
-        for (;;) {
-            u64 seen = irq_cpu[id].handled;     /* before the check: no lost wake-up */
-            u64 n = irq_cpu[id].count[vec];
+        u64 seen = irq_cpu[id].handled;     /* before the check: no lost wake-up */
+        u64 n = irq_cpu[id].count[vec];
 
-            if (n != last || ARG(ARG_READY) == READY_ABORT
-                || (ARG(ARG_STOP) && n >= ARG(ARG_STOP)))
-                break;
-            if (halt)
-                irq_halt_until(id, seen);
-            else
-                __asm__ volatile("pause" ::: "memory");
-        }
-        last = irq_cpu[id].count[vec];
-        if ((ARG(ARG_STOP) && last >= ARG(ARG_STOP)) || ARG(ARG_READY) == READY_ABORT)
+        if ((ARG(ARG_STOP) && n >= ARG(ARG_STOP)) || ARG(ARG_READY) == READY_ABORT)
             break;
+        if (n != last) {                    /* taken: say so again before the next halt */
+            last = n;
+            if (halt)
+                ARG(ARG_HALTING) = 1;
+        } else if (halt) {
+            irq_halt_until(id, seen);
+        } else {
+            __asm__ volatile("pause" ::: "memory");
+        }
     }
 }
 
